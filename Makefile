@@ -1,0 +1,22 @@
+# Two entry points that set everything up on a fresh machine:
+#   make train   - the embedded default run (synthetic data, CPU, 2 processes)
+#   make test    - the whole test suite (what .ci/run calls)
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# CPU machines pin torch to the local CPU build; machines with an NVIDIA driver take pip's CUDA torch.
+CONSTRAINTS ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,-c constraints-cpu.txt)
+
+.PHONY: install train test
+
+$(VENV)/.installed: pyproject.toml constraints-cpu.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q $(CONSTRAINTS) -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+train: install
+	$(VENV)/bin/accelerate launch --config_file launch/accelerate/cpu_2proc.yaml launch/train.py $(ARGS)
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -1,0 +1,348 @@
+"""One typed config tree for eagle-dist.
+
+Nested dataclasses are the schema; YAML files in ``configs/`` are partial overlays on the
+defaults; ``key.sub=value`` strings on the command line override both.  Unknown keys and wrong
+types are errors that name the key and what is allowed.
+
+    from eagle_dist.config import load_config
+    cfg = load_config("configs/cocostuff27.yaml", ["optim.lr=3e-4", "data.batch_size=16"])
+
+The defaults are the official COCO-Stuff-27 hyperparameters (ALGORITHM.md section 10).
+Reference quirks of the official code are named flags whose default is the official behaviour
+(STYLE.md principle 9); each flag's comment says what the fixed behaviour is.
+
+Units: every step count (``train.max_steps``, intervals, ``loss.step_schedulers``) counts
+optimizer steps, one per global batch, unless ``train.step_unit`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+@dataclass
+class ModelConfig:
+    # Any timm ViT name; the official runs use vit_small_patch8_224 (COCO) / vit_base_patch8_224.
+    backbone: str = "vit_small_patch8_224"
+    # Local weights file: official DINO .pth (plain, teacher/student, module./backbone. prefixes)
+    # or a timm checkpoint.  None = random init (a loud warning; only for tests and the demo).
+    weights: Optional[str] = None
+    # timm's fused (SDPA) attention: same keys within ~1e-5; the keys are taken before attention.
+    fused_attn: bool = True
+    dim: int = 512  # segmentation head width D
+    dropout: float = 0.1  # Dropout2d probability in the head; 0 disables it
+    n_classes: int = 27
+    extra_clusters: int = 5  # cluster probe has n_classes + extra_clusters centroids
+    eigen_k: int = 4  # eigenpairs kept; the first (trivial) one is dropped
+    eigen_clusters: int = 32  # eigen cluster probe size (`eigen_cluster_out`)
+
+
+@dataclass
+class EiCueConfig:
+    # Quirk 7: "official" feeds ImageNet-normalised pixels / 255 to the colour kernel (an almost
+    # constant affinity); "rgb01" de-normalises to [0, 1] RGB first (a real colour kernel).
+    color_mode: Literal["official", "rgb01"] = "official"
+    color_sigma: float = 0.1
+    # Quirk 8: the augmented view's graph uses the colour of the un-augmented image.  True uses
+    # the augmented (blurred) pixels instead.
+    color_from_aug_view: bool = False
+    # "eigh": batched fp32 torch.linalg.eigh (parity); "eigh64": the same in fp64.
+    solver: Literal["eigh", "eigh64"] = "eigh"
+
+
+@dataclass
+class LossConfig:
+    contrastive_temp: float = 0.07
+    global_loss_weight: float = 0.7  # gamma: share of the crosswise term
+    local_pos_weight: float = 0.85
+    local_pos_aug_weight: float = 0.85
+    # Quirk 11 / section 5: prototypes are batch-wide medoids per EiCue id.
+    centroid_mode: Literal["prototype", "medoid", "mean"] = "prototype"
+    # Quirk 11: "batch" pools pixels by EiCue id across the whole batch (official); "image" gives
+    # every image its own prototypes (the per-image ablation).
+    prototype_scope: Literal["batch", "image"] = "batch"
+    # Quirk 12: "per_pixel" is the COCO branch (kappa-weighted per-pixel CE); "cityscapes" is the
+    # official Cityscapes branch (label-smoothed CE reduced to a scalar before the kappa weighting).
+    nce_variant: Literal["per_pixel", "cityscapes"] = "per_pixel"
+    feature_samples: int = 11
+    neg_samples: int = 5
+    pos_inter_weight: float = 0.25
+    neg_inter_weight: float = 0.63
+    shift_value: float = 3.5
+    shift_bias: float = 0.0
+    pointwise: bool = True
+    zero_clamp: bool = True
+    stabalize: bool = True  # (sic) the official key name
+    # Quirk 13: the adaptive shifts carry gradient through mean(code correlation).  True detaches.
+    detach_shift: bool = False
+    correspondence_weight: float = 1.0
+    # u switches from 0 to momentum_limit after step_schedulers steps (a hard switch).
+    step_schedulers: int = 200
+    momentum_limit: float = 0.9
+
+
+@dataclass
+class OptimConfig:
+    # One Adam (default betas, no weight decay) with a named group per module; equivalent to
+    # the official seven Adams because Adam's state is per parameter.
+    lr: float = 5e-4  # segmentation head
+    lr_proj: float = 5e-4  # projection head
+    lr_linear: float = 1e-3
+    lr_cluster: float = 5e-3
+    lr_eigen: float = 5e-5  # both eigen cluster probes
+    # Learning rates above are for `reference_global_batch`.  "none" keeps them whatever the
+    # world size (official behaviour); "linear" / "sqrt" scale head and projection lrs by
+    # (global batch / reference) or its square root.  Probes are never scaled.
+    lr_scaling: Literal["none", "linear", "sqrt"] = "none"
+    reference_global_batch: int = 64  # COCO: 32 per GPU x 2 GPUs
+    grad_clip: float = 0.0  # max global grad norm; 0 = off (official)
+
+
+@dataclass
+class DataConfig:
+    train_shards: str = "shards/cocostuff27/train"
+    val_shards: str = "shards/cocostuff27/val"
+    resolution: int = 224
+    val_resolution: int = 320
+    batch_size: int = 32  # per rank
+    val_batch_size: int = 16  # per rank (official: batch_size / 2)
+    num_workers: int = 4
+    shuffle_buffer: int = 1000
+    blur_p: float = 0.5  # probability of the official 3x3 Gaussian blur on the augmented view
+
+
+@dataclass
+class TrainConfig:
+    run_name: str = "eagle"
+    output_dir: str = "runs"
+    max_steps: int = 10000
+    # "batch": one step = one optimizer step on one global batch (eagle-dist, PL <= 1.5).
+    # "pl_optimizer_calls": step counts in this config follow PL >= 1.6 manual optimisation, where
+    # each of the 7 official optimizers counts; counts are divided by 7 to get batches.
+    step_unit: Literal["batch", "pl_optimizer_calls"] = "batch"
+    log_interval: int = 10
+    eval_interval: int = 100
+    ckpt_interval: int = 500
+    keep_last: int = 3
+    seed: int = 0
+    resume: bool = True  # resume from the newest complete checkpoint of this run
+    max_bad_steps: int = 5  # consecutive NaN/Inf losses before stopping with a checkpoint
+
+
+@dataclass
+class DistConfig:
+    strategy: Literal["ddp", "deepspeed"] = "ddp"
+    zero_stage: int = 2
+    # "auto": bf16 autocast on GPU, fp32 on CPU.  Eigendecompositions are always fp32.
+    mixed_precision: Literal["auto", "no", "bf16"] = "auto"
+    # Refuse to start unless this many processes are running (0 = no check beyond the launcher's).
+    expected_world_size: int = 0
+    cpu_threads: int = 0  # torch threads per process; 0 = cores / processes on this node
+
+
+@dataclass
+class TrackingConfig:
+    # MLflow tracking URI; empty = $MLFLOW_TRACKING_URI, else sqlite in the run folder.
+    uri: str = ""
+    experiment: str = "eagle-dist"
+
+
+@dataclass
+class EvalConfig:
+    max_batches: int = 0  # 0 = the whole validation stream
+    flip: bool = False  # flip TTA (official final protocol: True; in-training validation: False)
+    crf: bool = False
+    cluster_alpha: float = 4.0  # softmax temperature of the cluster probe before the CRF
+
+
+@dataclass
+class Config:
+    dataset: str = "cocostuff27"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    eicue: EiCueConfig = field(default_factory=EiCueConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ----------------------------------------------------------------------------- type checking
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Return `value` as type `tp`, or raise ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+    elif origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError:
+                continue
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise ConfigError(f"config key '{key}': unsupported schema type {tp!r}")
+    raise ConfigError(f"config key '{key}': expected {_describe(tp)}, got {value!r}")
+
+
+def _fields(obj: Any) -> dict[str, Any]:
+    hints = typing.get_type_hints(type(obj))
+    return {f.name: hints[f.name] for f in dataclasses.fields(obj)}
+
+
+def _apply(obj: Any, data: dict, prefix: str = "") -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {data!r}")
+    fields = _fields(obj)
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            raise ConfigError(
+                f"unknown config key '{dotted}'; allowed here: {', '.join(sorted(fields))}"
+            )
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _apply(current, value, dotted + ".")
+        else:
+            setattr(obj, key, _coerce(dotted, value, fields[key]))
+
+
+def _set_dotted(cfg: Config, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    nested: Any = value
+    for part in reversed(parts):
+        nested = {part: nested}
+    _apply(cfg, nested)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'optim.lr=3e-4' -> ('optim.lr', 0.0003); values are read as YAML scalars."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip().lstrip("-")
+    if not key:
+        raise ConfigError(f"override '{text}' has an empty key")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    # YAML reads 3e-4 as a string (it needs a dot); accept it as a number.
+    if isinstance(value, str):
+        try:
+            value = int(value) if value.lstrip("-").isdigit() else float(value)
+        except ValueError:
+            pass
+    return key, value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the YAML file (if any), then the dotted overrides, all type-checked."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path} (presets live in configs/)")
+        with open(path) as f:
+            try:
+                data = yaml.safe_load(f) or {}
+            except yaml.YAMLError as err:
+                raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        try:
+            _apply(cfg, data)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that types alone cannot express."""
+    checks = [
+        (cfg.model.eigen_k >= 2, "model.eigen_k must be >= 2 (the first eigenvector is dropped)"),
+        (0.0 <= cfg.model.dropout < 1.0, "model.dropout must be in [0, 1)"),
+        (cfg.model.n_classes >= 1, "model.n_classes must be >= 1"),
+        (cfg.model.extra_clusters >= 0, "model.extra_clusters must be >= 0"),
+        (cfg.data.batch_size >= 1, "data.batch_size must be >= 1"),
+        (cfg.train.max_steps >= 1, "train.max_steps must be >= 1"),
+        (cfg.dist.zero_stage in (1, 2), "dist.zero_stage must be 1 or 2"),
+        (cfg.train.keep_last >= 1, "train.keep_last must be >= 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict) -> Config:
+    cfg = Config()
+    _apply(cfg, data)
+    validate(cfg)
+    return cfg
+
+
+def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    """{'optim': {'lr': 1}} -> {'optim.lr': 1} (for MLflow params)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def save_yaml(cfg: Config, path: str | Path) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+
+
+def batches(cfg: Config, count: int) -> int:
+    """Convert a step count written in `train.step_unit` into optimizer steps (batches)."""
+    if cfg.train.step_unit == "pl_optimizer_calls":
+        return max(1, count // 7)  # the official code steps 7 optimizers per batch
+    return count
