@@ -59,8 +59,11 @@ def _unwrap_state_dict(obj, path: Path) -> dict[str, torch.Tensor]:
     while changed:  # prefixes can be stacked, e.g. "module.backbone."
         changed = False
         for prefix in _PREFIXES:
-            if sd and all(k.startswith(prefix) for k in sd):
-                sd = {k[len(prefix):]: v for k, v in sd.items()}
+            inside = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+            # DINO's training checkpoints keep "backbone.*" beside the DINO head ("head.*"):
+            # the backbone part alone is the ViT.
+            if inside and (len(inside) == len(sd) or prefix == "backbone."):
+                sd = inside
                 changed = True
     return sd
 

@@ -1,0 +1,209 @@
+"""EAGLE's trainable part and its training objective (ALGORITHM.md sections 3-8).
+
+    backbone = FrozenViT(cfg.model.backbone, cfg.model.weights)
+    heads = EagleHeads(cfg, backbone.out_channels)
+    optimizer = build_optimizer(heads, cfg, world_size=1)
+    out = training_step_losses(backbone, heads, batch, step=0, cfg=cfg)   # dict of losses
+    out["loss"].backward(); optimizer.step()
+
+The frozen backbone is not part of ``EagleHeads``: it stays outside DDP / the DeepSpeed engine
+and runs once per distinct image.  ``img`` and ``img_pos`` of the official code are the same
+pixels (quirk 1), so the backbone runs on ``img`` and ``img_aug`` only, and the x- and P-branch
+heads see the same keys under independent dropout masks (the same distribution as the
+official third backbone pass).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from eagle_dist import eicue, losses
+from eagle_dist.config import Config, batches
+from eagle_dist.heads import ProjectionHead, SegHead
+from eagle_dist.probes import ClusterLookup, LinearProbe
+
+
+def _no_autocast(device_type: str):
+    return torch.autocast(device_type=device_type, enabled=False)
+
+
+class EagleHeads(nn.Module):
+    """Every trainable module; ``forward`` returns all losses of one training batch."""
+
+    def __init__(self, cfg: Config, in_channels: int):
+        super().__init__()
+        m = cfg.model
+        self.cfg = cfg
+        self.seg_head = SegHead(in_channels, m.dim, m.dropout)
+        self.projection = ProjectionHead(m.dim)
+        self.cluster_probe = ClusterLookup(m.dim, m.n_classes + m.extra_clusters)
+        self.linear_probe = LinearProbe(m.dim, m.n_classes)
+        # One eigen probe per view, each with its own optimizer state (official: probe A, A').
+        self.eigen_probe = ClusterLookup(m.eigen_k - 1, m.eigen_clusters)
+        self.eigen_probe_aug = ClusterLookup(m.eigen_k - 1, m.eigen_clusters)
+
+    # ------------------------------------------------------------------ pieces
+
+    def eicue(self, code_BDHW: torch.Tensor, color_img: torch.Tensor, probe: ClusterLookup):
+        """Spectral map of one view, its EiCue map (argmax cluster ids) and the probe loss."""
+        cfg = self.cfg
+        b, d, h, w = code_BDHW.shape
+        with torch.no_grad(), _no_autocast(code_BDHW.device.type):
+            code_BND = code_BDHW.detach().float().flatten(2).transpose(1, 2)
+            vecs_BNK = eicue.eigen_vectors(
+                color_img.float(), code_BND, (h, w), cfg.model.eigen_k,
+                color_mode=cfg.eicue.color_mode, sigma=cfg.eicue.color_sigma, solver=cfg.eicue.solver,
+            )
+            spectral_BKHW = vecs_BNK[..., 1:].transpose(1, 2).reshape(b, -1, h, w)
+        loss, probs = probe(spectral_BKHW, alpha=1.0)
+        return spectral_BKHW, probs.argmax(1), loss
+
+    def _nce_labels(self, eicue_map_BHW: torch.Tensor) -> torch.Tensor:
+        labels = eicue_map_BHW.reshape(eicue_map_BHW.shape[0], -1)
+        if self.cfg.loss.prototype_scope == "image":
+            # Offsetting ids per image gives each image its own prototypes with the same
+            # batch-wide medoid machinery.
+            offsets = torch.arange(labels.shape[0], device=labels.device)[:, None] * self.cfg.model.eigen_clusters
+            labels = labels + offsets
+        return labels.reshape(-1)
+
+    def _nce(self, z_anchor, z_other, eicue_map, kappa):
+        lc = self.cfg.loss
+        return losses.object_centric_nce(
+            z_anchor, z_other, self._nce_labels(eicue_map), kappa,
+            tau=lc.contrastive_temp, global_weight=lc.global_loss_weight,
+            centroid_mode=lc.centroid_mode, variant=lc.nce_variant,
+        )
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(
+        self,
+        kk_img: torch.Tensor,
+        kk_aug: torch.Tensor,
+        img: torch.Tensor,
+        img_aug: torch.Tensor,
+        label: torch.Tensor,
+        u: float,
+    ) -> dict[str, torch.Tensor]:
+        lc = self.cfg.loss
+        code_x = self.seg_head(kk_img)  # view x ("img")
+        code_p = self.seg_head(kk_img)  # view P ("img_pos"): same keys, new dropout masks
+        code_a = self.seg_head(kk_aug)  # view A ("img_pos_aug")
+        khat_x = self.seg_head.dropped(kk_img)
+        khat_p = self.seg_head.dropped(kk_img)
+        khat_a = self.seg_head.dropped(kk_aug)
+
+        color_aug = img_aug if self.cfg.eicue.color_from_aug_view else img  # quirk 8
+        _, map_p, loss_eig_p = self.eicue(code_p, img, self.eigen_probe)
+        _, map_a, loss_eig_a = self.eicue(code_a, color_aug, self.eigen_probe_aug)
+
+        corr = losses.correspondence_loss(
+            khat_x, khat_p, khat_a, code_x, code_p, code_a,
+            feature_samples=lc.feature_samples, neg_samples=lc.neg_samples,
+            pointwise=lc.pointwise, zero_clamp=lc.zero_clamp, stabalize=lc.stabalize,
+            shift_value=lc.shift_value, shift_bias=lc.shift_bias, detach_shift=lc.detach_shift,
+        )
+        loss_corr = lc.correspondence_weight * (
+            lc.pos_inter_weight * corr["pos_inter_loss"] + lc.neg_inter_weight * corr["neg_inter_loss"]
+        )
+
+        if u > 0:
+            z_p = self.projection(code_p)
+            z_a = self.projection(code_a)
+            kappa_p = losses.key_similarity_weights(khat_p)
+            kappa_a = losses.key_similarity_weights(khat_a)
+            loss_nce = (
+                lc.local_pos_weight * self._nce(z_p, z_a, map_p, kappa_p)
+                + lc.local_pos_aug_weight * self._nce(z_a, z_p, map_a, kappa_a)
+            )
+        else:
+            # Before the switch the official loss multiplies L_nce by 0: its gradients are exact
+            # zeros.  Skipping it is the same update; touching the projection keeps every
+            # parameter in the graph, as DDP requires, with the same zero gradients.
+            loss_nce = sum(p.sum() for p in self.projection.parameters()) * 0.0
+
+        feats_x = code_x.detach()
+        loss_linear = self.linear_probe.loss(feats_x, label)
+        loss_cluster, _ = self.cluster_probe(feats_x, alpha=None)
+
+        loss_eig = 0.5 * (loss_eig_p + loss_eig_a)
+        total = loss_eig + (1.0 - u) * loss_corr + u * loss_nce + loss_linear + loss_cluster
+        return {
+            "loss": total,
+            "loss_eigen": loss_eig.detach(),
+            "loss_corr": loss_corr.detach(),
+            "loss_pos_inter": corr["pos_inter_loss"].detach(),
+            "loss_neg_inter": corr["neg_inter_loss"].detach(),
+            "loss_nce": loss_nce.detach(),
+            "loss_linear": loss_linear.detach(),
+            "loss_cluster": loss_cluster.detach(),
+            "u": torch.tensor(float(u)),
+        }
+
+    # ------------------------------------------------------------------ inference
+
+    @torch.no_grad()
+    def predict(self, kk: torch.Tensor, out_size: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+        """Head output and probe predictions (eval mode: no dropout)."""
+        code = self.seg_head(kk)
+        if out_size is not None:
+            code = F.interpolate(code, size=out_size, mode="bilinear", align_corners=False)
+        _, cluster_probs = self.cluster_probe(code, alpha=None)
+        linear_logits = self.linear_probe(code)
+        return {"code": code, "cluster": cluster_probs.argmax(1), "linear": linear_logits.argmax(1)}
+
+
+def momentum(cfg: Config, step: int) -> float:
+    """u of section 8: 0 up to and including `step_schedulers`, then `momentum_limit`."""
+    return cfg.loss.momentum_limit if step > batches(cfg, cfg.loss.step_schedulers) else 0.0
+
+
+def lr_scale(cfg: Config, global_batch: int) -> float:
+    ratio = global_batch / cfg.optim.reference_global_batch
+    return {"none": 1.0, "linear": ratio, "sqrt": ratio ** 0.5}[cfg.optim.lr_scaling]
+
+
+def param_groups(heads: EagleHeads, cfg: Config, global_batch: int) -> list[dict]:
+    """Named groups with the official learning rates (one Adam == the official seven)."""
+    o = cfg.optim
+    scale = lr_scale(cfg, global_batch)
+    groups = [
+        ("seg_head", heads.seg_head, o.lr * scale),
+        ("projection", heads.projection, o.lr_proj * scale),
+        ("linear_probe", heads.linear_probe, o.lr_linear),
+        ("cluster_probe", heads.cluster_probe, o.lr_cluster),
+        ("eigen_probes", nn.ModuleList([heads.eigen_probe, heads.eigen_probe_aug]), o.lr_eigen),
+    ]
+    out = [{"name": name, "params": list(mod.parameters()), "lr": lr} for name, mod, lr in groups]
+    covered = sum(len(g["params"]) for g in out)
+    if covered != len(list(heads.parameters())):
+        raise RuntimeError("a trainable parameter is in no optimizer group")
+    return out
+
+
+def build_optimizer(heads: EagleHeads, cfg: Config, global_batch: int) -> torch.optim.Optimizer:
+    return torch.optim.Adam(param_groups(heads, cfg, global_batch))
+
+
+def autocast_context(cfg: Config, device: torch.device):
+    """bf16 autocast on GPU when asked (or 'auto'); plain fp32 on CPU."""
+    mp = cfg.dist.mixed_precision
+    if device.type == "cuda" and mp in ("auto", "bf16"):
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    if mp == "bf16" and device.type == "cpu":
+        return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def training_step_losses(backbone, heads, batch: dict, step: int, cfg: Config) -> dict[str, torch.Tensor]:
+    """Backbone twice (img, img_aug), then every head and loss."""
+    img, img_aug = batch["img"], batch["img_aug"]
+    with autocast_context(cfg, img.device):
+        kk_img = backbone(img)
+        kk_aug = backbone(img_aug)
+        return heads(kk_img.float(), kk_aug.float(), img, img_aug, batch["label"], momentum(cfg, step))
