@@ -1,0 +1,229 @@
+"""Distributed evaluation of the cluster and linear probes on a validation shard stream.
+
+Every rank evaluates its share of the stream (each sample exactly once across ranks), the
+confusion matrices are all-reduced, and every rank can then score them (rank 0 reports).  The
+matrices count *all* labelled pixels, so both protocols come from the same numbers:
+
+* ``official``: the reference's metric, which drops pixels predicted as extra clusters;
+* ``strict``: every labelled pixel counts and extra clusters are errors.
+
+Used by the trainer (validation during training: no flip, no CRF, hard assignment) and by
+``python -m eagle_dist.evaluate`` (the final protocol).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from eagle_dist import metrics
+
+
+def confusion(pred: torch.Tensor, target: torch.Tensor, n_rows: int, n_cols: int) -> torch.Tensor:
+    """[n_rows, n_cols] int64 counts of (pred, target) over pixels with 0 <= target < n_cols."""
+    keep = (target >= 0) & (target < n_cols)
+    idx = pred[keep].long() * n_cols + target[keep].long()
+    return torch.bincount(idx, minlength=n_rows * n_cols).reshape(n_rows, n_cols).cpu()
+
+
+@torch.no_grad()
+def head_code(backbone, heads, img: torch.Tensor, flip: bool) -> torch.Tensor:
+    """Head output S in eval mode; with flip TTA, the mean with the flipped image's S."""
+    code = heads.seg_head(backbone(img))
+    if flip:
+        code = 0.5 * (code + heads.seg_head(backbone(img.flip(-1))).flip(-1))
+    return code
+
+
+@torch.no_grad()
+def probe_predictions(heads, code: torch.Tensor, size: tuple[int, int], chunk: int = 2):
+    """Cluster-probe cosine scores and linear-probe logits at label resolution.
+
+    The official code upsamples S bilinearly to the label size before both probes.  At 320x320
+    and D=512 that is 50 M floats per image, so images go through in small chunks.
+    """
+    cluster_scores, linear_logits = [], []
+    for part in code.split(chunk):
+        up = F.interpolate(part, size=size, mode="bilinear", align_corners=False)
+        cluster_scores.append(heads.cluster_probe.inner_products(up))
+        linear_logits.append(heads.linear_probe(up))
+    return torch.cat(cluster_scores), torch.cat(linear_logits)
+
+
+def cosine_kmeans(x_ND: torch.Tensor, k: int, iters: int = 30, seed: int = 0) -> torch.Tensor:
+    """Spherical k-means (the cluster probe's geometry) with k-means++ seeding; returns [k, D]."""
+    gen = torch.Generator().manual_seed(seed)
+    x = F.normalize(x_ND.float(), dim=1)
+    first = torch.randint(len(x), (1,), generator=gen)
+    centers = [x[first]]
+    dist = 1 - (x @ centers[0].T).squeeze(1)
+    for _ in range(1, k):
+        probs = dist.clamp(min=0) + 1e-12
+        nxt = torch.multinomial(probs / probs.sum(), 1, generator=gen)
+        centers.append(x[nxt])
+        dist = torch.minimum(dist, 1 - (x @ x[nxt].T).squeeze(1))
+    c = torch.cat(centers)
+    for _ in range(iters):
+        assign = (x @ c.T).argmax(1)
+        sums = torch.zeros_like(c).index_add_(0, assign, x)
+        counts = torch.bincount(assign, minlength=k)
+        empty = counts == 0
+        c = torch.where(empty[:, None], c, F.normalize(sums, dim=1))
+    return c
+
+
+@dataclass
+class EvalResult:
+    n_classes: int
+    extra: int
+    class_names: list[str]
+    cluster_stats: torch.Tensor  # [n + extra, n], all labelled pixels
+    linear_stats: torch.Tensor  # [n, n]
+    kmeans_stats: torch.Tensor | None = None  # [n + extra, n]: k-means on raw backbone keys
+    samples: list[dict] = field(default_factory=list)  # a few images for the figure (rank 0)
+
+    def scores(self) -> dict[str, dict]:
+        n, e = self.n_classes, self.extra
+        out = {
+            "cluster_official": metrics.hungarian_metrics(metrics.official_stats(self.cluster_stats, n), n, e),
+            "cluster_strict": metrics.strict_hungarian_metrics(self.cluster_stats, n, e),
+            "linear_official": metrics.linear_metrics(self.linear_stats),
+            "linear_strict": metrics.linear_metrics(self.linear_stats),
+        }
+        if self.kmeans_stats is not None:
+            out["kmeans_raw_official"] = metrics.hungarian_metrics(metrics.official_stats(self.kmeans_stats, n), n, e)
+            out["kmeans_raw_strict"] = metrics.strict_hungarian_metrics(self.kmeans_stats, n, e)
+        return out
+
+    def dropped_pixels(self) -> int:
+        """Labelled pixels the official protocol ignores (predicted as an extra cluster)."""
+        return int(self.cluster_stats[self.n_classes:].sum())
+
+    def scalars(self) -> dict[str, float]:
+        flat = {}
+        for name, score in self.scores().items():
+            flat[f"{name}_mIoU"] = float(score["mIoU"])
+            flat[f"{name}_acc"] = float(score["Accuracy"])
+        flat["official_dropped_pixels"] = float(self.dropped_pixels())
+        flat["labelled_pixels"] = float(self.cluster_stats.sum())
+        return flat
+
+    def table(self, title: str = "evaluation") -> str:
+        scores = self.scores()
+        lines = [title, f"{'probe / protocol':<22}{'mIoU':>8}{'acc':>8}"]
+        for name, score in scores.items():
+            lines.append(f"{name:<22}{score['mIoU']:>8.2f}{score['Accuracy']:>8.2f}")
+        total = int(self.cluster_stats.sum())
+        lines.append(
+            f"official protocol dropped {self.dropped_pixels()} of {total} labelled pixels "
+            f"({100.0 * self.dropped_pixels() / max(total, 1):.1f} %, predicted as extra clusters)"
+        )
+        return "\n".join(lines)
+
+    def write_figures(self, folder: Path) -> list[Path]:
+        from eagle_dist import figures
+
+        folder.mkdir(parents=True, exist_ok=True)
+        written = [figures.confusion_png(self.cluster_stats.numpy(), self.class_names, folder / "confusion_cluster.png")]
+        if self.samples:
+            written.append(figures.sample_grid_png(self.samples, folder / "samples.png"))
+        return written
+
+
+@torch.no_grad()
+def evaluate_stream(
+    backbone,
+    heads,
+    cfg,
+    dist,
+    max_batches: int | None = None,
+    flip: bool = False,
+    kmeans_baseline: bool = False,
+    n_samples: int = 4,
+    shards: str | None = None,
+) -> EvalResult:
+    """Evaluate `heads` on the validation shards; collective: every rank must call it."""
+    from eagle_dist import data
+
+    shards = shards or cfg.data.val_shards
+    manifest = data.read_manifest(shards)
+    n, e = cfg.model.n_classes, cfg.model.extra_clusters
+    device = dist.device
+    was_training = heads.training
+    heads.eval()
+    loader = data.build_val_loader(
+        shards,
+        batch_size=cfg.data.val_batch_size,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        num_workers=cfg.data.num_workers,
+        resolution=cfg.data.val_resolution,
+    )
+    cluster = torch.zeros(n + e, n, dtype=torch.int64)
+    linear = torch.zeros(n, n, dtype=torch.int64)
+    keys_for_kmeans: list[torch.Tensor] = []
+    kept_images: list[tuple[torch.Tensor, torch.Tensor]] = []
+    samples: list[dict] = []
+    for i, batch in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        img = batch["img"].to(device)
+        label = batch["label"].to(device)
+        code = head_code(backbone, heads, img, flip)
+        scores, logits = probe_predictions(heads, code, label.shape[-2:])
+        cluster_pred, linear_pred = scores.argmax(1), logits.argmax(1)
+        cluster += confusion(cluster_pred, label, n + e, n)
+        linear += confusion(linear_pred, label, n, n)
+        if kmeans_baseline:
+            kk = backbone(img)
+            keys_for_kmeans.append(kk.cpu())
+            kept_images.append((kk.cpu(), label.cpu()))
+        if dist.is_main and len(samples) < n_samples:
+            eicue_map = _eicue_map(heads, code, img, cfg)
+            for j in range(min(n_samples - len(samples), img.shape[0])):
+                samples.append({
+                    "image": img[j].cpu(), "label": label[j].cpu(),
+                    "cluster": cluster_pred[j].cpu(), "eicue": eicue_map[j].cpu(),
+                })
+    cluster = dist.all_reduce_sum(cluster.to(device)).cpu()
+    linear = dist.all_reduce_sum(linear.to(device)).cpu()
+    kmeans = None
+    if kmeans_baseline:
+        kmeans = _kmeans_baseline(keys_for_kmeans, kept_images, n, e, dist, cfg.train.seed)
+    if was_training:
+        heads.train()
+    names = [c["name"] if isinstance(c, dict) else str(c) for c in manifest["classes"]]
+    return EvalResult(n, e, names, cluster, linear, kmeans, samples)
+
+
+def _eicue_map(heads, code: torch.Tensor, img: torch.Tensor, cfg) -> torch.Tensor:
+    _, eicue_map, _ = heads.eicue(code, img, heads.eigen_probe)
+    return eicue_map
+
+
+def _kmeans_baseline(keys, kept, n, e, dist, seed, max_points: int = 20000) -> torch.Tensor:
+    """k-means (n + e clusters) on the raw backbone keys of the same images, Hungarian-scored.
+
+    Centres are fit on rank 0's tokens and broadcast; every rank assigns its own pixels.  The
+    cosine scores are upsampled bilinearly to label size, like the probe's inputs.
+    """
+    if keys:
+        tokens = torch.cat([k.flatten(2).transpose(1, 2).reshape(-1, k.shape[1]) for k in keys])
+    else:
+        tokens = torch.zeros(0)
+    centers = None
+    if dist.is_main:
+        gen = torch.Generator().manual_seed(seed)
+        if len(tokens) > max_points:
+            tokens = tokens[torch.randperm(len(tokens), generator=gen)[:max_points]]
+        centers = cosine_kmeans(tokens, n + e, seed=seed)
+    centers = dist.broadcast_object(centers)
+    stats = torch.zeros(n + e, n, dtype=torch.int64)
+    for kk, label in kept:
+        sim = torch.einsum("bchw,kc->bkhw", F.normalize(kk, dim=1), centers)
+        sim = F.interpolate(sim, size=label.shape[-2:], mode="bilinear", align_corners=False)
+        stats += confusion(sim.argmax(1), label, n + e, n)
+    return dist.all_reduce_sum(stats.to(dist.device)).cpu()

@@ -1,0 +1,349 @@
+"""The training loop: config in, checkpoints, metrics and an evaluation table out.
+
+    from eagle_dist.config import load_config
+    from eagle_dist.trainer import Trainer
+    trainer = Trainer(load_config("configs/default.yaml"))
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+
+Launch it through ``launch/train.py`` (accelerate or torchrun); see the README for the lines.
+
+Steps, not epochs: the stream is endless and every count is in optimizer steps.  The stream
+is cut into *segments* of ``train.ckpt_interval`` steps; segment ``s`` is drawn from a loader
+seeded with ``(train.seed, s)``.  A run resumed at step ``t`` rebuilds segment ``t //
+ckpt_interval`` and skips the batches already consumed, so a resumed run sees exactly the data
+an uninterrupted run would have seen (with the RNG states restored, it computes the same
+weights).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+import torch
+
+from eagle_dist import config as config_mod
+from eagle_dist.config import Config
+from eagle_dist.model import EagleHeads, build_optimizer, training_step_losses
+
+
+class TrainingError(RuntimeError):
+    """A failure the user must act on (bad data, diverged loss, ...)."""
+
+
+def _segment_seed(seed: int, segment: int) -> int:
+    return (seed * 1_000_003 + segment * 7919) % (2**31 - 1)
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        from eagle_dist import dist as dist_mod
+
+        self.cfg = cfg
+        self.dist = dist_mod.setup(
+            strategy=cfg.dist.strategy,
+            zero_stage=cfg.dist.zero_stage,
+            mixed_precision=cfg.dist.mixed_precision,
+            grad_clip=cfg.optim.grad_clip,
+            expected_world_size=cfg.dist.expected_world_size or None,
+            seed=cfg.train.seed,
+            cpu_threads=cfg.dist.cpu_threads or None,
+        )
+        self.device = self.dist.device
+        self.run_dir = self._run_dir()
+        self.max_steps = config_mod.batches(cfg, cfg.train.max_steps)
+        self.global_batch = cfg.data.batch_size * self.dist.world_size
+        self.step = 0
+        self.bad_steps = 0
+        self.skipped_steps = 0
+        self.stop_requested = False
+        self._install_signal_handlers()
+
+        self._prepare_data()
+        self._build_model()
+        self._resume_or_start()
+
+    # ------------------------------------------------------------------ set-up
+
+    def _run_dir(self) -> Path:
+        name = self.cfg.train.run_name
+        job = os.environ.get("SLURM_JOB_ID")
+        if job and not name.endswith(job):
+            name = f"{name}-{job}"  # requeued jobs keep their id, so they find their checkpoints
+        run_dir = Path(self.cfg.train.output_dir) / name
+        if self.dist.is_main:
+            (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        self.dist.barrier()
+        return run_dir
+
+    def _install_signal_handlers(self) -> None:
+        # Preemption (SLURM's pre-timeout signal) and SIGTERM only set a flag; all ranks agree on
+        # it at the next step boundary, save, and exit cleanly.
+        def handler(signum, _frame):
+            self.stop_requested = True
+            self.stop_signal = signum
+
+        self.stop_signal = None
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            try:
+                signal.signal(sig, handler)
+            except ValueError:  # not the main thread (e.g. inside some test harnesses)
+                pass
+
+    def _prepare_data(self) -> None:
+        from eagle_dist import data
+
+        cfg = self.cfg
+        if cfg.dataset == "synthetic":
+            self._ensure_synthetic_shards()
+        for split, folder in (("train", cfg.data.train_shards), ("val", cfg.data.val_shards)):
+            if not Path(folder).is_dir():
+                raise TrainingError(
+                    f"{split} shard folder not found: {folder}. Build it with "
+                    f"`python -m eagle_dist.shard --source ... --split {split} --out {folder}` "
+                    f"or set data.{split}_shards."
+                )
+        self.manifest = data.read_manifest(cfg.data.train_shards)
+        n_classes = len(self.manifest["classes"])
+        if n_classes != cfg.model.n_classes:
+            raise TrainingError(
+                f"the shards in {cfg.data.train_shards} have {n_classes} classes but "
+                f"model.n_classes={cfg.model.n_classes}; set model.n_classes={n_classes}"
+            )
+
+    def _ensure_synthetic_shards(self) -> None:
+        from eagle_dist import shard
+
+        cfg = self.cfg
+        missing = [s for s, f in (("train", cfg.data.train_shards), ("val", cfg.data.val_shards))
+                   if not (Path(f) / "manifest.json").is_file()]
+        if missing and self.dist.is_main:
+            for split in missing:
+                folder = cfg.data.train_shards if split == "train" else cfg.data.val_shards
+                self.dist.print(f"building synthetic {split} shards in {folder} (first run only)")
+                shard.main([
+                    "--source", "synthetic", "--split", split, "--out", folder,
+                    "--synthetic-classes", str(cfg.model.n_classes), "--quiet",
+                ])
+        self.dist.barrier()
+
+    def _build_model(self) -> None:
+        from eagle_dist.backbone import FrozenViT
+        from eagle_dist.model import param_groups  # noqa: F401  (documented in build_optimizer)
+
+        cfg = self.cfg
+        torch.manual_seed(cfg.train.seed)  # identical head initialisation on every rank
+        self.backbone = FrozenViT(cfg.model.backbone, cfg.model.weights, fused_attn=cfg.model.fused_attn)
+        self.backbone.to(self.device)
+        heads = EagleHeads(cfg, self.backbone.out_channels)
+        optimizer = build_optimizer(heads, cfg, self.global_batch)
+        self.heads, self.optimizer = self.dist.prepare(heads, optimizer)
+        # Per-rank randomness (dropout masks, correspondence samples) after the shared init.
+        torch.manual_seed(cfg.train.seed + 1000 * (self.dist.rank + 1))
+
+    @property
+    def raw_heads(self) -> EagleHeads:
+        return self.dist.unwrap(self.heads)
+
+    def _resume_or_start(self) -> None:
+        from eagle_dist.checkpoint import CheckpointManager
+        from eagle_dist.tracking import make_tracker
+
+        cfg = self.cfg
+        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.train.keep_last, self.dist)
+        run_id = None
+        latest = self.ckpt.latest() if cfg.train.resume else None
+        if latest is not None:
+            extra = self.ckpt.load(latest, self.heads, self.optimizer)
+            self.step = int(extra["step"])
+            self.skipped_steps = int(extra.get("skipped_steps", 0))
+            run_id = extra.get("mlflow_run_id")
+            self.dist.print(f"resumed from {latest} at step {self.step}")
+        self.tracker = make_tracker(
+            self.dist.is_main, self.run_dir, uri=cfg.tracking.uri or None, experiment=cfg.tracking.experiment
+        )
+        self.tracker.start(
+            run_name=self.run_dir.name, params=config_mod.flatten(config_mod.to_dict(cfg)), run_id=run_id
+        )
+        if self.dist.is_main:
+            config_mod.save_yaml(cfg, self.run_dir / "config.yaml")
+            self.tracker.log_artifact(self.run_dir / "config.yaml")
+
+    # ------------------------------------------------------------------ data
+
+    def _segment_batches(self, start_step: int):
+        """Batches from `start_step` on, segment by segment (see the module docstring)."""
+        from eagle_dist import data
+
+        cfg = self.cfg
+        seg_len = max(1, cfg.train.ckpt_interval)
+        segment, offset = divmod(start_step, seg_len)
+        while True:
+            loader = data.build_train_loader(
+                cfg.data.train_shards,
+                batch_size=cfg.data.batch_size,
+                rank=self.dist.rank,
+                world_size=self.dist.world_size,
+                num_workers=cfg.data.num_workers,
+                seed=_segment_seed(cfg.train.seed, segment),
+                resolution=cfg.data.resolution,
+                blur_p=cfg.data.blur_p,
+                shuffle_buffer=cfg.data.shuffle_buffer,
+                steps_per_epoch=seg_len,
+            )
+            for i, batch in enumerate(loader):
+                if i >= offset:
+                    yield batch
+            offset = 0
+            segment += 1
+
+    # ------------------------------------------------------------------ loop
+
+    def train(self) -> dict:
+        cfg = self.cfg
+        d = self.dist
+        d.print(
+            f"world size {d.world_size} ({d.strategy}, {d.backend}, {self.device}); batch "
+            f"{cfg.data.batch_size} per rank, global batch {self.global_batch}; "
+            f"{self.max_steps} steps; run folder {self.run_dir}"
+        )
+        batches = self._segment_batches(self.step)
+        self.heads.train()
+        t_last, steps_since, t_start = time.perf_counter(), 0, time.perf_counter()
+        start_step = self.step
+        last_eval: dict = {}
+        while self.step < self.max_steps:
+            if d.any_flag(self.stop_requested):
+                self._save(reason="preemption")
+                d.print(f"stop requested (signal {self.stop_signal}); saved step {self.step}, exiting")
+                self.preempted = True
+                return {}
+            batch = next(batches)
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
+            out = training_step_losses(self.backbone, self.heads, batch, self.step, cfg)
+            loss = out["loss"]
+            if not d.any_flag(not bool(torch.isfinite(loss.detach()))):
+                d.backward(loss)
+                d.clip_grad(self.heads, cfg.optim.grad_clip)
+                self.optimizer.step()
+                self.bad_steps = 0
+            else:
+                self.skipped_steps += 1
+                self.bad_steps += 1
+                d.print(f"step {self.step}: non-finite loss on some rank, update skipped ({self.bad_steps} in a row)")
+                if self.bad_steps >= cfg.train.max_bad_steps:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self._save(reason="diverged")
+                    raise TrainingError(
+                        f"the loss was NaN/Inf for {self.bad_steps} steps in a row (at step {self.step}); "
+                        f"saved a checkpoint in {self.ckpt.root}. Lower the learning rates or check the data."
+                    )
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            steps_since += 1
+
+            if self.step % cfg.train.log_interval == 0 or self.step == self.max_steps:
+                now = time.perf_counter()
+                step_time = (now - t_last) / steps_since
+                metrics = {k: d.mean_scalar(v) for k, v in out.items() if k != "u"}
+                metrics.update(
+                    u=float(out["u"]),
+                    step_time_s=step_time,
+                    images_per_s=self.global_batch / step_time,
+                    lr_seg_head=self.optimizer.param_groups[0]["lr"],
+                    skipped_steps=self.skipped_steps,
+                )
+                self.tracker.log_metrics(metrics, step=self.step)
+                eta = (self.max_steps - self.step) * step_time
+                d.print(
+                    f"step {self.step:>7}/{self.max_steps}  loss {metrics['loss']:.4f}  "
+                    f"{metrics['images_per_s']:.1f} img/s  eta {eta / 60:.1f} min"
+                )
+                t_last, steps_since = now, 0
+            if self.step % cfg.train.eval_interval == 0 and self.step < self.max_steps:
+                last_eval = self.evaluate()
+                self.heads.train()
+            if self.step % cfg.train.ckpt_interval == 0 and self.step < self.max_steps:
+                self._save(reason="interval")
+
+        wall = time.perf_counter() - t_start
+        last_eval = self.evaluate()
+        self._save(reason="final")
+        summary = {
+            "steps": self.step,
+            "trained_steps_this_run": self.step - start_step,
+            "wall_s": wall,
+            "images_per_s": (self.step - start_step) * self.global_batch / max(wall, 1e-9),
+            **last_eval,
+        }
+        self.tracker.log_metrics({"final/wall_s": wall}, step=self.step)
+        self._final_artifacts()
+        return summary
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate(self) -> dict:
+        from eagle_dist.evaluation import evaluate_stream
+
+        cfg = self.cfg
+        result = evaluate_stream(
+            self.backbone, self.raw_heads, cfg, self.dist, max_batches=cfg.eval.max_batches or None
+        )
+        metrics = {f"eval/{k}": v for k, v in result.scalars().items()}
+        self.tracker.log_metrics(metrics, step=self.step)
+        self.last_eval_result = result
+        if self.dist.is_main:
+            self.dist.print(result.table(title=f"evaluation at step {self.step}"))
+        return metrics
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _save(self, reason: str) -> None:
+        extra = {
+            "step": self.step,
+            "skipped_steps": self.skipped_steps,
+            "data_seed": self.cfg.train.seed,
+            "config": config_mod.to_dict(self.cfg),
+            "mlflow_run_id": self.tracker.run_id,
+            "reason": reason,
+        }
+        path = self.ckpt.save(self.step, self.heads, self.optimizer, extra)
+        self.tracker.log_metrics({"checkpoint_step": self.step}, step=self.step)
+        if path is not None:
+            self.dist.print(f"checkpoint ({reason}) written: {path}")
+
+    def _final_artifacts(self) -> None:
+        if not self.dist.is_main:
+            return
+        weights = self.run_dir / "final_heads.pt"
+        torch.save(self.raw_heads.state_dict(), weights)
+        self.tracker.log_artifact(weights)
+        result = getattr(self, "last_eval_result", None)
+        if result is not None:
+            for path in result.write_figures(self.run_dir / "figures"):
+                self.tracker.log_artifact(path)
+
+    def close(self) -> None:
+        tracker = getattr(self, "tracker", None)
+        if tracker is not None:
+            tracker.close()
+        self.dist.cleanup()
+
+
+def format_final_table(summary: dict, run_dir: Path, tracking_uri: str) -> str:
+    rows = [(k, v) for k, v in summary.items()]
+    width = max(len(k) for k, _ in rows)
+    lines = ["", "final results", "-" * (width + 16)]
+    for k, v in rows:
+        text = f"{v:.2f}" if isinstance(v, float) and math.isfinite(v) else str(v)
+        lines.append(f"{k:<{width}}  {text}")
+    lines.append("-" * (width + 16))
+    lines.append(f"run folder: {run_dir}")
+    lines.append(f"MLflow: {tracking_uri}  ->  mlflow ui --backend-store-uri {tracking_uri}")
+    return "\n".join(lines)

@@ -1,0 +1,57 @@
+"""Train EAGLE.  Thin entry point: config -> trainer -> train, cleanup in `finally`.
+
+    accelerate launch --config_file launch/accelerate/cpu_2proc.yaml launch/train.py      # embedded default
+    accelerate launch launch/train.py --config configs/cocostuff27.yaml model.weights=W.pth
+    torchrun --nnodes N --nproc_per_node G --rdzv_backend c10d --rdzv_endpoint HOST:PORT \
+        launch/train.py --config configs/cocostuff27.yaml
+    python launch/train.py train.max_steps=10                                               # one process
+
+With no --config the embedded default (configs/default.yaml: synthetic data, small random ViT)
+runs.  Any `key.sub=value` argument overrides the config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, str(REPO))
+
+import eagle_dist  # noqa: E402,F401  (torchvision shim first)
+from eagle_dist.config import ConfigError, load_config  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(REPO / "configs" / "default.yaml"), help="YAML config")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"eagle-dist: config error: {err}", file=sys.stderr)
+        return 2
+
+    from eagle_dist.errors import USER_ERRORS
+    from eagle_dist.trainer import Trainer, format_final_table
+
+    trainer = None
+    try:
+        trainer = Trainer(cfg)
+        summary = trainer.train()
+        if trainer.dist.is_main and summary:
+            print(format_final_table(summary, trainer.run_dir, trainer.tracker.uri_for_display), flush=True)
+        return 0
+    except USER_ERRORS as err:
+        print(f"eagle-dist: error: {err}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        if trainer is not None:
+            trainer.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
