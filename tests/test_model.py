@@ -1,0 +1,77 @@
+"""One full EAGLE training step on CPU: both views, all losses, backward, optimizer."""
+
+import warnings
+
+import pytest
+import torch
+
+from eagle_dist.backbone import FrozenViT
+from eagle_dist.config import load_config
+from eagle_dist.model import EagleHeads, build_optimizer, momentum, param_groups, training_step_losses
+
+
+@pytest.fixture(scope="module")
+def setup():
+    cfg = load_config(None, ["data.batch_size=2"])  # official COCO-Stuff defaults
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        backbone = FrozenViT(cfg.model.backbone)  # random ViT-S/8
+    torch.manual_seed(0)
+    heads = EagleHeads(cfg, backbone.out_channels)
+    batch = {
+        "img": torch.randn(2, 3, 224, 224),
+        "img_aug": torch.randn(2, 3, 224, 224),
+        "label": torch.randint(-1, cfg.model.n_classes, (2, 224, 224)),
+    }
+    return cfg, backbone, heads, batch
+
+
+@pytest.mark.parametrize("step", [0, 1000])  # before and after the u switch (NCE on)
+def test_full_step_updates_only_trainable_parameters(setup, step):
+    cfg, backbone, heads, batch = setup
+    optimizer = build_optimizer(heads, cfg, global_batch=2)
+    vit_before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    heads_before = {k: v.clone() for k, v in heads.named_parameters()}
+    heads.train()
+    out = training_step_losses(backbone, heads, batch, step, cfg)
+    assert torch.isfinite(out["loss"])
+    assert float(out["u"]) == pytest.approx(momentum(cfg, step))
+    out["loss"].backward()
+    assert all(p.grad is None for p in backbone.parameters())
+    optimizer.step()
+    changed = {k for k, v in heads.named_parameters() if not torch.equal(v, heads_before[k])}
+    expected_static = {"projection.linear.weight", "projection.linear.bias"} if step == 0 else set()
+    assert changed == set(heads_before) - expected_static
+    for k, v in backbone.state_dict().items():
+        assert torch.equal(v, vit_before[k]), f"backbone tensor {k} changed"
+    if step > cfg.loss.step_schedulers:
+        assert float(out["loss_nce"]) != 0.0
+
+
+def test_param_groups_use_official_learning_rates(setup):
+    cfg, _, heads, _ = setup
+    groups = {g["name"]: g for g in param_groups(heads, cfg, global_batch=64)}
+    assert {k: g["lr"] for k, g in groups.items()} == {
+        "seg_head": 5e-4, "projection": 5e-4, "linear_probe": 1e-3, "cluster_probe": 5e-3, "eigen_probes": 5e-5,
+    }
+    n = sum(len(g["params"]) for g in groups.values())
+    assert n == len(list(heads.parameters()))
+    scaled = load_config(None, ["optim.lr_scaling=linear"])
+    groups = {g["name"]: g["lr"] for g in param_groups(heads, scaled, global_batch=128)}
+    assert groups["seg_head"] == pytest.approx(1e-3) and groups["linear_probe"] == 1e-3
+
+
+def test_momentum_switch_is_hard():
+    cfg = load_config(None)
+    assert momentum(cfg, 200) == 0.0 and momentum(cfg, 201) == 0.9
+    pl = load_config(None, ["train.step_unit=pl_optimizer_calls"])
+    assert momentum(pl, 28) == 0.0 and momentum(pl, 29) == 0.9  # 200 PL counts = 28 batches
+
+
+def test_eval_prediction_shapes(setup):
+    cfg, backbone, heads, batch = setup
+    heads.eval()
+    out = heads.predict(backbone(batch["img"]), out_size=(224, 224))
+    assert out["cluster"].shape == (2, 224, 224)
+    assert int(out["cluster"].max()) < cfg.model.n_classes + cfg.model.extra_clusters
+    assert int(out["linear"].max()) < cfg.model.n_classes
