@@ -1,0 +1,453 @@
+"""EAGLE's training losses: the object-centric InfoNCE and the STEGO-style correspondence loss.
+
+* :func:`object_centric_nce` is the reference's ``newLocalGlobalInfoNCE`` (ALGORITHM.md section 5):
+  one centroid per EiCue id pooled over the whole batch (medoid by default), a "local" InfoNCE
+  of the anchor view and a "global" (crosswise) one of the other view against the same centroids,
+  weighted per pixel by the key-similarity weights of :func:`key_similarity_weights`.
+* :func:`correspondence_loss` is the reference's ``CorrespondenceLoss.forward`` (section 6) with the
+  helper :func:`correspondence_helper`; its random draws can be injected to replay a recording.
+
+Both run in float32 with autocast switched off: they are cheap next to the backbone, and the
+contrastive logits (divided by 0.07) and the shifted correlations are sensitive to bf16 rounding.
+
+Parity checks: ``.venv/bin/python -m pytest tests/test_parity.py -k "infonce or correspondence"``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "CENTROID_MODES",
+    "NCE_VARIANTS",
+    "NCECentroids",
+    "correspondence_helper",
+    "correspondence_loss",
+    "draw_correspondence_randomness",
+    "key_similarity_weights",
+    "medoid_rows",
+    "near_derangement",
+    "object_centric_nce",
+    "sample_points",
+]
+
+CENTROID_MODES = ("prototype", "medoid", "mean")
+NCE_VARIANTS = ("per_pixel", "cityscapes")
+
+# Elements of one [chunk, span] distance block in the medoid search (32 MiB in float32). Bounds
+# the memory of the search whatever the batch size; the number of chunks only costs launches.
+DEFAULT_MEDOID_CHUNK_ELEMS = 1 << 23
+
+
+def _no_autocast(t: torch.Tensor):
+    return torch.autocast(device_type=t.device.type, enabled=False)
+
+
+# --------------------------------------------------------------------------- object-centric NCE
+
+
+@torch.no_grad()
+def key_similarity_weights(keys: torch.Tensor) -> torch.Tensor:
+    """Per-pixel weights kappa of the object-centric loss: ``[B, C, H, W]`` (or ``[B, C, N]``) -> ``[B*N]``.
+
+    ``G = K^T K`` per image (raw dot products of the dropout keys), every column of G scaled to
+    unit L2 norm, then each row averaged: ``kappa_i = (1/N) sum_j G_ij / |G_:j|``. Computed as
+    one matrix-vector product instead of materialising the normalised matrix. No gradient.
+    The weights can be negative.
+    """
+    if keys.ndim not in (3, 4):
+        raise ValueError(f"key_similarity_weights expects keys [B, C, H, W] or [B, C, N], got {tuple(keys.shape)}")
+    with _no_autocast(keys):
+        keys_BCN = keys.detach().flatten(2).float()
+        gram_BNN = torch.bmm(keys_BCN.transpose(1, 2), keys_BCN)
+        inv_col_norm_BN1 = 1.0 / gram_BNN.norm(dim=1).clamp_min(1e-12).unsqueeze(2)
+        kappa_BN = torch.bmm(gram_BNN, inv_col_norm_BN1).squeeze(2) / gram_BNN.shape[2]
+    return kappa_BN.reshape(-1)
+
+
+@torch.no_grad()
+def medoid_rows(
+    z_PD: torch.Tensor,
+    group_P: torch.Tensor,
+    n_groups: int,
+    max_chunk_elems: int = DEFAULT_MEDOID_CHUNK_ELEMS,
+) -> torch.Tensor:
+    """Row index of each group's medoid: the member with the smallest sum of Euclidean distances
+    to the other members of its group (ties: the smallest row index, as the reference's argmin).
+
+    ``group_P`` holds ids in ``[0, n_groups)``, every group non-empty. The rows are sorted by group
+    so that each group is a contiguous block; candidate rows are then processed in chunks, each
+    chunk against only the span of rows of the groups it touches. Work is about
+    ``sum_g n_g^2 * D`` plus chunk overhead, memory one ``[chunk, span]`` block: the
+    ``(B*N)^2`` matrix of all pairs is never formed and there is no loop over groups.
+    Distances use ``|a|^2 + |b|^2 - 2 a.b`` (clamped at 0) like the reference's ``cdist``;
+    a row's distance to itself is exactly 0.
+    """
+    n_rows = z_PD.shape[0]
+    if group_P.shape != (n_rows,):
+        raise ValueError(f"medoid_rows: {group_P.shape} group ids for {n_rows} rows")
+    device = z_PD.device
+    with _no_autocast(z_PD):
+        order_P = torch.argsort(group_P, stable=True)
+        z_sorted = z_PD.detach().float()[order_P]
+        g_sorted = group_P[order_P]
+        sqnorm = z_sorted.square().sum(dim=1)
+        ends_G = torch.cumsum(torch.bincount(g_sorted, minlength=n_groups), dim=0)
+        starts_G = ends_G - torch.bincount(g_sorted, minlength=n_groups)
+
+        rows_per_chunk = max(1, max_chunk_elems // max(1, n_rows))
+        chunk_lo = torch.arange(0, n_rows, rows_per_chunk, device=device)
+        chunk_hi = (chunk_lo + rows_per_chunk).clamp(max=n_rows)
+        # Column span of each chunk: from the first row of its first group to the end of its last.
+        span_lo = starts_G[g_sorted[chunk_lo]]
+        span_hi = ends_G[g_sorted[chunk_hi - 1]]
+        bounds = torch.stack([chunk_lo, chunk_hi, span_lo, span_hi], dim=1).tolist()  # one host sync
+
+        dist_sum = torch.empty(n_rows, dtype=torch.float32, device=device)
+        for a, b, lo, hi in bounds:
+            d2 = sqnorm[a:b, None] + sqnorm[None, lo:hi] - 2.0 * (z_sorted[a:b] @ z_sorted[lo:hi].T)
+            dist = d2.clamp_min_(0.0).sqrt_()
+            same = g_sorted[a:b, None] == g_sorted[None, lo:hi]
+            same &= torch.arange(a, b, device=device)[:, None] != torch.arange(lo, hi, device=device)[None, :]
+            dist_sum[a:b] = torch.where(same, dist, torch.zeros((), device=device)).sum(dim=1)
+
+        best = torch.full((n_groups,), float("inf"), device=device)
+        best = best.scatter_reduce(0, g_sorted, dist_sum, reduce="amin", include_self=True)
+        is_best = dist_sum == best[g_sorted]
+        candidates = torch.where(is_best, order_P, torch.full_like(order_P, n_rows))
+        rows_G = torch.full((n_groups,), n_rows, dtype=order_P.dtype, device=device)
+        rows_G = rows_G.scatter_reduce(0, g_sorted, candidates, reduce="amin", include_self=True)
+    return rows_G
+
+
+@dataclass(frozen=True)
+class NCECentroids:
+    """Which centroids :func:`object_centric_nce` used.
+
+    ``ids``: the sorted unique EiCue ids of the batch ``[U]`` (a pixel's target is the position of
+    its id here). ``rows``: the row of ``S1`` chosen as each id's medoid ``[U]`` (None in ``mean``
+    mode). The reference's prototype mode also wrote these rows into a prototype table that
+    nothing reads (quirk 10); ``table[ids] = S1[rows]`` reproduces that table if needed.
+    """
+
+    ids: torch.Tensor
+    rows: torch.Tensor | None
+
+
+def _label_smoothed_ce(logits_PU: torch.Tensor, target_P: torch.Tensor, smoothing: float) -> torch.Tensor:
+    # Reference: weight (1 - eps) on the target and eps / (U - 1) on every other id, then the mean
+    # over pixels (a scalar). With U = 1 the reference divides by zero and returns NaN; here
+    # there is no other id to spread mass to, and log_softmax of one logit is 0, so the loss is 0.
+    n_ids = logits_PU.shape[1]
+    log_prob = F.log_softmax(logits_PU, dim=1)
+    off_target = smoothing / (n_ids - 1) if n_ids > 1 else 0.0
+    weight = torch.full_like(log_prob, off_target)
+    weight.scatter_(1, target_P.unsqueeze(1), 1.0 - smoothing)
+    return (-weight * log_prob).sum(dim=1).mean()
+
+
+def object_centric_nce(
+    S1: torch.Tensor,
+    S2: torch.Tensor,
+    labels: torch.Tensor,
+    weights: torch.Tensor,
+    tau: float,
+    global_weight: float,
+    centroid_mode: str = "prototype",
+    variant: str = "per_pixel",
+    label_smoothing: float = 0.1,
+    medoid_chunk_elems: int = DEFAULT_MEDOID_CHUNK_ELEMS,
+    return_centroids: bool = False,
+):
+    """The reference's ``newLocalGlobalInfoNCE(S1, S2, segmentation_map, similarity_matrix)``.
+
+    Args:
+        S1: anchor-view embeddings ``[P, D]`` (P = B*N, unit rows, pixel order b*N + row*w + col).
+        S2: the other view's embeddings ``[P, D]``, pixel-aligned with S1 (crosswise term).
+        labels: the anchor view's EiCue ids, any shape with P elements (e.g. ``[B, h, w]``).
+        weights: per-pixel weights, either ``[P]`` / ``[B, N]`` (e.g. :func:`key_similarity_weights`)
+            or a ``[B, N, N]`` similarity matrix whose row means are the weights (the reference's
+            input). Treated as constants (no gradient).
+        tau: temperature (``contrastive_temp``, 0.07). global_weight: g (``global_loss_weight``, 0.7).
+        centroid_mode: ``"prototype"`` (official default) and ``"medoid"`` both use the batch-wide
+            medoid of each id's S1 rows (the chosen row keeps its gradient); ``"mean"`` the id mean.
+        variant: ``"per_pixel"``: per-pixel cross-entropy times the weight, averaged (COCO).
+            ``"cityscapes"``: label-smoothed cross-entropy (target ``1 - label_smoothing``, every other
+            id ``label_smoothing/(U-1)``) averaged to a scalar *before* weighting, then times
+            ``mean(weights)``: quirk 12, the per-pixel weighting collapses to a global factor.
+        return_centroids: also return :class:`NCECentroids`.
+
+    Returns ``((1-g) * L_local + g * L_global) / 2`` (and the centroids when asked).
+    Centroids are pooled over the whole batch by id (quirk 11), the targets are the positions of
+    the ids in the sorted unique list.
+    """
+    if centroid_mode not in CENTROID_MODES:
+        raise ValueError(f"centroid_mode={centroid_mode!r} is not supported; use one of {CENTROID_MODES} "
+                         "(the reference's 'learned' mode is dead code and overflows its table)")
+    if variant not in NCE_VARIANTS:
+        raise ValueError(f"variant={variant!r} is not supported; use one of {NCE_VARIANTS}")
+    if S1.ndim != 2 or S1.shape != S2.shape:
+        raise ValueError(f"S1 and S2 must both be [B*N, D], got {tuple(S1.shape)} and {tuple(S2.shape)}")
+    n_pix = S1.shape[0]
+    labels_P = labels.reshape(-1)
+    if labels_P.numel() != n_pix:
+        raise ValueError(f"{labels_P.numel()} labels for {n_pix} embedding rows")
+    if weights.ndim == 3:
+        weights = weights.mean(dim=2)
+    weights_P = weights.detach().reshape(-1).float()
+    if weights_P.numel() != n_pix:
+        raise ValueError(f"{weights_P.numel()} weights for {n_pix} embedding rows; pass [B*N] weights "
+                         "or the [B, N, N] similarity matrix")
+
+    with _no_autocast(S1):
+        S1f, S2f = S1.float(), S2.float()
+        ids_U, target_P = torch.unique(labels_P, sorted=True, return_inverse=True)
+        n_ids = ids_U.shape[0]
+        rows_U = None
+        if centroid_mode == "mean":
+            sums_UD = S1f.new_zeros(n_ids, S1f.shape[1]).index_add(0, target_P, S1f)
+            counts_U = torch.bincount(target_P, minlength=n_ids).to(S1f.dtype)
+            centroids_UD = sums_UD / counts_U.unsqueeze(1)
+        else:
+            rows_U = medoid_rows(S1f, target_P, n_ids, medoid_chunk_elems)
+            centroids_UD = S1f[rows_U]
+
+        local_PU = torch.mm(S1f, centroids_UD.t()) / tau
+        global_PU = torch.mm(S2f, centroids_UD.t()) / tau
+        if variant == "cityscapes":
+            local_loss = (_label_smoothed_ce(local_PU, target_P, label_smoothing) * weights_P).mean()
+            global_loss = (_label_smoothed_ce(global_PU, target_P, label_smoothing) * weights_P).mean()
+        else:
+            local_loss = (F.cross_entropy(local_PU, target_P, reduction="none") * weights_P).mean()
+            global_loss = (F.cross_entropy(global_PU, target_P, reduction="none") * weights_P).mean()
+        total = ((1.0 - global_weight) * local_loss + global_weight * global_loss) / 2.0
+    if return_centroids:
+        return total, NCECentroids(ids=ids_U, rows=rows_U)
+    return total
+
+
+# --------------------------------------------------------------------------- correspondence
+
+
+def _unit_channels(t: torch.Tensor) -> torch.Tensor:
+    return F.normalize(t, dim=-3, eps=1e-10)
+
+
+def _correspondence_terms(f1, f2, c1, c2, pos, pointwise, zero_clamp, stabalize, shift_value, shift_bias,
+                          detach_shift):
+    """The helper on a leading group axis: tensors ``[G or 1, B, C, S, S]``, statistics per group.
+
+    Each group is one reference helper call (the negatives are G calls done at once); all means
+    (pointwise centring, shifts) are taken within a group, as the separate calls would.
+    """
+    with torch.no_grad():
+        fd = torch.einsum("...chw,...cij->...hwij", _unit_channels(f1), _unit_channels(f2))
+        groups = fd.shape[0]
+        if pointwise:
+            old_mean = fd.reshape(groups, -1).mean(dim=1)
+            fd = fd - fd.mean(dim=(-2, -1), keepdim=True)
+            new_mean = fd.reshape(groups, -1).mean(dim=1)
+            fd = fd - new_mean.view(-1, 1, 1, 1, 1, 1) + old_mean.view(-1, 1, 1, 1, 1, 1)
+        fd_mean = fd.reshape(groups, -1).mean(dim=1)
+    cd = torch.einsum("...chw,...cij->...hwij", _unit_channels(c1), _unit_channels(c2))
+    cd_mean = cd.reshape(cd.shape[0], -1).mean(dim=1)
+    if detach_shift:
+        cd_mean = cd_mean.detach()
+    if pos:
+        shift = (fd_mean - cd_mean - shift_bias).abs()
+    else:
+        shift = (fd_mean + cd_mean - shift_bias) * shift_value
+    low = 0.0 if zero_clamp else -9999.0
+    clamped = cd.clamp(low, 0.8) if stabalize else cd.clamp(min=low)
+    loss = -clamped * (fd - shift.view(-1, 1, 1, 1, 1, 1))
+    return loss, cd
+
+
+def correspondence_helper(
+    f1: torch.Tensor,
+    f2: torch.Tensor,
+    c1: torch.Tensor,
+    c2: torch.Tensor,
+    pos: bool,
+    pointwise: bool = True,
+    zero_clamp: bool = True,
+    stabalize: bool = True,
+    shift_value: float = 3.5,
+    shift_bias: float = 0.0,
+    detach_shift: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's ``CorrespondenceLoss.helper``: ``(loss, cd)``, both ``[B, h, w, i, j]``.
+
+    ``fd`` = correlation of the channel-normalised features (eps 1e-10), without gradient, centred
+    per source point when ``pointwise`` (then shifted back to its global mean). ``cd`` = the same
+    for the codes, with gradient. Shift: positive pair ``|mean fd - mean cd - bias|``, negative
+    ``(mean fd + mean cd - bias) * shift_value``; quirk 13: the shift is *not* detached, so gradient
+    also flows through ``mean cd`` (``detach_shift=True`` is the fixed option).
+    ``loss = -clamp(cd, 0 if zero_clamp else -9999, 0.8 if stabalize else none) * (fd - shift)``.
+    """
+    for name, t in (("f1", f1), ("f2", f2), ("c1", c1), ("c2", c2)):
+        if t.ndim != 4:
+            raise ValueError(f"correspondence_helper: {name} must be [B, C, S, S], got {tuple(t.shape)}")
+    with _no_autocast(c1):
+        loss, cd = _correspondence_terms(
+            f1.float().unsqueeze(0), f2.float().unsqueeze(0), c1.float().unsqueeze(0), c2.float().unsqueeze(0),
+            pos, pointwise, zero_clamp, stabalize, shift_value, shift_bias, detach_shift,
+        )
+    return loss.squeeze(0), cd.squeeze(0)
+
+
+def sample_points(t_BCHW: torch.Tensor, coords_GSS2: torch.Tensor, source_G: torch.Tensor | None = None) -> torch.Tensor:
+    """The reference's ``sample``: ``grid_sample(t[source], coords.permute(0, 2, 1, 3))`` with
+    bilinear interpolation, border padding and ``align_corners=True``; returns ``[G, C, S, S]``.
+
+    Note the transpose (quirk of the reference): output position (p, q) reads ``coords[g, q, p]``.
+    The last axis of ``coords`` is (x along the width, y along the height) in [-1, 1].
+    ``source_G`` picks the image of each coordinate set (default: image g for set g); the
+    sampling gathers the four neighbours directly, so ``t[source]`` (negatives: a copy of the
+    whole feature map per draw) is never materialised.
+    """
+    if coords_GSS2.ndim != 4 or coords_GSS2.shape[-1] != 2:
+        raise ValueError(f"coordinates must be [G, S, S, 2], got {tuple(coords_GSS2.shape)}")
+    batch, channels, height, width = t_BCHW.shape
+    n_sets = coords_GSS2.shape[0]
+    if source_G is None:
+        if n_sets != batch:
+            raise ValueError(f"{n_sets} coordinate sets for {batch} images: pass source_G")
+        source_G = torch.arange(batch, device=t_BCHW.device)
+    grid = coords_GSS2.permute(0, 2, 1, 3).float()
+    # Unnormalise (align_corners=True) and clip to the border, as grid_sample does.
+    x = ((grid[..., 0] + 1) / 2 * (width - 1)).clamp(0, width - 1)
+    y = ((grid[..., 1] + 1) / 2 * (height - 1)).clamp(0, height - 1)
+    x0, y0 = x.floor(), y.floor()
+    wx1, wy1 = x - x0, y - y0
+    wx0, wy0 = (x0 + 1) - x, (y0 + 1) - y
+    x0i, y0i = x0.long(), y0.long()
+    # The +1 neighbour past the last pixel has weight exactly 0; clamping its index keeps it in range.
+    x1i, y1i = (x0i + 1).clamp(max=width - 1), (y0i + 1).clamp(max=height - 1)
+
+    pixels_BPC = t_BCHW.flatten(2).transpose(1, 2)  # [B, H*W, C]
+    src = source_G.view(-1, 1)
+    out = None
+    for yi, xi, weight in ((y0i, x0i, wy0 * wx0), (y0i, x1i, wy0 * wx1), (y1i, x0i, wy1 * wx0), (y1i, x1i, wy1 * wx1)):
+        term = pixels_BPC[src, (yi * width + xi).reshape(n_sets, -1)] * weight.reshape(n_sets, -1, 1)
+        out = term if out is None else out + term
+    side_a, side_b = grid.shape[1], grid.shape[2]
+    return out.transpose(1, 2).reshape(n_sets, channels, side_a, side_b)
+
+
+def near_derangement(perm: torch.Tensor) -> torch.Tensor:
+    """The reference's ``super_perm`` applied to a drawn permutation: fixed points move to the
+    next index, mod B. No index maps to itself, but indices can repeat (``[0,2,1] -> [1,2,1]``)."""
+    size = perm.shape[0]
+    out = perm.clone()
+    out[out == torch.arange(size, device=perm.device)] += 1
+    return out % size
+
+
+def draw_correspondence_randomness(batch: int, samples: int, neg_samples: int, device=None,
+                                   generator: torch.Generator | None = None):
+    """The reference's draws, in its order: coords1, coords2, coords3 (each ``[B, S, S, 2]``,
+    uniform in [-1, 1)), then one ``randperm`` per negative turned into a near-derangement.
+    Returns ``((c1, c2, c3), perms [neg_samples, B])``."""
+    shape = (batch, samples, samples, 2)
+    coords = tuple(torch.rand(shape, device=device, generator=generator) * 2 - 1 for _ in range(3))
+    perms = [near_derangement(torch.randperm(batch, device=device, generator=generator)) for _ in range(neg_samples)]
+    perms_NB = torch.stack(perms) if perms else torch.zeros(0, batch, dtype=torch.long, device=device)
+    return coords, perms_NB
+
+
+def correspondence_loss(
+    feats: torch.Tensor,
+    feats_pos: torch.Tensor,
+    feats_pos_aug: torch.Tensor,
+    code: torch.Tensor,
+    code_pos: torch.Tensor,
+    code_pos_aug: torch.Tensor,
+    *,
+    feature_samples: int = 11,
+    neg_samples: int = 5,
+    pointwise: bool = True,
+    zero_clamp: bool = True,
+    stabalize: bool = True,
+    shift_value: float = 3.5,
+    shift_bias: float = 0.0,
+    detach_shift: bool = False,
+    coords: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    perms: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> dict:
+    """The reference's ``CorrespondenceLoss.forward`` on the three views x (``feats``/``code``),
+    P (``*_pos``) and A (``*_pos_aug``); features ``[B, Cf, H, W]`` (no gradient), codes ``[B, Cc, H, W]``.
+
+    * positive: A sampled at coords3 against P sampled at coords2 (shift rule POS);
+    * negative n: x at coords1 against ``x[perm_n]`` at coords2 (shift rule NEG), ``neg_samples`` times.
+
+    ``coords = (c1, c2, c3)`` and ``perms [neg_samples, B]`` replay recorded draws; otherwise they
+    are drawn with ``generator`` in the reference's order (:func:`draw_correspondence_randomness`).
+    Views that share pixels (our P is x) may be passed as different tensors: each carries its own
+    dropout mask. Defaults are the COCO config; see :func:`correspondence_helper` for the flags.
+
+    Returns a dict: ``pos_inter_loss``, ``neg_inter_loss`` (scalar means, what training weights),
+    ``pos_inter_loss_map [B,S,S,S,S]``, ``neg_inter_loss_map [neg_samples*B,S,S,S,S]`` (negatives
+    concatenated along the batch axis, negative-major), ``pos_inter_cd``, ``neg_inter_cd`` (same
+    shapes), and the ``coords`` and ``perms`` used.
+    """
+    batch = feats.shape[0]
+    for name, t in (("feats_pos", feats_pos), ("feats_pos_aug", feats_pos_aug), ("code", code),
+                    ("code_pos", code_pos), ("code_pos_aug", code_pos_aug)):
+        if t.ndim != 4 or t.shape[0] != batch:
+            raise ValueError(f"correspondence_loss: {name} must be [{batch}, C, H, W], got {tuple(t.shape)}")
+    if coords is None or (perms is None and neg_samples > 0):
+        drawn_coords, drawn_perms = draw_correspondence_randomness(
+            batch, feature_samples, neg_samples, device=feats.device, generator=generator)
+        coords = drawn_coords if coords is None else coords
+        perms = drawn_perms if perms is None else perms
+    c1, c2, c3 = (c.to(feats.device) for c in coords)
+    if perms is None:
+        perms = torch.zeros(0, batch, dtype=torch.long, device=feats.device)
+    perms = perms.to(feats.device).long()
+    n_neg = perms.shape[0]
+    flags = dict(pointwise=pointwise, zero_clamp=zero_clamp, stabalize=stabalize, shift_value=shift_value,
+                 shift_bias=shift_bias, detach_shift=detach_shift)
+
+    with _no_autocast(code):
+        feats, feats_pos, feats_pos_aug = (f.detach().float() for f in (feats, feats_pos, feats_pos_aug))
+        code, code_pos, code_pos_aug = (c.float() for c in (code, code_pos, code_pos_aug))
+        pos_loss, pos_cd = _correspondence_terms(
+            sample_points(feats_pos_aug, c3).unsqueeze(0), sample_points(feats_pos, c2).unsqueeze(0),
+            sample_points(code_pos_aug, c3).unsqueeze(0), sample_points(code_pos, c2).unsqueeze(0),
+            True, **flags,
+        )
+        side = pos_loss.shape[2:]
+        if n_neg > 0:
+            c2_all = c2.repeat(n_neg, 1, 1, 1)
+            source = perms.reshape(-1)
+
+            def negatives(t):  # x[perm_n] at coords2 for every n: [n_neg, B, C, S, S]
+                sampled = sample_points(t, c2_all, source)
+                return sampled.view(n_neg, batch, *sampled.shape[1:])
+
+            neg_loss, neg_cd = _correspondence_terms(
+                sample_points(feats, c1).unsqueeze(0), negatives(feats),
+                sample_points(code, c1).unsqueeze(0), negatives(code),
+                False, **flags,
+            )
+            neg_loss, neg_cd = neg_loss.reshape(n_neg * batch, *side), neg_cd.reshape(n_neg * batch, *side)
+            neg_mean = neg_loss.mean()
+        else:
+            neg_loss = neg_cd = pos_loss.new_zeros(0, *side)
+            neg_mean = pos_loss.new_zeros(())
+    pos_loss, pos_cd = pos_loss.squeeze(0), pos_cd.squeeze(0)
+    return {
+        "pos_inter_loss": pos_loss.mean(),
+        "neg_inter_loss": neg_mean,
+        "pos_inter_loss_map": pos_loss,
+        "neg_inter_loss_map": neg_loss,
+        "pos_inter_cd": pos_cd,
+        "neg_inter_cd": neg_cd,
+        "coords": (c1, c2, c3),
+        "perms": perms,
+    }
