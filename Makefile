@@ -3,14 +3,18 @@
 #   make test    - the whole test suite (what .ci/run calls)
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-# CPU machines pin torch to the local CPU build; machines with an NVIDIA driver take pip's CUDA torch.
-CONSTRAINTS ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,-c constraints-cpu.txt)
+# CPU machines pin torch to the CPU build; machines with an NVIDIA driver take pip's CUDA torch.
+GPU    := $(shell command -v nvidia-smi 2>/dev/null)
+CONSTRAINTS ?= $(if $(GPU),,-c constraints-cpu.txt)
 
 .PHONY: install train test
 
 $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q $(CONSTRAINTS) -e '.[dev]'
+	# CPU torch + CUDA-linked torchvision: make every process of this venv (the accelerate CLI
+	# included) run eagle_dist's torchvision shim first.  See eagle_dist_tvshim.py.
+	$(if $(GPU),,echo 'import eagle_dist_tvshim; eagle_dist_tvshim.activate()' > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/eagle_dist_tvshim.pth")
 	touch $@
 
 install: $(VENV)/.installed

@@ -33,3 +33,17 @@ def test_shim_is_a_no_op_when_torchvision_was_already_imported():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["native", "True"]
+
+
+def test_import_hook_runs_the_shim_for_programs_that_import_timm_first():
+    # What the accelerate CLI does: import timm before anything of ours.  The hook (installed as
+    # a .pth by `make install` on CPU machines) must run the shim before torchvision loads.
+    code = (
+        "import sys, eagle_dist_tvshim; eagle_dist_tvshim.activate();"
+        "import timm;"
+        "print('eagle_dist.compat' in sys.modules, sys.modules['eagle_dist.compat'].STATE)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    loaded, state = out.stdout.split()
+    assert loaded == "True" and state in ("native", "shimmed")
