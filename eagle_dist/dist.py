@@ -1,0 +1,605 @@
+"""Distributed state: the one module that knows about ranks.
+
+Everything else asks a `Dist` object (rank, world size, is_main, device, collectives);
+nothing else reads RANK / WORLD_SIZE / SLURM_* from the environment.
+
+    from eagle_dist import dist as distmod
+    d = distmod.setup(strategy="auto", expected_world_size=None, seed=0)
+    model, optimizer, scheduler = d.accelerator.prepare(model, optimizer, scheduler)
+    ...
+    stop = d.any_flag(preempted)          # every rank gets the same answer
+    d.cleanup()
+
+Launch lines that really start N processes (all verified by tests/test_dist.py on CPU):
+
+    torchrun --nproc_per_node 2 launch/train.py
+    accelerate launch --config_file launch/accelerate/cpu_2proc.yaml launch/train.py
+    accelerate launch --multi_gpu --num_processes 2 launch/train.py   # no GPU: CPU + gloo
+    accelerate launch --config_file launch/accelerate/deepspeed_zero2.yaml --num_processes 2 launch/train.py
+    torchrun --nnodes 2 --node_rank R --nproc_per_node G --rdzv_backend c10d \\
+        --rdzv_endpoint HOST:PORT launch/train.py
+    srun --ntasks N python launch/train.py     # one task per GPU; RANK etc. derived from SLURM_*
+
+Launchers and what they promise (read from accelerate 1.15 / torch 2.13 sources):
+
+* torchrun (and `accelerate launch --multi_gpu` / the DeepSpeed launcher on one node, which
+  call torchrun in-process) export RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE. Their
+  WORLD_SIZE is the truth; we only check that the process group agrees with it.
+* `accelerate launch --cpu --num_processes N` goes through accelerate's *simple* launcher:
+  it starts exactly ONE process, exports ACCELERATE_USE_CPU and, because N > 1, MASTER_ADDR and
+  MASTER_PORT, but no RANK/WORLD_SIZE. That combination is the only trace of the broken promise,
+  so we treat it as "at least 2 processes were asked for" and refuse to run alone.
+  A config file with `use_cpu: true` and distributed_type MULTI_GPU does start N processes
+  (only the --cpu flag routes to the simple launcher), but that launcher does not pass
+  use_cpu on; setup() picks CPU by itself when no GPU is visible, and on a GPU machine
+  CUDA_VISIBLE_DEVICES= or ACCELERATE_USE_CPU=1 forces CPU.
+* The `accelerate` console script imports timm (for `accelerate estimate-memory`) and thus
+  torchvision before our compat shim can run; on this CPU torch that import fails, so
+  `accelerate launch` dies before launching. `python -m accelerate.commands.launch ...` is
+  the same launch code without that import (the tests use it).
+* srun (one task per GPU, no torchrun): SLURM_PROCID / SLURM_STEP_NUM_TASKS / SLURM_LOCALID /
+  SLURM_STEP_TASKS_PER_NODE / SLURM_STEP_NODELIST are mapped to RANK, WORLD_SIZE, LOCAL_RANK,
+  LOCAL_WORLD_SIZE, MASTER_ADDR (first node) and MASTER_PORT (20000 + job id % 10000 unless
+  set) before the process group starts. Only srun sets the SLURM_STEP_* variables, so a plain
+  `python` inside an sbatch script is not mistaken for a multi-task step.
+
+accelerate + DeepSpeed on CPU (findings, accelerate 1.15.0, deepspeed 0.19.8, torch 2.13 CPU):
+
+* `Accelerator(cpu=True)` silently disables the DeepSpeed plugin, so DeepSpeed on CPU is
+  built WITHOUT cpu=True and WITH `InitProcessGroupKwargs(backend="gloo")`. Without the
+  explicit backend accelerate computes backend=None on a GPU-less host, initialises
+  DeepSpeed's process group anyway and then reports num_processes=1 on every rank.
+* DeepSpeed picks its CPU accelerator automatically when CUDA is absent (we set
+  DS_ACCELERATOR=cpu to skip the probing warning); its CPU accelerator falls back to gloo
+  when oneccl_bindings_for_pytorch is missing. ZeRO-1 and ZeRO-2 train correctly on gloo.
+* accelerate 1.15's `DeepSpeedPlugin.select()` imports `transformers` unconditionally (to
+  register HfDeepSpeedConfig for ZeRO-3 `from_pretrained`). We do not use transformers and
+  refuse ZeRO-3, so `_DeepSpeedPlugin` skips that registration when transformers is absent.
+* DeepSpeed's TorchBackend JIT-compiles the `deepspeed_shm_comm` C++ op on every CPU start
+  (25-100 s depending on load). It only serves `inference_all_reduce` (AutoTP inference) and
+  is never used by ZeRO training. We mark it incompatible in
+  `deepspeed.ops.__compatible_ops__` before DeepSpeed initialises, which makes
+  `build_shm_op()` return None (init drops from ~27 s to ~1.3 s here). If you ever need the
+  op, let it build once and keep the build with TORCH_EXTENSIONS_DIR=<persistent dir>
+  (torch's cpp_extension cache; a rebuild is skipped when sources are unchanged).
+* DeepSpeed needs `train_micro_batch_size_per_gpu`; accelerate fills it from a prepared
+  DataLoader, which we do not pass (streaming loaders), so setup() takes `micro_batch_size`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import socket
+import sys
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as tdist
+
+STRATEGIES = ("auto", "ddp", "deepspeed")
+ZERO_STAGES = (1, 2)
+MIXED_PRECISIONS = ("auto", "no", "bf16")
+
+WORKING_LAUNCH_LINES = """\
+Launch lines that really start N processes:
+  torchrun --nproc_per_node 2 launch/train.py
+  accelerate launch --config_file launch/accelerate/cpu_2proc.yaml launch/train.py
+  accelerate launch --multi_gpu --num_processes 2 launch/train.py   (no GPU: runs on CPU + gloo)
+  ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 launch/train.py"""
+
+CPU_PITFALL = (
+    "`accelerate launch --cpu --num_processes N` starts only ONE process: with --cpu accelerate "
+    "uses its single-process launcher, so the run would silently train on one process."
+)
+
+
+class DistributedSetupError(RuntimeError):
+    """The launch or the distributed settings are wrong; the message says how to fix them."""
+
+
+class WorldSizeError(DistributedSetupError):
+    """The number of processes differs from what the launcher or the config promised."""
+
+
+@dataclass(frozen=True)
+class LaunchInfo:
+    """What the launcher told this process, read from the environment before any init."""
+
+    launcher: str  # "torchrun", "accelerate", "srun", "env" (RANK set by hand) or "none"
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    promised_world_size: int | None  # exact size the launcher promised, if it said one
+    promised_min_world_size: int  # at least this many (accelerate --cpu leaves only this)
+    promise_source: str  # for error messages: where the promise came from
+    env_updates: dict[str, str] = field(default_factory=dict)  # to export before init
+
+
+def _int(env: Mapping[str, str], key: str, default: int) -> int:
+    value = env.get(key, "")
+    try:
+        return int(value)
+    except ValueError:
+        return default
+
+
+def _truthy(value: str | None) -> bool:
+    return str(value).strip().lower() in ("1", "true", "yes", "on")
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """First host of a Slurm hostlist: 'gpu[03-05,9],cpu1' -> 'gpu03'."""
+    match = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
+    if match is None:
+        raise DistributedSetupError(f"cannot parse Slurm node list {nodelist!r}")
+    prefix, ranges = match.group(1), match.group(3)
+    if ranges is None:
+        return prefix
+    first = ranges.split(",")[0].split("-")[0]
+    return prefix + first
+
+
+def slurm_tasks_on_node(tasks_per_node: str, node_id: int) -> int:
+    """Tasks on node `node_id` from Slurm's compressed form: '2(x3),1' -> [2, 2, 2, 1]."""
+    counts: list[int] = []
+    for part in tasks_per_node.split(","):
+        match = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", part)
+        if match is None:
+            raise DistributedSetupError(f"cannot parse Slurm tasks-per-node {tasks_per_node!r}")
+        counts.extend([int(match.group(1))] * int(match.group(2) or 1))
+    if not 0 <= node_id < len(counts):
+        raise DistributedSetupError(f"node id {node_id} outside Slurm tasks-per-node {tasks_per_node!r}")
+    return counts[node_id]
+
+
+def _is_accelerate_env(env: Mapping[str, str]) -> bool:
+    # Every accelerate launcher exports these; torchrun alone never does.
+    return "ACCELERATE_MIXED_PRECISION" in env or "ACCELERATE_DYNAMO_BACKEND" in env
+
+
+def detect_launch(env: Mapping[str, str] | None = None) -> LaunchInfo:
+    """Read the launcher's environment (torchrun, accelerate, srun or nothing)."""
+    env = os.environ if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:
+        world = _int(env, "WORLD_SIZE", 1)
+        if _is_accelerate_env(env):
+            launcher = "accelerate"
+        elif "TORCHELASTIC_RUN_ID" in env:
+            launcher = "torchrun"
+        else:
+            launcher = "env"
+        return LaunchInfo(
+            launcher=launcher,
+            rank=_int(env, "RANK", 0),
+            world_size=world,
+            local_rank=_int(env, "LOCAL_RANK", 0),
+            # Without LOCAL_WORLD_SIZE assume everyone is local: fewer threads, never more.
+            local_world_size=_int(env, "LOCAL_WORLD_SIZE", world),
+            promised_world_size=world,
+            promised_min_world_size=1,
+            promise_source=f"the launcher ({launcher}) exported WORLD_SIZE={world}",
+        )
+    if "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:
+        world = _int(env, "SLURM_STEP_NUM_TASKS", 1)
+        rank = _int(env, "SLURM_PROCID", 0)
+        local_rank = _int(env, "SLURM_LOCALID", 0)
+        per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
+        local_world = (
+            slurm_tasks_on_node(per_node, _int(env, "SLURM_NODEID", 0)) if per_node else 1
+        )
+        nodelist = (
+            env.get("SLURM_STEP_NODELIST")
+            or env.get("SLURM_JOB_NODELIST")
+            or env.get("SLURM_NODELIST")
+            or "127.0.0.1"
+        )
+        # Distinct jobs sharing a node get distinct ports; 20000-29999 avoids the
+        # ephemeral range Linux hands out to outgoing connections.
+        port = env.get("MASTER_PORT") or str(20000 + _int(env, "SLURM_JOB_ID", 0) % 10000)
+        updates = {
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_RANK": str(local_rank),
+            "LOCAL_WORLD_SIZE": str(local_world),
+            "MASTER_ADDR": env.get("MASTER_ADDR") or first_slurm_host(nodelist),
+            "MASTER_PORT": port,
+        }
+        return LaunchInfo(
+            launcher="srun",
+            rank=rank,
+            world_size=world,
+            local_rank=local_rank,
+            local_world_size=local_world,
+            promised_world_size=world,
+            promised_min_world_size=1,
+            promise_source=f"srun (SLURM_STEP_NUM_TASKS={world})",
+            env_updates=updates,
+        )
+    # No ranks in the environment: a single process. accelerate's simple launcher exports
+    # MASTER_ADDR/MASTER_PORT only when asked for more than one process or machine.
+    simple_accelerate = "ACCELERATE_USE_CPU" in env and _is_accelerate_env(env)
+    asked_for_many = simple_accelerate and "MASTER_ADDR" in env and "MASTER_PORT" in env
+    return LaunchInfo(
+        launcher="accelerate" if simple_accelerate else "none",
+        rank=0,
+        world_size=1,
+        local_rank=0,
+        local_world_size=1,
+        promised_world_size=None,
+        promised_min_world_size=2 if asked_for_many else 1,
+        promise_source=(
+            "accelerate launch was asked for several processes (it exported MASTER_ADDR and "
+            "MASTER_PORT) but started this one alone"
+            if asked_for_many
+            else "no launcher"
+        ),
+    )
+
+
+def check_world_size(actual: int, info: LaunchInfo, expected_world_size: int | None) -> None:
+    """Refuse to run when the process group differs from what was promised."""
+    problems = []
+    if info.promised_world_size is not None and actual != info.promised_world_size:
+        problems.append(
+            f"{info.promise_source}, but the process group has {actual} process(es)."
+        )
+    if actual < info.promised_min_world_size:
+        problems.append(f"{info.promise_source}; the process group has {actual} process(es).")
+    if expected_world_size is not None and actual != expected_world_size:
+        problems.append(
+            f"The run config expects expected_world_size={expected_world_size}, but "
+            f"{actual} process(es) were started. Fix the launch line or set "
+            f"expected_world_size={actual} (or null to trust the launcher)."
+        )
+    if problems:
+        raise WorldSizeError(
+            "Refusing to train with the wrong world size.\n  "
+            + "\n  ".join(problems)
+            + f"\nKnown pitfall: {CPU_PITFALL}\n{WORKING_LAUNCH_LINES}"
+        )
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def cpu_threads_for(local_world_size: int, override: int | None = None) -> int:
+    """Threads per rank so co-located ranks share the cores instead of oversubscribing.
+
+    Launchers' OMP_NUM_THREADS is ignored on purpose: torchrun sets it to 1 whenever it
+    starts several workers, which would starve a CPU run on a big machine.
+    """
+    if override is not None:
+        if override < 1:
+            raise DistributedSetupError(f"cpu_threads must be >= 1 (or None for automatic), got {override}")
+        return override
+    return max(1, _usable_cores() // max(1, local_world_size))
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _skip_deepspeed_shm_op() -> None:
+    """Keep DeepSpeed from JIT-compiling its shared-memory all-reduce op (see module doc)."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def _deepspeed_plugin(zero_stage: int, grad_clip: float, micro_batch_size: int) -> Any:
+    from accelerate.utils import DeepSpeedPlugin
+    from accelerate.utils.imports import is_transformers_available
+
+    class _DeepSpeedPlugin(DeepSpeedPlugin):
+        def set_deepspeed_weakref(self) -> None:
+            # accelerate registers the config with transformers for ZeRO-3 from_pretrained;
+            # without transformers (and with ZeRO-3 refused) there is nothing to register.
+            if is_transformers_available():
+                super().set_deepspeed_weakref()
+
+    plugin = _DeepSpeedPlugin(
+        zero_stage=zero_stage,
+        gradient_clipping=grad_clip if grad_clip > 0 else 0.0,
+        gradient_accumulation_steps=1,
+        offload_optimizer_device="none",
+        offload_param_device="none",
+    )
+    plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = micro_batch_size
+    plugin.deepspeed_config.pop("train_batch_size", None)
+    # Our optimizer is plain torch AdamW with named groups, which DeepSpeed calls "untested".
+    plugin.deepspeed_config["zero_allow_untested_optimizer"] = True
+    return plugin
+
+
+@dataclass
+class Dist:
+    """Distributed state and the collectives the trainer needs. Build it with `setup()`."""
+
+    accelerator: Any
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+    backend: str | None
+    strategy: str  # "ddp" or "deepspeed"
+    zero_stage: int | None
+    mixed_precision: str
+    grad_clip: float
+    launcher: str
+    cpu_threads: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_local_main(self) -> bool:
+        return self.local_rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1 and tdist.is_available() and tdist.is_initialized()
+
+    def barrier(self) -> None:
+        if self.distributed:
+            tdist.barrier()
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum `tensor` over ranks in place (and return it). Tensor must be on `device`."""
+        if self.distributed:
+            tdist.all_reduce(tensor, op=tdist.ReduceOp.SUM)
+        return tensor
+
+    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Element-wise max over ranks in place (and return it)."""
+        if self.distributed:
+            tdist.all_reduce(tensor, op=tdist.ReduceOp.MAX)
+        return tensor
+
+    def any_flag(self, flag: bool) -> bool:
+        """True on every rank if `flag` is True on any rank (preemption, NaN, save failure)."""
+        value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self.device)
+        return bool(self.all_reduce_max(value).item())
+
+    def gather_object(self, obj: Any) -> list[Any]:
+        """Every rank gets the list of all ranks' (picklable) objects, in rank order."""
+        if not self.distributed:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        tdist.all_gather_object(out, obj)
+        return out
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        """Every rank gets rank `src`'s (picklable) object."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        tdist.broadcast_object_list(box, src=src)
+        return box[0]
+
+    def print(self, *args: Any, **kwargs: Any) -> None:
+        """print() on rank 0 only, flushed so lines interleave sanely with other output."""
+        if self.is_main:
+            kwargs.setdefault("flush", True)
+            print(*args, **kwargs)
+
+    def mean_scalar(self, value: Any) -> float:
+        """Mean of a scalar (float or 0-d tensor) over ranks; a collective, so call it everywhere."""
+        t = torch.as_tensor(value, dtype=torch.float64).detach().to(self.device).reshape(1).clone()
+        return float(self.all_reduce_sum(t).item()) / self.world_size
+
+    def prepare(self, *objects: Any) -> Any:
+        """accelerator.prepare: wraps the model in DDP / a DeepSpeed engine, the optimizer too."""
+        return self.accelerator.prepare(*objects)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.accelerator.backward(loss)
+
+    def clip_grad(self, model_or_params: Any, max_norm: float | None = None) -> float | None:
+        """Clip gradients to `max_norm` (default: setup's grad_clip) and return the total norm.
+
+        Under DeepSpeed the engine clips inside `optimizer.step()` to setup's grad_clip (it is
+        part of the DeepSpeed config); this then returns the engine's last global norm, None
+        before the first step.
+        """
+        params = (
+            model_or_params.parameters()
+            if isinstance(model_or_params, torch.nn.Module)
+            else model_or_params
+        )
+        limit = self.grad_clip if max_norm is None else max_norm
+        if self.strategy == "deepspeed":
+            norm = self.accelerator.clip_grad_norm_(params, limit)
+            return None if norm is None else float(norm)
+        if limit <= 0:
+            return None
+        return float(self.accelerator.clip_grad_norm_(params, limit))
+
+    def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The plain module inside DDP / DeepSpeed wrappers."""
+        return self.accelerator.unwrap_model(model)
+
+    def cleanup(self) -> None:
+        """Tear the process group down; safe to call twice (entry points call it in finally)."""
+        from accelerate.state import AcceleratorState, GradientState
+
+        if tdist.is_available() and tdist.is_initialized():
+            tdist.destroy_process_group()
+        if self.strategy == "deepspeed":
+            import deepspeed.comm.comm as ds_comm
+
+            ds_comm.cdb = None  # else a later setup() in this process reuses a dead group
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
+def _resolve(
+    strategy: str, zero_stage: int | None, mixed_precision: str, env: Mapping[str, str]
+) -> tuple[str, int | None, str]:
+    """Combine the run config with what an accelerate config file put in the environment."""
+    if strategy not in STRATEGIES:
+        raise DistributedSetupError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    launcher_ds = _truthy(env.get("ACCELERATE_USE_DEEPSPEED"))
+    if strategy == "auto":
+        strategy = "deepspeed" if launcher_ds else "ddp"
+    elif strategy == "ddp" and launcher_ds:
+        raise DistributedSetupError(
+            "The accelerate config selects DeepSpeed (ACCELERATE_USE_DEEPSPEED=true) but the run "
+            "config says strategy='ddp'. Use a DDP accelerate config "
+            "(launch/accelerate/ddp_multi_gpu.yaml) or set strategy to 'deepspeed' or 'auto'."
+        )
+    stage: int | None = None
+    if strategy == "deepspeed":
+        launcher_stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+        if zero_stage == 0:
+            zero_stage = None  # configs write 0 for "unset"
+        if launcher_stage is not None and zero_stage is not None and int(launcher_stage) != zero_stage:
+            raise DistributedSetupError(
+                f"The accelerate config asks for ZeRO stage {launcher_stage} but the run config "
+                f"asks for zero_stage={zero_stage}. Make them agree, or set zero_stage=0 to "
+                "take the accelerate config's stage."
+            )
+        stage = zero_stage if zero_stage is not None else int(launcher_stage or 2)
+        if stage not in ZERO_STAGES:
+            raise DistributedSetupError(
+                f"zero_stage must be one of {ZERO_STAGES}, got {stage}: ZeRO-3 shards the "
+                "parameters themselves, which the trainer's evaluation and frozen backbone do not support."
+            )
+    if mixed_precision not in MIXED_PRECISIONS:
+        raise DistributedSetupError(
+            f"mixed_precision must be one of {MIXED_PRECISIONS}, got {mixed_precision!r} "
+            "(fp16 needs loss scaling, which this trainer does not do; use bf16 on GPUs)."
+        )
+    return strategy, stage, mixed_precision
+
+
+def setup(
+    strategy: str = "auto",
+    zero_stage: int | None = None,
+    mixed_precision: str = "auto",
+    grad_clip: float = 1.0,
+    expected_world_size: int | None = None,
+    seed: int = 0,
+    cpu_threads: int | None = None,
+    micro_batch_size: int = 1,
+    find_unused_parameters: bool = False,
+    timeout_s: float = 1800.0,
+) -> Dist:
+    """Detect the launcher, start the process group through accelerate, check the world size.
+
+    strategy: "ddp", "deepspeed", or "auto" (DeepSpeed iff the accelerate config selects it).
+    zero_stage: 1 or 2; None or 0 takes the accelerate config's stage, else 2.
+    mixed_precision: "auto" (bf16 on GPU, fp32 on CPU), "no" or "bf16". The run config
+        decides; the launcher's --mixed_precision is ignored. bf16 falls back to "no" on CPU
+        with a warning (bf16 autocast on CPU is slow and not what a GPU config meant).
+    grad_clip: max grad norm (<= 0 disables); DeepSpeed applies it inside its step.
+    expected_world_size: refuse to run unless exactly this many processes exist (None: trust
+        the launcher, whose promise is checked anyway).
+    seed: seeds python/numpy/torch identically on every rank (identical model init);
+        per-rank streams (data order, augmentation) are the trainer's job.
+    cpu_threads: torch threads per rank; None = usable cores // ranks on this node.
+    micro_batch_size: per-rank batch size, which DeepSpeed insists on knowing.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, set_seed
+
+    if expected_world_size is not None and expected_world_size < 1:
+        raise DistributedSetupError(f"expected_world_size must be >= 1 or None, got {expected_world_size}")
+    if micro_batch_size < 1:
+        raise DistributedSetupError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+    strategy, stage, mp = _resolve(strategy, zero_stage, mixed_precision, os.environ)
+
+    info = detect_launch(os.environ)
+    os.environ.update(info.env_updates)
+    on_gpu = torch.cuda.is_available() and not _truthy(os.environ.get("ACCELERATE_USE_CPU"))
+    if mp == "auto":
+        mp = "bf16" if on_gpu else "no"
+    if mp == "bf16" and not on_gpu:
+        warnings.warn("mixed_precision='bf16' requested but running on CPU: using fp32.", stacklevel=2)
+        mp = "no"
+
+    threads = cpu_threads_for(info.local_world_size, cpu_threads)
+    torch.set_num_threads(threads)
+
+    # A lone process must not name a backend: accelerate would then look for a process
+    # group that nobody started. Refuse a broken launcher promise before any init.
+    if info.world_size == 1 and strategy == "ddp":
+        check_world_size(1, info, expected_world_size)
+        handlers: list[Any] = []
+    else:
+        backend = "nccl" if on_gpu else "gloo"
+        timeout = datetime.timedelta(seconds=timeout_s)
+        handlers = [InitProcessGroupKwargs(backend=backend, timeout=timeout)]
+    if strategy == "deepspeed":
+        if info.launcher == "none":
+            # DeepSpeed always wants a process group; give a lone process a world of one
+            # instead of letting DeepSpeed go looking for MPI.
+            os.environ.update(
+                RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+            )
+        if not on_gpu:
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+            _skip_deepspeed_shm_op()
+        accelerator = Accelerator(
+            deepspeed_plugin=_deepspeed_plugin(stage, grad_clip, micro_batch_size),
+            mixed_precision=mp,
+            kwargs_handlers=handlers,
+        )
+    else:
+        accelerator = Accelerator(
+            cpu=not on_gpu,
+            mixed_precision=mp,
+            kwargs_handlers=[
+                *handlers,
+                DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters),
+            ],
+        )
+
+    d = Dist(
+        accelerator=accelerator,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        local_rank=accelerator.local_process_index,
+        local_world_size=info.local_world_size,
+        # accelerate reports "cpu:0" for multi-CPU runs; "cpu" compares equal to tensors' devices.
+        device=torch.device("cpu") if accelerator.device.type == "cpu" else accelerator.device,
+        backend=tdist.get_backend() if tdist.is_available() and tdist.is_initialized() else None,
+        strategy=strategy,
+        zero_stage=stage,
+        mixed_precision=mp,
+        grad_clip=grad_clip,
+        launcher=info.launcher,
+        cpu_threads=threads,
+    )
+    try:
+        check_world_size(d.world_size, info, expected_world_size)
+    except WorldSizeError:
+        d.cleanup()
+        raise
+    set_seed(seed)
+    return d
+
+
+def describe(d: Dist) -> str:
+    """One line for the run log: who launched us and how the world looks."""
+    return (
+        f"launcher={d.launcher} strategy={d.strategy}"
+        + (f"(zero{d.zero_stage})" if d.zero_stage else "")
+        + f" world_size={d.world_size} local_world_size={d.local_world_size} "
+        f"backend={d.backend} device={d.device} mixed_precision={d.mixed_precision} "
+        f"cpu_threads={d.cpu_threads} python={sys.version.split()[0]} torch={torch.__version__}"
+    )
