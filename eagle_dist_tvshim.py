@@ -16,6 +16,11 @@ class _TorchvisionFinder:
     def find_spec(self, name, path=None, target=None):
         if name != "torchvision":
             return None
+        compat = sys.modules.get("eagle_dist.compat")
+        if compat is not None and not hasattr(compat, "install"):
+            # eagle_dist.compat is itself being imported (torch probes for torchvision while it
+            # loads); it runs install() as soon as it is ready, so stay out of the way.
+            return None
         sys.meta_path.remove(self)
         try:
             from eagle_dist import compat

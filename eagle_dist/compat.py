@@ -51,8 +51,12 @@ def install() -> str:
     global STATE, _LIBRARY
     if STATE != "not-installed":
         return STATE
+    STATE = "installing"  # re-entrant calls (our own find_spec probe can trigger one) return here
     if "torchvision" in sys.modules:
         STATE = "native"  # someone imported it successfully before us: nothing to fix
+        return STATE
+    if hasattr(torch.ops.torchvision, "nms"):
+        STATE = "native"  # the compiled ops (or an earlier shim) are already registered
         return STATE
     loads = _native_extension_loads()
     if loads is None:
