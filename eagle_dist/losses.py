@@ -305,37 +305,38 @@ def sample_points(t_BCHW: torch.Tensor, coords_GSS2: torch.Tensor, source_G: tor
 
     Note the transpose (quirk of the reference): output position (p, q) reads ``coords[g, q, p]``.
     The last axis of ``coords`` is (x along the width, y along the height) in [-1, 1].
-    ``source_G`` picks the image of each coordinate set (default: image g for set g); the
-    sampling gathers the four neighbours directly, so ``t[source]`` (negatives: a copy of the
-    whole feature map per draw) is never materialised.
+    ``source_G`` picks the image of each coordinate set (default: image g for set g).
+
+    With a source (the negatives), ``t[source]`` would copy a whole feature map per draw. Instead,
+    every coordinate set is placed side by side in the grid of its source image (an image used
+    m times gets m slots; unused slots sample the centre and are discarded), so one
+    ``grid_sample`` on ``t`` itself computes each point with the same arithmetic as the reference.
     """
     if coords_GSS2.ndim != 4 or coords_GSS2.shape[-1] != 2:
         raise ValueError(f"coordinates must be [G, S, S, 2], got {tuple(coords_GSS2.shape)}")
-    batch, channels, height, width = t_BCHW.shape
+    batch = t_BCHW.shape[0]
     n_sets = coords_GSS2.shape[0]
+    grid = coords_GSS2.permute(0, 2, 1, 3).to(t_BCHW.dtype)
     if source_G is None:
         if n_sets != batch:
             raise ValueError(f"{n_sets} coordinate sets for {batch} images: pass source_G")
-        source_G = torch.arange(batch, device=t_BCHW.device)
-    grid = coords_GSS2.permute(0, 2, 1, 3).float()
-    # Unnormalise (align_corners=True) and clip to the border, as grid_sample does.
-    x = ((grid[..., 0] + 1) / 2 * (width - 1)).clamp(0, width - 1)
-    y = ((grid[..., 1] + 1) / 2 * (height - 1)).clamp(0, height - 1)
-    x0, y0 = x.floor(), y.floor()
-    wx1, wy1 = x - x0, y - y0
-    wx0, wy0 = (x0 + 1) - x, (y0 + 1) - y
-    x0i, y0i = x0.long(), y0.long()
-    # The +1 neighbour past the last pixel has weight exactly 0; clamping its index keeps it in range.
-    x1i, y1i = (x0i + 1).clamp(max=width - 1), (y0i + 1).clamp(max=height - 1)
-
-    pixels_BPC = t_BCHW.flatten(2).transpose(1, 2)  # [B, H*W, C]
-    src = source_G.view(-1, 1)
-    out = None
-    for yi, xi, weight in ((y0i, x0i, wy0 * wx0), (y0i, x1i, wy0 * wx1), (y1i, x0i, wy1 * wx0), (y1i, x1i, wy1 * wx1)):
-        term = pixels_BPC[src, (yi * width + xi).reshape(n_sets, -1)] * weight.reshape(n_sets, -1, 1)
-        out = term if out is None else out + term
+        return F.grid_sample(t_BCHW, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    source_G = source_G.to(t_BCHW.device).long()
+    if source_G.shape != (n_sets,):
+        raise ValueError(f"source_G must hold one image index per coordinate set ({n_sets}), got {tuple(source_G.shape)}")
+    # slot[g] = how many earlier sets use the same image.
+    order = torch.argsort(source_G, stable=True)
+    uses = torch.bincount(source_G, minlength=batch)
+    first_use = torch.cumsum(uses, 0) - uses
+    slot = torch.empty_like(source_G)
+    slot[order] = torch.arange(n_sets, device=source_G.device) - first_use[source_G[order]]
+    n_slots = int(uses.max())
     side_a, side_b = grid.shape[1], grid.shape[2]
-    return out.transpose(1, 2).reshape(n_sets, channels, side_a, side_b)
+    packed = grid.new_zeros(batch, side_a, n_slots, side_b, 2)
+    packed[source_G, :, slot] = grid
+    sampled = F.grid_sample(t_BCHW, packed.view(batch, side_a, n_slots * side_b, 2), mode="bilinear",
+                            padding_mode="border", align_corners=True)
+    return sampled.view(batch, -1, side_a, n_slots, side_b)[source_G, :, :, slot]
 
 
 def near_derangement(perm: torch.Tensor) -> torch.Tensor:

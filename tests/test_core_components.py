@@ -168,14 +168,16 @@ def test_key_similarity_weights_equal_the_reference_formula():
 
 def test_sample_points_equals_grid_sample_with_the_transpose_and_border():
     g = torch.Generator().manual_seed(11)
-    t = torch.randn(3, 5, 7, 9, generator=g, requires_grad=True)
-    coords = torch.rand(4, 6, 6, 2, generator=g) * 2.6 - 1.3  # includes points beyond the border
+    t = torch.randn(4, 5, 7, 9, generator=g, requires_grad=True)
+    coords = torch.rand(5, 6, 6, 2, generator=g) * 2.6 - 1.3  # includes points beyond the border
     coords[0, 0, 0] = torch.tensor([1.0, -1.0])
-    source = torch.tensor([2, 0, 2, 1])
+    source = torch.tensor([2, 0, 2, 1, 2])  # image 2 three times, image 3 never
     ours = losses.sample_points(t, coords, source)
     ref = F.grid_sample(t[source], coords.permute(0, 2, 1, 3), mode="bilinear", padding_mode="border",
                         align_corners=True)
-    torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-5)
+    assert torch.equal(ours, ref)  # each point is computed by grid_sample with the same inputs
+    assert torch.equal(losses.sample_points(t, coords[:4]), F.grid_sample(
+        t, coords[:4].permute(0, 2, 1, 3), mode="bilinear", padding_mode="border", align_corners=True))
     weights = torch.randn_like(ref)
     (g_ours,) = torch.autograd.grad((ours * weights).sum(), t)
     (g_ref,) = torch.autograd.grad((ref * weights).sum(), t)
@@ -472,3 +474,49 @@ def test_hungarian_without_extra_clusters_permutes_rows():
     res = metrics.hungarian_metrics(stats, 2, 0)
     assert res["histogram"].tolist() == [[6, 1], [0, 7]]
     assert res["Accuracy"] == pytest.approx(100 * 13 / 14)
+
+
+# --------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+def test_core_on_cuda_under_bf16_autocast_matches_cpu_fp32():
+    dev = torch.device("cuda")
+    g = torch.Generator().manual_seed(18)
+    B, h, D = 2, 14, 32
+    img = torch.randn(B, 3, 8 * h, 8 * h, generator=g)
+    code = torch.randn(B, D, h, h, generator=g)
+    V_cpu, vals_cpu = eicue.eigen_vectors(img, code.permute(0, 2, 3, 1).reshape(B, h * h, D), h, 4,
+                                          return_eigenvalues=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        V_gpu, vals_gpu = eicue.eigen_vectors(img.to(dev), code.to(dev).permute(0, 2, 3, 1).reshape(B, h * h, D),
+                                              h, 4, return_eigenvalues=True)
+        labels = torch.randint(0, 5, (B * h * h,), generator=g)
+        S1, S2 = _unit_rows(B * h * h, D, seed=19), _unit_rows(B * h * h, D, seed=20)
+        weights = torch.rand(B * h * h, generator=g)
+        nce_gpu = losses.object_centric_nce(S1.to(dev), S2.to(dev), labels.to(dev), weights.to(dev), 0.07, 0.7)
+        rows_gpu = losses.medoid_rows(S1.to(dev), labels.to(dev), 5, max_chunk_elems=5000)
+    assert V_gpu.dtype == torch.float32
+    torch.testing.assert_close(vals_gpu.cpu(), vals_cpu, atol=1e-5, rtol=0)
+    dots = (V_gpu.cpu() * V_cpu).sum(1).abs()
+    torch.testing.assert_close(dots, torch.ones_like(dots), atol=1e-4, rtol=0)
+    torch.testing.assert_close(nce_gpu.cpu(), losses.object_centric_nce(S1, S2, labels, weights, 0.07, 0.7),
+                               atol=1e-6, rtol=1e-5)
+    assert torch.equal(rows_gpu.cpu(), losses.medoid_rows(S1, labels, 5))
+
+    feats = [torch.randn(B, 12, h, h, generator=g) for _ in range(3)]
+    codes = [torch.randn(B, 8, h, h, generator=g) for _ in range(3)]
+    coords, perms = losses.draw_correspondence_randomness(B, 7, 3, generator=g)
+    cpu = losses.correspondence_loss(*feats, *codes, feature_samples=7, neg_samples=3, coords=coords, perms=perms)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        gpu = losses.correspondence_loss(*(t.to(dev) for t in feats + codes), feature_samples=7, neg_samples=3,
+                                         coords=coords, perms=perms)
+    for key in ("pos_inter_loss", "neg_inter_loss", "neg_inter_cd"):
+        torch.testing.assert_close(gpu[key].cpu(), cpu[key], atol=1e-5, rtol=1e-4)
+
+    cm_cpu, cm_gpu = metrics.ConfusionMatrix(5, 2), metrics.ConfusionMatrix(5, 2, device=dev)
+    target = torch.randint(-1, 6, (3, 10, 10), generator=g)
+    preds = torch.randint(0, 7, (3, 10, 10), generator=g)
+    cm_cpu.update(preds, target)
+    cm_gpu.update(preds.to(dev), target.to(dev))
+    assert torch.equal(cm_gpu.table.cpu(), cm_cpu.table)
