@@ -440,7 +440,7 @@ def _check_linear(ck: Checks, z, prefix: str, preds: np.ndarray, n: int) -> None
 def check_metrics(z, ck: Checks) -> None:
     n = int(cfg_value(z, "cfg__n_classes"))
     e = int(cfg_value(z, "cfg__extra_clusters"))
-    _check_hungarian(ck, z, "out__cluster", z["in__preds"], n, e, with_t=True)
+    _check_hungarian(ck, z, "out__cluster", z["in__preds"], n, e, with_t="out__cluster_assignments_t_rows" in z.files)
     _check_linear(ck, z, "out__linear", z["in__preds"], n)
     _check_linear(ck, z, "out__linear2", z["in__preds_linear"], n)
     _check_hungarian(ck, z, "out__B_cluster", z["in__preds_B"], n, e, with_t="out__B_cluster_assignments_t_rows" in z.files)
@@ -479,6 +479,10 @@ def check_dino_featurizer(z, ck: Checks) -> None:
         n_patches = feat.shape[2] * feat.shape[3]
         ck.close("out__image_feat_sum_hw", feat.double().sum(dim=(2, 3)), z["out__image_feat_sum_hw"],
                  n_patches * tol[0], tol[1])
+        # Optional extras, checked when the featurizer reports them.
+        for name in ("cls_token_final", "attn_last_cls_row"):
+            if name in out and f"out__{name}" in z.files:
+                ck.close(f"out__{name}", out[name], z[f"out__{name}"], *tol)
         small = model.forward_parity(t32(z["in__img48x64"]))
         for name in ("image_feat", "image_kk", "code_kk", "code"):
             if f"out__small_{name}" in z.files:
@@ -491,7 +495,9 @@ def check_dino_featurizer(z, ck: Checks) -> None:
 def check_five_crop(z, ck: Checks) -> None:
     from eagle_dist.sources import five_crop_boxes
 
-    ratio = float(cfg_value(z, "cfg__crop_ratio"))
+    # Stored as float32; the reference used the YAML's decimal (0.5, 0.6, ...): take the shortest
+    # decimal that rounds to the stored value so that int(H * ratio) truncates like the reference.
+    ratio = float(str(np.float32(cfg_value(z, "cfg__crop_ratio"))))
     sizes = [m.groups() for k in z.files if (m := re.fullmatch(r"out__boxes_(\d+)x(\d+)", k))]
     assert sizes, "no out__boxes_{H}x{W} arrays in the file"
     for h_txt, w_txt in sizes:
