@@ -1,0 +1,623 @@
+"""Build WebDataset tar shards from a dataset as downloaded (five-crop for train splits).
+
+    python -m eagle_dist.shard --source cocostuff --root /data/cocostuff --split train --out shards/cocostuff27/train
+    python -m eagle_dist.shard --source cityscapes --root /data/cityscapes --split val --out shards/cityscapes27/val
+    python -m eagle_dist.shard --source synthetic --split train --out shards/synthetic6/train --synthetic-count 500
+    python -m eagle_dist.shard --source folder --root my_images --labels my_labels --num-classes 5 --split train --out shards/mine/train
+
+Large datasets split over machines: every part lists the same inputs, builds its own block of
+shards, and the last part to finish (or ``merge``) writes the one manifest::
+
+    python -m eagle_dist.shard ... --num-parts 8 --part 3     # defaults from SLURM_ARRAY_TASK_COUNT / _ID
+    python -m eagle_dist.shard merge --out shards/cocostuff27/train
+
+The installed console script ``eagle-dist-shard`` is the same program.
+
+Output (``--out``):
+
+* ``{split}-{index:06d}.tar``: samples with members ``<key>.jpg`` (image; ``<key>.img.png`` when
+  stored losslessly), ``<key>.label.png`` (uint8 coarse class ids, 255 = ignore) and
+  ``<key>.json`` (source file, crop box, split, dataset, ...).
+* ``manifest.json``: dataset, classes with names, ``ignore_value``, per-shard sample counts and
+  sha256, builder version and options.  Written only when every shard of the plan exists.
+* ``_build/``: the plan and one record per finished shard (its sha256).  Re-running resumes:
+  shards whose record and checksum match are kept; the rest are rebuilt.  Shards are written
+  under a temporary name and renamed, so a killed build never leaves a half shard under a final
+  name.
+
+Shard ``i`` always holds the same input items (a fixed block of the ordered item list), so the
+output is byte-identical whatever the worker count or number of parts.  Images: train crops are
+JPEG at ``--jpeg-quality`` (75 = PIL's default, what the official crop script wrote); uncropped
+samples keep the original JPEG bytes, or are stored as lossless PNG when the source is not a JPEG
+(``--image-format auto``), so validation sees the pixels the official code reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import re
+import sys
+import tarfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from eagle_dist import sources
+from eagle_dist.sources import BadInput, Item, Source, SourceLayoutError, SyntheticSpec, five_crop_boxes
+
+BUILDER_VERSION = "1.0"
+IGNORE_VALUE = 255  # stored label value for "no class"; the stream turns it into -1
+MANIFEST = "manifest.json"
+BUILD_DIR = "_build"
+MANIFEST_SKIP_LIST = 1000  # skipped inputs listed by name in the manifest (all are in _build/)
+
+_SAFE_MEMBER = re.compile(r"^[A-Za-z0-9_-]+\.(jpg|img\.png|label\.png|json)$")
+
+
+class ShardError(RuntimeError):
+    """Shard building cannot go on; the message says what to do."""
+
+
+@dataclasses.dataclass
+class ShardOptions:
+    source: str
+    split: str
+    out: Path
+    root: str | None = None
+    samples_per_shard: int = 1000
+    crop: str = "auto"  # auto: five-crop when "train" is in the split name
+    crop_ratio: float = 0.5
+    jpeg_quality: int = 75
+    image_format: str = "auto"  # auto | jpeg | png
+    workers: int = 1
+    strict: bool = False
+    num_parts: int = 1
+    part: int = 0
+    overwrite: bool = False
+    progress: bool = True
+    quiet: bool = False
+    source_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def five_crop(self) -> bool:
+        return self.crop == "five" or (self.crop == "auto" and "train" in self.split)
+
+
+# --------------------------------------------------------------------------- encoding
+
+def _member(key: str, ext: str) -> str:
+    name = f"{key}.{ext}"
+    # Keys come from sources.safe_key; this guard keeps a future source from ever writing a
+    # member that a tar extractor could place outside the shard's folder.
+    if not _SAFE_MEMBER.match(name):
+        raise ShardError(f"refusing unsafe tar member name {name!r}")
+    return name
+
+
+def encode_sample(sample: sources.SourceSample, box: tuple[int, int, int, int] | None, crop_index: int | None,
+                  opts: ShardOptions) -> tuple[str, dict[str, bytes]]:
+    """One output sample -> (key, {tar member name: bytes})."""
+    image, label = sample.image, sample.label
+    key = sample.key if crop_index is None else f"{sample.key}_crop{crop_index}"
+    if box is not None:
+        top, left, h, w = box
+        image = image.crop((left, top, left + w, top + h))
+        label = label[top:top + h, left:left + w]
+    buf = io.BytesIO()
+    if box is None and sample.jpeg is not None and opts.image_format != "png":
+        image_member, data, fmt = "jpg", sample.jpeg, "jpeg-original"
+    elif opts.image_format == "jpeg" or (opts.image_format == "auto" and box is not None):
+        image.save(buf, format="JPEG", quality=opts.jpeg_quality)
+        image_member, data, fmt = "jpg", buf.getvalue(), f"jpeg-q{opts.jpeg_quality}"
+    else:
+        image.save(buf, format="PNG")
+        image_member, data, fmt = "img.png", buf.getvalue(), "png"
+    stored = np.where(label < 0, IGNORE_VALUE, label).astype(np.uint8)
+    label_buf = io.BytesIO()
+    Image.fromarray(stored, "L").save(label_buf, format="PNG")
+    meta = dict(sample.meta, key=key, crop_box=list(box) if box is not None else None,
+                crop_index=crop_index, image_format=fmt)
+    return key, {
+        _member(key, image_member): data,
+        _member(key, "label.png"): label_buf.getvalue(),
+        _member(key, "json"): json.dumps(meta, sort_keys=True).encode(),
+    }
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    # Fixed metadata: the same inputs give byte-identical shards (and checksums) on any machine.
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:06d}.tar"
+
+
+# --------------------------------------------------------------------------- one shard (worker)
+
+_WORKER_SOURCE: Source | None = None
+
+
+def _init_worker(source: Source) -> None:
+    global _WORKER_SOURCE
+    _WORKER_SOURCE = source
+
+
+def _build_shard(task: dict) -> dict:
+    """Write one shard from its block of items; runs in a worker process (or inline)."""
+    source = _WORKER_SOURCE
+    opts: ShardOptions = task["opts"]
+    items: list[Item] = task["items"]
+    name = shard_name(opts.split, task["index"])
+    final = opts.out / name
+    tmp = opts.out / f".{name}.partial-{os.getpid()}"
+    skipped: list[dict] = []
+    count = 0
+    try:
+        with open(tmp, "wb") as f:
+            with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+                for item in items:
+                    try:
+                        sample = source.load(item)
+                        if opts.five_crop:
+                            try:
+                                boxes = five_crop_boxes(sample.image.height, sample.image.width, opts.crop_ratio)
+                            except ValueError as exc:
+                                raise BadInput("bad_format", item.image or item.key, str(exc)) from None
+                            crops = list(enumerate(boxes))
+                        else:
+                            crops = [(None, None)]
+                        encoded = [encode_sample(sample, box, k, opts) for k, box in crops]
+                    except BadInput as bad:
+                        if opts.strict:
+                            return {"index": task["index"], "error": f"{bad} (stopped by --strict)"}
+                        skipped.append({"file": bad.path, "reason": bad.reason, "detail": bad.detail})
+                        continue
+                    for _, members in encoded:
+                        for member, data in members.items():
+                            _add_member(tar, member, data)
+                    count += len(encoded)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    record = {
+        "name": name, "index": task["index"], "items": [task["start"], task["stop"]], "samples": count,
+        "sha256": _sha256(final), "bytes": final.stat().st_size, "skipped": skipped,
+        "fingerprint": task["fingerprint"],
+    }
+    _write_json_atomic(opts.out / BUILD_DIR / f"{final.stem}.json", record)
+    return record
+
+
+# --------------------------------------------------------------------------- planning
+
+def _source_from(opts: ShardOptions) -> Source:
+    try:
+        return sources.open_source(opts.source, opts.root, opts.split, **opts.source_options)
+    except SourceLayoutError as exc:
+        raise ShardError(str(exc)) from None
+    except ValueError as exc:
+        raise ShardError(str(exc)) from None
+
+
+def _build_config(opts: ShardOptions, source: Source, items: list[Item]) -> dict:
+    """Everything that determines the bytes of the shards (the root path does not)."""
+    digest = hashlib.sha256()
+    for it in items:
+        digest.update(f"{it.key}\t{it.image}\t{it.label}\t{it.index}\n".encode())
+    return {
+        "builder_version": BUILDER_VERSION, "source": opts.source, "dataset": source.dataset,
+        "split": opts.split, "classes": list(source.classes), "five_crop": opts.five_crop,
+        "crop_ratio": opts.crop_ratio if opts.five_crop else None, "jpeg_quality": opts.jpeg_quality,
+        "image_format": opts.image_format, "samples_per_shard": opts.samples_per_shard,
+        "source_options": source.options(), "num_items": len(items), "items_sha256": digest.hexdigest(),
+    }
+
+
+def plan_shards(num_items: int, samples_per_shard: int, crops_per_item: int) -> list[tuple[int, int]]:
+    """Item ranges of the shards: fixed blocks, so shard i never depends on what was skipped elsewhere."""
+    per_shard = max(1, samples_per_shard // crops_per_item)
+    return [(a, min(a + per_shard, num_items)) for a in range(0, num_items, per_shard)]
+
+
+def part_range(num_shards: int, num_parts: int, part: int) -> range:
+    return range(part * num_shards // num_parts, (part + 1) * num_shards // num_parts)
+
+
+def _fingerprint(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _own_files(out: Path, split: str) -> list[Path]:
+    pattern = re.compile(rf"^\.?{re.escape(split)}-\d{{6}}\.tar(\.partial-\d+)?$")
+    found = [p for p in out.iterdir() if pattern.match(p.name)]
+    build = out / BUILD_DIR
+    if build.is_dir():
+        found += list(build.iterdir())
+    return found + [p for p in (out / MANIFEST,) if p.exists()]
+
+
+def _prepare_out(opts: ShardOptions, plan: dict) -> None:
+    out = opts.out
+    (out / BUILD_DIR).mkdir(parents=True, exist_ok=True)
+    plan_path = out / BUILD_DIR / "plan.json"
+    existing = _read_json(plan_path)
+    if existing is not None and existing.get("fingerprint") != plan["fingerprint"]:
+        if not opts.overwrite:
+            old, new = existing.get("config", {}), plan["config"]
+            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            raise ShardError(
+                f"{out} holds shards built from other inputs or options (differences: {', '.join(diff)}). "
+                "Use a new --out folder, or --overwrite to delete them and rebuild."
+            )
+        for path in _own_files(out, existing["config"]["split"]):
+            path.unlink()
+        (out / BUILD_DIR).mkdir(exist_ok=True)
+    if existing is None or existing.get("fingerprint") != plan["fingerprint"]:
+        _write_json_atomic(plan_path, plan)
+
+
+def _shard_is_done(out: Path, name: str, fingerprint: str) -> dict | None:
+    final = out / name
+    record = _read_json(out / BUILD_DIR / f"{Path(name).stem}.json")
+    if record is None or record.get("fingerprint") != fingerprint or not final.is_file():
+        return None
+    if final.stat().st_size != record.get("bytes") or _sha256(final) != record.get("sha256"):
+        return None
+    return record
+
+
+# --------------------------------------------------------------------------- build / merge
+
+def build(opts: ShardOptions) -> dict:
+    """Build this part's shards (resuming), then the manifest if every part is done.  Returns a summary."""
+    if opts.samples_per_shard < 1:
+        raise ShardError("--samples-per-shard must be >= 1")
+    if not 1 <= opts.jpeg_quality <= 100:
+        raise ShardError("--jpeg-quality must be in 1..100")
+    if not 0 < opts.crop_ratio <= 1:
+        raise ShardError("--crop-ratio must be in (0, 1]")
+    if not (opts.num_parts >= 1 and 0 <= opts.part < opts.num_parts):
+        raise ShardError(f"--part must be in 0..{opts.num_parts - 1} (got {opts.part} of {opts.num_parts})")
+    t0 = time.perf_counter()
+    source = _source_from(opts)
+    if source.num_classes > IGNORE_VALUE:
+        raise ShardError(f"{source.num_classes} classes do not fit uint8 labels with {IGNORE_VALUE} = ignore")
+    try:
+        items = source.items()
+    except SourceLayoutError as exc:
+        raise ShardError(str(exc)) from None
+    config = _build_config(opts, source, items)
+    fingerprint = _fingerprint(config)
+    ranges = plan_shards(len(items), opts.samples_per_shard, 5 if opts.five_crop else 1)
+    plan = {"fingerprint": fingerprint, "config": config, "shards": [list(r) for r in ranges]}
+    opts.out.mkdir(parents=True, exist_ok=True)
+    _prepare_out(opts, plan)
+
+    mine = part_range(len(ranges), opts.num_parts, opts.part)
+    for index in mine:  # leftovers of a killed run of this part
+        for stale in opts.out.glob(f".{shard_name(opts.split, index)}.partial-*"):
+            stale.unlink()
+    records: dict[int, dict] = {}
+    tasks = []
+    for index in mine:
+        done = _shard_is_done(opts.out, shard_name(opts.split, index), fingerprint)
+        if done is not None:
+            records[index] = done
+        else:
+            start, stop = ranges[index]
+            tasks.append({"index": index, "start": start, "stop": stop, "items": items[start:stop],
+                          "opts": opts, "fingerprint": fingerprint})
+    kept = len(records)
+    total_items = sum(ranges[i][1] - ranges[i][0] for i in mine)
+    bar = _progress(opts, total_items, f"{source.dataset} {opts.split}")
+    bar.update(sum(ranges[i][1] - ranges[i][0] for i in records))
+    try:
+        for record in _run_tasks(tasks, source, opts.workers):
+            if "error" in record:
+                raise ShardError(record["error"])
+            records[record["index"]] = record
+            bar.update(record["items"][1] - record["items"][0])
+    finally:
+        bar.close()
+
+    manifest_path = None
+    others = [i for i in range(len(ranges)) if i not in records]
+    other_records = {i: _read_json(opts.out / BUILD_DIR / f"{Path(shard_name(opts.split, i)).stem}.json")
+                     for i in others}
+    if all(r is not None and r.get("fingerprint") == fingerprint and (opts.out / r["name"]).is_file()
+           for r in other_records.values()):
+        # Other parts verified their own shards when they wrote them; merge re-checks everything.
+        manifest = _assemble_manifest(plan, {**records, **other_records})
+        manifest_path = opts.out / MANIFEST
+        _write_json_atomic(manifest_path, manifest)
+    seconds = time.perf_counter() - t0
+    mine_records = [records[i] for i in mine]
+    built_items = sum(ranges[t["index"]][1] - ranges[t["index"]][0] for t in tasks)
+    skipped = [s for r in mine_records for s in r["skipped"]]
+    summary = {
+        "dataset": source.dataset, "split": opts.split, "part": opts.part, "num_parts": opts.num_parts,
+        "items": total_items, "samples": sum(r["samples"] for r in mine_records),
+        "shards": len(mine), "shards_built": len(mine) - kept, "shards_kept": kept,
+        "skipped": len(skipped), "skipped_by_reason": _count_reasons(skipped), "skipped_files": skipped,
+        "seconds": seconds, "built_items_per_s": (built_items / seconds) if seconds > 0 else 0.0,
+        "manifest": str(manifest_path) if manifest_path else None,
+    }
+    return summary
+
+
+def _run_tasks(tasks: list[dict], source: Source, workers: int):
+    if not tasks:
+        return
+    if workers <= 1 or len(tasks) == 1:
+        _init_worker(source)
+        for task in tasks:
+            yield _build_shard(task)
+        return
+    # spawn, not fork: the builder is also called from inside training processes that hold
+    # threads (and possibly CUDA), which a forked child would inherit in a broken state.
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(min(workers, len(tasks)), initializer=_init_worker, initargs=(source,)) as pool:
+        yield from pool.imap_unordered(_build_shard, tasks)
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(opts: ShardOptions, total: int, desc: str):
+    if not opts.progress or opts.quiet:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True)
+
+
+def _count_reasons(skipped: list[dict]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for s in skipped:
+        counts[s["reason"]] = counts.get(s["reason"], 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def _assemble_manifest(plan: dict, records: dict[int, dict]) -> dict:
+    config = plan["config"]
+    ordered = [records[i] for i in range(len(plan["shards"]))]
+    skipped = [s for r in ordered for s in r["skipped"]]
+    return {
+        "format": "eagle-dist-shards",
+        "dataset": config["dataset"],
+        "source": config["source"],
+        "split": config["split"],
+        "num_classes": len(config["classes"]),
+        "classes": [{"id": i, "name": name} for i, name in enumerate(config["classes"])],
+        "ignore_value": IGNORE_VALUE,
+        "members": {
+            "image": "<key>.jpg, or <key>.img.png when stored losslessly",
+            "label": "<key>.label.png: uint8 coarse class id, ignore_value = no class",
+            "meta": "<key>.json",
+        },
+        "num_samples": sum(r["samples"] for r in ordered),
+        "num_items": config["num_items"],
+        "shards": [{"name": r["name"], "samples": r["samples"], "sha256": r["sha256"], "bytes": r["bytes"],
+                    "items": r["items"]} for r in ordered],
+        "skipped": {
+            "count": len(skipped), "by_reason": _count_reasons(skipped),
+            "files": skipped[:MANIFEST_SKIP_LIST], "listed": min(len(skipped), MANIFEST_SKIP_LIST),
+        },
+        "builder": {"name": "eagle_dist.shard", "version": BUILDER_VERSION,
+                    "options": {k: v for k, v in config.items() if k not in ("dataset", "classes")},
+                    "fingerprint": plan["fingerprint"]},
+    }
+
+
+def merge(out: str | Path, verify: bool = True) -> dict:
+    """Check every planned shard (record, size, sha256) and write the one manifest.json."""
+    out = Path(out)
+    plan = _read_json(out / BUILD_DIR / "plan.json")
+    if plan is None:
+        raise ShardError(f"no build plan at {out / BUILD_DIR / 'plan.json'}: build the shards into {out} first")
+    split, fingerprint = plan["config"]["split"], plan["fingerprint"]
+    records, bad = {}, []
+    for index in range(len(plan["shards"])):
+        name = shard_name(split, index)
+        if verify:
+            record = _shard_is_done(out, name, fingerprint)
+        else:
+            record = _read_json(out / BUILD_DIR / f"{Path(name).stem}.json")
+            if record is not None and (record.get("fingerprint") != fingerprint or not (out / name).is_file()):
+                record = None
+        if record is None:
+            bad.append(name)
+        else:
+            records[index] = record
+    if bad:
+        shown = ", ".join(bad[:8]) + (", ..." if len(bad) > 8 else "")
+        raise ShardError(
+            f"{len(bad)} of {len(plan['shards'])} shards in {out} are missing or fail their checksum ({shown}); "
+            "run the builder again for the parts that own them (it resumes), then merge"
+        )
+    manifest = _assemble_manifest(plan, records)
+    _write_json_atomic(out / MANIFEST, manifest)
+    return manifest
+
+
+# --------------------------------------------------------------------------- CLI
+
+def _default_workers() -> int:
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return max(1, min(16, cores))
+
+
+def _slurm_parts() -> tuple[int, int]:
+    """(num_parts, part) of a Slurm array job, or (1, 0)."""
+    count, task = os.environ.get("SLURM_ARRAY_TASK_COUNT"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if count is None or task is None:
+        return 1, 0
+    first = int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
+    return int(count), int(task) - first
+
+
+def _size(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"(\d+)x(\d+)", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"size must look like HEIGHTxWIDTH (e.g. 160x224), got {text!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m eagle_dist.shard", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--source", required=True, choices=sorted(sources.SOURCES))
+    p.add_argument("--root", help="dataset folder as downloaded (not used by --source synthetic)")
+    p.add_argument("--split", required=True, help="train / val / ... (source-specific)")
+    p.add_argument("--out", required=True, type=Path, help="output folder for this split's shards")
+    p.add_argument("--samples-per-shard", type=int, default=1000)
+    p.add_argument("--crop", choices=("auto", "five", "none"), default="auto",
+                   help="auto: the official five-crop for splits named *train*, none otherwise")
+    p.add_argument("--crop-ratio", type=float, default=0.5)
+    p.add_argument("--jpeg-quality", type=int, default=75, help="JPEG quality of re-encoded images (PIL default 75)")
+    p.add_argument("--image-format", choices=("auto", "jpeg", "png"), default="auto",
+                   help="auto: crops as JPEG; uncropped images keep their JPEG bytes, else lossless PNG")
+    p.add_argument("--workers", type=int, default=_default_workers())
+    p.add_argument("--strict", action="store_true", help="stop at the first bad input instead of skipping it")
+    slurm_parts, slurm_part = _slurm_parts()
+    p.add_argument("--num-parts", type=int, default=slurm_parts, help="default: $SLURM_ARRAY_TASK_COUNT or 1")
+    p.add_argument("--part", type=int, default=slurm_part, help="default: $SLURM_ARRAY_TASK_ID - MIN, or 0")
+    p.add_argument("--overwrite", action="store_true", help="delete shards built with other options in --out")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
+    g = p.add_argument_group("folder source")
+    g.add_argument("--labels", help="folder of label PNGs with the images' relative stems")
+    g.add_argument("--num-classes", type=int)
+    g.add_argument("--class-names", help="comma-separated class names (label value order)")
+    g = p.add_argument_group("synthetic source")
+    defaults = SyntheticSpec()
+    g.add_argument("--synthetic-count", type=int, default=defaults.count)
+    g.add_argument("--synthetic-size", type=_size, default=(defaults.height, defaults.width), help="HEIGHTxWIDTH")
+    g.add_argument("--synthetic-classes", type=int, default=defaults.num_classes)
+    g.add_argument("--synthetic-seed", type=int, default=defaults.seed)
+    g.add_argument("--synthetic-colour-groups", type=int, default=None,
+                   help="distinct colours (< classes: classes share colours, only texture differs)")
+    return p
+
+
+def parse_args(argv: list[str]) -> ShardOptions:
+    a = _parser().parse_args(argv)
+    if a.source == "folder":
+        names = [n.strip() for n in a.class_names.split(",")] if a.class_names else None
+        source_options = {"labels": a.labels, "num_classes": a.num_classes, "class_names": names}
+    elif a.source == "synthetic":
+        h, w = a.synthetic_size
+        source_options = {"spec": SyntheticSpec(count=a.synthetic_count, height=h, width=w,
+                                                num_classes=a.synthetic_classes, seed=a.synthetic_seed,
+                                                colour_groups=a.synthetic_colour_groups)}
+    else:
+        source_options = {}
+    return ShardOptions(
+        source=a.source, split=a.split, out=a.out, root=a.root, samples_per_shard=a.samples_per_shard,
+        crop=a.crop, crop_ratio=a.crop_ratio, jpeg_quality=a.jpeg_quality, image_format=a.image_format,
+        workers=a.workers, strict=a.strict, num_parts=a.num_parts, part=a.part, overwrite=a.overwrite,
+        progress=not a.no_progress, quiet=a.quiet, source_options=source_options,
+    )
+
+
+def format_summary(s: dict, max_files: int = 20) -> str:
+    part = f" (part {s['part']} of {s['num_parts']})" if s["num_parts"] > 1 else ""
+    lines = [
+        f"{s['dataset']} {s['split']}{part}: {s['items']} inputs -> {s['samples']} samples in {s['shards']} shards "
+        f"({s['shards_built']} built, {s['shards_kept']} kept) in {s['seconds']:.1f} s ({s['built_items_per_s']:.1f} inputs built/s)"
+    ]
+    if s["skipped"]:
+        reasons = ", ".join(f"{k}: {v}" for k, v in s["skipped_by_reason"].items())
+        lines.append(f"skipped {s['skipped']} inputs ({reasons}):")
+        lines += [f"  {f['file']}: {f['reason']}" + (f" ({f['detail']})" if f["detail"] else "")
+                  for f in s["skipped_files"][:max_files]]
+        if s["skipped"] > max_files:
+            lines.append(f"  ... and {s['skipped'] - max_files} more (all listed in _build/*.json)")
+    lines.append(f"manifest: {s['manifest']}" if s["manifest"]
+                 else "manifest: not yet (other parts unfinished; `python -m eagle_dist.shard merge --out ...` when done)")
+    return "\n".join(lines)
+
+
+def run(argv: list[str] | None = None) -> dict:
+    """Build or merge as the command line says; raises ShardError.  Returns the summary / manifest."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["merge"]:
+        p = argparse.ArgumentParser(prog="python -m eagle_dist.shard merge",
+                                    description="Check every shard of a (multi-part) build and write manifest.json.")
+        p.add_argument("--out", required=True, type=Path)
+        p.add_argument("--no-verify", action="store_true", help="skip re-hashing the shards")
+        a = p.parse_args(argv[1:])
+        manifest = merge(a.out, verify=not a.no_verify)
+        print(f"{a.out / MANIFEST}: {manifest['num_samples']} samples in {len(manifest['shards'])} shards")
+        return manifest
+    opts = parse_args(argv)
+    summary = build(opts)
+    if not opts.quiet:
+        print(format_summary(summary), flush=True)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point (``eagle-dist-shard``): 0 on success, 2 with a one-line error otherwise."""
+    try:
+        run(argv)
+    except ShardError as err:
+        print(f"eagle-dist-shard: error: {err}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
