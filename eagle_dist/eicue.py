@@ -205,7 +205,8 @@ def eigen_vectors(
     ``img_B3HW`` is the ImageNet-normalised image used for colour (the reference always passes
     ``img``, also for the augmented view: quirk 8), ``code_BND`` the head output with tokens in
     row-major order. ``n_side`` is the token grid: an int for the reference's square grid
-    (N = n_side^2) or ``(h, w)`` (N = h*w); the colour image is resized to it. Everything runs in float32 without gradient and without autocast.
+    (N = n_side^2) or ``(h, w)`` (N = h*w); the colour image is resized to it.
+    Everything runs in float32 without gradient and without autocast.
     With ``return_eigenvalues`` it returns ``(V, eigenvalues [B, K])``.
     """
     _check_choice("color_mode", color_mode, COLOR_MODES)

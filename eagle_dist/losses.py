@@ -299,7 +299,9 @@ def correspondence_helper(
     return loss.squeeze(0), cd.squeeze(0)
 
 
-def sample_points(t_BCHW: torch.Tensor, coords_GSS2: torch.Tensor, source_G: torch.Tensor | None = None) -> torch.Tensor:
+def sample_points(
+    t_BCHW: torch.Tensor, coords_GSS2: torch.Tensor, source_G: torch.Tensor | None = None
+) -> torch.Tensor:
     """The reference's ``sample``: ``grid_sample(t[source], coords.permute(0, 2, 1, 3))`` with
     bilinear interpolation, border padding and ``align_corners=True``; returns ``[G, C, S, S]``.
 
@@ -323,7 +325,8 @@ def sample_points(t_BCHW: torch.Tensor, coords_GSS2: torch.Tensor, source_G: tor
         return F.grid_sample(t_BCHW, grid, mode="bilinear", padding_mode="border", align_corners=True)
     source_G = source_G.to(t_BCHW.device).long()
     if source_G.shape != (n_sets,):
-        raise ValueError(f"source_G must hold one image index per coordinate set ({n_sets}), got {tuple(source_G.shape)}")
+        raise ValueError(f"source_G must hold one image index per coordinate set ({n_sets}), "
+                         f"got {tuple(source_G.shape)}")
     # slot[g] = how many earlier sets use the same image.
     order = torch.argsort(source_G, stable=True)
     uses = torch.bincount(source_G, minlength=batch)

@@ -53,7 +53,8 @@ class ClusterLookup(nn.Module):
 
     def forward(self, x_BCHW: torch.Tensor, alpha: float | None = None, log_probs: bool = False):
         if log_probs and alpha is None:
-            raise ValueError("log_probs=True needs a temperature alpha (the one-hot assignment has no log-probabilities)")
+            raise ValueError("log_probs=True needs a temperature alpha "
+                             "(the one-hot assignment has no log-probabilities)")
         inner_BnHW = self.inner_products(x_BCHW)
         if alpha is None:
             winner_BHW = inner_BnHW.argmax(dim=1)

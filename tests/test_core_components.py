@@ -294,7 +294,8 @@ def test_eigenpairs_are_fp32_under_autocast_and_both_solvers_agree():
     g = torch.Generator().manual_seed(15)
     code = torch.randn(2, 49, 8, generator=g)
     img = torch.randn(2, 3, 28, 28, generator=g)
-    lap = eicue.normalized_laplacian(eicue.semantic_affinity(code), eicue.color_affinity(eicue.resize_for_color(img, 7)))
+    color_W = eicue.color_affinity(eicue.resize_for_color(img, 7))
+    lap = eicue.normalized_laplacian(eicue.semantic_affinity(code), color_W)
     plain = eicue.smallest_eigenpairs(lap, 3)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         under_autocast = eicue.smallest_eigenpairs(lap, 3)

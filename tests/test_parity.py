@@ -83,7 +83,8 @@ class Checks:
         if ours.shape != ref.shape:
             row["detail"] = f"shape {list(ours.shape)} != reference {list(ref.shape)}"
         elif ours.dtype.kind in "fiub" and ref.dtype.kind in "fiub":
-            row["max_abs_err"] = float(np.abs(ours.astype(np.float64) - ref.astype(np.float64)).max()) if ref.size else 0.0
+            diff = np.abs(ours.astype(np.float64) - ref.astype(np.float64))
+            row["max_abs_err"] = float(diff.max()) if ref.size else 0.0
         self.rows.append(row)
 
     def finish(self) -> None:
@@ -147,7 +148,8 @@ def check_color_affinity(z, ck: Checks) -> None:
 
     sigma = float(cfg_value(z, "cfg__sigma"))
     img224 = t32(z["in__img224_normalized"])
-    inputs = sorted(k for k in z.files if re.fullmatch(r"in__img\d+_(normalized|0_255)", k) and k != "in__img224_normalized")
+    inputs = sorted(k for k in z.files
+                    if re.fullmatch(r"in__img\d+_(normalized|0_255)", k) and k != "in__img224_normalized")
     assert inputs, "no in__img{S}_<regime> inputs in the file"
     for key in inputs:
         side, regime = re.fullmatch(r"in__img(\d+)_(.+)", key).groups()
@@ -157,7 +159,8 @@ def check_color_affinity(z, ck: Checks) -> None:
         if regime == "normalized":
             ck.close(f"resize {key}", resize_for_color(img224, side, "official"), pix, TOL_RESIZE, 0)
         else:
-            ck.close(f"resize {key} (rgb01, [0,1] scale)", resize_for_color(img224, side, "rgb01"), pix / 255.0, TOL_RESIZE, 0)
+            ck.close(f"resize {key} (rgb01, [0,1] scale)", resize_for_color(img224, side, "rgb01"), pix / 255.0,
+                     TOL_RESIZE, 0)
         W = color_affinity(pix, sigma=sigma, scale=255.0).numpy()
         atol = TOL_W[_regime(regime)]
         full_key = f"out__W{side}_{regime}"
@@ -443,7 +446,8 @@ def check_metrics(z, ck: Checks) -> None:
     _check_hungarian(ck, z, "out__cluster", z["in__preds"], n, e, with_t="out__cluster_assignments_t_rows" in z.files)
     _check_linear(ck, z, "out__linear", z["in__preds"], n)
     _check_linear(ck, z, "out__linear2", z["in__preds_linear"], n)
-    _check_hungarian(ck, z, "out__B_cluster", z["in__preds_B"], n, e, with_t="out__B_cluster_assignments_t_rows" in z.files)
+    _check_hungarian(ck, z, "out__B_cluster", z["in__preds_B"], n, e,
+                     with_t="out__B_cluster_assignments_t_rows" in z.files)
 
 
 # --------------------------------------------------------------------------- 07 DINO featurizer
@@ -504,7 +508,8 @@ def check_five_crop(z, ck: Checks) -> None:
         H, W = int(h_txt), int(w_txt)
         boxes = np.asarray(five_crop_boxes(H, W, ratio), dtype=np.int64)
         ck.equal(f"out__boxes_{H}x{W}", boxes, z[f"out__boxes_{H}x{W}"])
-        ck.equal(f"out__size_{H}x{W} (height, width of the boxes)", boxes[:, 2:], np.tile(z[f"out__size_{H}x{W}"], (5, 1)))
+        ck.equal(f"out__size_{H}x{W} (height, width of the boxes)", boxes[:, 2:],
+                 np.tile(z[f"out__size_{H}x{W}"], (5, 1)))
 
 
 # --------------------------------------------------------------------------- dispatch
