@@ -1,0 +1,430 @@
+"""The WebDataset stream: training batches with equal steps on every rank, validation exactly once.
+
+    from eagle_dist.data import build_train_loader, build_val_loader, read_manifest
+    train = build_train_loader("shards/cocostuff27/train", batch_size=32, rank=r, world_size=w,
+                               num_workers=4, seed=0)
+    for batch in train:          # exactly len(train) batches on every rank
+        batch["img"]             # float32 [B, 3, 224, 224], ImageNet-normalised
+        batch["img_aug"]         # the same pixels after the official photometric transform
+        batch["label"]           # int64 [B, 224, 224], -1 = ignore
+        batch["key"]             # list of sample keys
+    val = build_val_loader("shards/cocostuff27/val", batch_size=16, rank=r, world_size=w, num_workers=4)
+    train.stats, val.stats       # {"samples", "corrupt_samples", "incomplete_samples", "read_errors"}
+
+Do not hand these loaders to ``accelerator.prepare``: they already split the data by rank, and
+accelerate would re-shard or broadcast them.
+
+How the splitting works (and why):
+
+* Training resamples shards with replacement (``webdataset.ResampledShards``): every worker of
+  every rank draws an endless stream of shards from its own seed ``(seed, rank, worker, epoch)``,
+  and ``with_epoch`` on the ``WebLoader`` cuts exactly ``steps_per_epoch`` batches.  So all ranks
+  run the same number of steps whatever the shard count, sample counts or skipped samples, and
+  DDP never waits on a rank that ran out of data.  Fewer shards than ranks x workers only makes
+  streams overlap more (a warning says so).
+* Validation must see each sample exactly once.  The manifest's per-shard counts define a global
+  sample index; the ``world_size x num_workers`` (rank, worker) slots each take one contiguous
+  block of it (block sizes differ by at most one sample) and read only the shards that overlap
+  their block, skipping undecoded members before the block starts.  This works for any shard
+  count, including fewer shards than slots, where splitting whole shards by rank then worker
+  would leave slots empty and cannot balance.  Ranks may end with one batch more or less; the
+  evaluation sums its statistics with one all-reduce after the loop, so that is harmless.
+
+Corrupt members (undecodable image or label, size mismatch), incomplete samples and unreadable or
+truncated tars are skipped with a logged warning and counted.  The counters live in shared
+memory, so ``loader.stats`` in the main process includes every worker; the trainer reads it
+after (or during) an epoch and may all-reduce it across ranks.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import webdataset as wds
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IGNORE = -1
+STAT_FIELDS = ("samples", "corrupt_samples", "incomplete_samples", "read_errors")
+# An endless training stream that keeps failing would spin forever; give up after this many
+# errors in a row without one good sample (plus a few per shard, so every shard gets a chance).
+_MAX_ERRORS_IN_A_ROW = 200
+_LOGGED_PER_PROCESS = 20
+
+
+class DataError(RuntimeError):
+    """The shards cannot be streamed; the message says what to do."""
+
+
+# --------------------------------------------------------------------------- manifest
+
+def read_manifest(shard_dir: str | Path) -> dict:
+    """The shard folder's manifest.json, checked: it exists, lists shards, and they are all there."""
+    folder = Path(shard_dir)
+    hint = "build it with `python -m eagle_dist.shard --source ... --split ... --out " + str(folder) + "`"
+    if not folder.is_dir():
+        raise DataError(f"shard folder not found: {folder}; {hint}")
+    path = folder / "manifest.json"
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except FileNotFoundError:
+        raise DataError(f"no manifest.json in {folder} (an unfinished or multi-part build?); {hint}, "
+                        f"or run `python -m eagle_dist.shard merge --out {folder}`") from None
+    except ValueError as exc:
+        raise DataError(f"{path} is not valid JSON ({exc}); rebuild the shards") from None
+    for key in ("shards", "classes", "ignore_value"):
+        if key not in manifest:
+            raise DataError(f"{path} has no '{key}' entry; it was not written by eagle_dist.shard")
+    if not manifest["shards"] or sum(s["samples"] for s in manifest["shards"]) == 0:
+        raise DataError(f"{path} lists no samples; {hint}")
+    missing = [s["name"] for s in manifest["shards"] if not (folder / s["name"]).is_file()]
+    if missing:
+        raise DataError(f"{len(missing)} shards listed in {path} are missing ({', '.join(missing[:5])}"
+                        f"{', ...' if len(missing) > 5 else ''}); rebuild them (the builder resumes)")
+    return manifest
+
+
+# --------------------------------------------------------------------------- counters
+
+class StreamStats:
+    """Skip/sample counters shared by the main process and its DataLoader workers.
+
+    One row per process (row 0 = main, row 1 + i = worker i), so no two processes ever write the
+    same cell; the tensor is in shared memory, so forked or spawned workers update it in place.
+    """
+
+    def __init__(self, num_workers: int):
+        self._table = torch.zeros(num_workers + 1, len(STAT_FIELDS), dtype=torch.int64).share_memory_()
+        self._logged = 0
+
+    def add(self, field: str, n: int = 1) -> None:
+        info = torch.utils.data.get_worker_info()
+        self._table[0 if info is None else info.id + 1, STAT_FIELDS.index(field)] += n
+
+    def warn(self, field: str, message: str) -> None:
+        self.add(field)
+        self._logged += 1
+        if self._logged <= _LOGGED_PER_PROCESS:
+            log.warning("skipped: %s", message)
+            if self._logged == _LOGGED_PER_PROCESS:
+                log.warning("further skips in this worker are counted but not logged (see loader.stats)")
+
+    def totals(self) -> dict[str, int]:
+        return dict(zip(STAT_FIELDS, self._table.sum(0).tolist()))
+
+
+class _ErrorHandler:
+    """WebDataset exception handler: count and carry on; give up if nothing good ever arrives."""
+
+    def __init__(self, stats: StreamStats, num_shards: int):
+        self.stats = stats
+        self.limit = _MAX_ERRORS_IN_A_ROW + 4 * num_shards
+        self.in_a_row = 0
+
+    def __call__(self, exn: Exception) -> bool:
+        self.stats.warn("read_errors", f"unreadable shard data: {exn!r}"[:500])
+        self.failed()
+        return True
+
+    def failed(self) -> None:
+        self.in_a_row += 1
+        if self.in_a_row > self.limit:
+            raise DataError(f"{self.in_a_row} read/decode errors in a row without one usable sample; "
+                            "the shards look damaged: rebuild them with `python -m eagle_dist.shard`")
+
+    def ok(self) -> None:
+        self.in_a_row = 0
+
+
+# --------------------------------------------------------------------------- transforms
+
+def resize_shorter_centre_crop(im: Image.Image, size: int) -> np.ndarray:
+    """Official train/val geometry: shorter side -> `size` (nearest, also for RGB), centre crop.
+
+    Same arithmetic as torchvision's Resize(int) (long side truncated) and CenterCrop (offsets
+    rounded half to even) on PIL images.
+    """
+    w, h = im.size
+    if w <= h:
+        new_w, new_h = size, int(size * h / w)
+    else:
+        new_w, new_h = int(size * w / h), size
+    if (new_w, new_h) != (w, h):
+        im = im.resize((new_w, new_h), Image.NEAREST)
+    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+    return np.asarray(im)[top:top + size, left:left + size]
+
+
+class _Decode:
+    """Raw tar sample -> {"key", "img" uint8 [R,R,3], "label" uint8 [R,R]}, or None when unusable."""
+
+    def __init__(self, resolution: int, stats: StreamStats, handler: _ErrorHandler):
+        self.resolution, self.stats, self.handler = resolution, stats, handler
+
+    def __call__(self, sample: dict) -> dict | None:
+        key, url = sample.get("__key__"), sample.get("__url__")
+        image_bytes = sample.get("jpg", sample.get("img.png"))
+        label_bytes = sample.get("label.png")
+        if image_bytes is None or label_bytes is None:
+            self.stats.warn("incomplete_samples", f"{key} in {url}: image or label member missing")
+            self.handler.failed()
+            return None
+        try:
+            with Image.open(io.BytesIO(image_bytes)) as im:
+                image = im.convert("RGB")
+            with Image.open(io.BytesIO(label_bytes)) as lab:
+                lab.load()
+                label = lab if lab.mode == "L" else None
+            if label is None:
+                raise ValueError(f"label PNG has mode {lab.mode}, expected L")
+            if label.size != image.size:
+                raise ValueError(f"label {label.size} and image {image.size} differ in size")
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            self.stats.warn("corrupt_samples", f"{key} in {url}: {exc}")
+            self.handler.failed()
+            return None
+        self.handler.ok()
+        self.stats.add("samples")
+        return {
+            "key": key,
+            "img": resize_shorter_centre_crop(image, self.resolution),
+            "label": resize_shorter_centre_crop(label, self.resolution),
+        }
+
+
+_MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+_STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
+
+def collate(samples: list[dict]) -> dict[str, Any]:
+    """Decoded samples -> batch; ToTensor + Normalize in the official order (bit-identical floats)."""
+    img = torch.from_numpy(np.stack([s["img"] for s in samples])).permute(0, 3, 1, 2)
+    img = img.to(torch.float32).div(255).sub_(_MEAN).div_(_STD).contiguous()
+    label = torch.from_numpy(np.stack([s["label"] for s in samples])).to(torch.int64)
+    label[label == 255] = IGNORE
+    return {"img": img, "label": label, "key": [s["key"] for s in samples]}
+
+
+def gaussian_kernels3(sigma_B: torch.Tensor) -> torch.Tensor:
+    """[B, 3, 3] Gaussian kernels as torchvision's GaussianBlur(3) builds them (x = -1, 0, 1)."""
+    x = torch.tensor([-1.0, 0.0, 1.0], dtype=sigma_B.dtype)
+    k_B3 = torch.exp(-0.5 * (x[None] / sigma_B[:, None]) ** 2)
+    k_B3 = k_B3 / k_B3.sum(1, keepdim=True)
+    return k_B3[:, :, None] * k_B3[:, None, :]
+
+
+def gaussian_blur3(img_BCHW: torch.Tensor, sigma_B: torch.Tensor) -> torch.Tensor:
+    """3x3 Gaussian blur with a per-image sigma and reflect padding, as one grouped convolution."""
+    b, c, h, w = img_BCHW.shape
+    weight = gaussian_kernels3(sigma_B).to(img_BCHW.dtype).repeat_interleave(c, 0)[:, None]  # [B*C, 1, 3, 3]
+    padded = F.pad(img_BCHW.reshape(1, b * c, h, w), (1, 1, 1, 1), mode="reflect")
+    return F.conv2d(padded, weight, groups=b * c).reshape(b, c, h, w)
+
+
+def photometric_aug(img_BCHW: torch.Tensor, blur_p: float, generator: torch.Generator) -> torch.Tensor:
+    """Official `img_pos_aug`: RandomApply([GaussianBlur(3, sigma=(0.1, 2.0))], p) per image, on the
+    normalised tensor (colour jitter and grayscale are commented out in the official code)."""
+    b = img_BCHW.shape[0]
+    apply_B = torch.rand(b, generator=generator) < blur_p
+    sigma_B = torch.empty(b).uniform_(0.1, 2.0, generator=generator)
+    blurred = gaussian_blur3(img_BCHW, sigma_B)
+    return torch.where(apply_B[:, None, None, None], blurred, img_BCHW)
+
+
+# --------------------------------------------------------------------------- seeding
+
+class _StreamState:
+    """Seed inputs the main process sets before each epoch; workers read them when they start."""
+
+    def __init__(self, seed: int, rank: int):
+        self.seed, self.rank, self.epoch = seed, rank, 0
+
+    def worker_seed(self, stream: int) -> int:
+        info = torch.utils.data.get_worker_info()
+        worker = 0 if info is None else info.id
+        seq = np.random.SeedSequence([self.seed, self.rank, worker, self.epoch, stream])
+        return int(seq.generate_state(1, dtype=np.uint32)[0])
+
+
+class _SeedFn:
+    """Picklable `worker_seed` callable for ResampledShards (spawned workers must unpickle it)."""
+
+    def __init__(self, state: _StreamState, stream: int):
+        self.state, self.stream = state, stream
+
+    def __call__(self) -> int:
+        return self.state.worker_seed(self.stream)
+
+
+_SHARDS, _SHUFFLE, _AUGMENT = 1, 2, 3
+
+
+class _Shuffle:
+    def __init__(self, state: _StreamState, bufsize: int):
+        self.state, self.bufsize = state, bufsize
+
+    def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
+        import random
+
+        rng = random.Random(self.state.worker_seed(_SHUFFLE))
+        yield from wds.shuffle(self.bufsize, rng=rng)(src)
+
+
+class _Augment:
+    def __init__(self, state: _StreamState, blur_p: float):
+        self.state, self.blur_p = state, blur_p
+
+    def __call__(self, batches: Iterator[dict]) -> Iterator[dict]:
+        generator = torch.Generator().manual_seed(self.state.worker_seed(_AUGMENT))
+        for batch in batches:
+            batch["img_aug"] = photometric_aug(batch["img"], self.blur_p, generator)
+            yield batch
+
+
+# --------------------------------------------------------------------------- loaders
+
+class StreamLoader:
+    """Iterable of batches with ``stats``, ``num_samples`` and ``len()``; one epoch per ``iter()``."""
+
+    def __init__(self, loader: wds.WebLoader, stats: StreamStats, manifest: dict, num_batches: int,
+                 num_samples: int, state: _StreamState | None = None):
+        self._loader, self._stats, self._state = loader, stats, state
+        self.manifest, self.num_batches, self.num_samples = manifest, num_batches, num_samples
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[dict]:
+        if self._state is not None:
+            # Workers are (re)started by this iter() call and copy the state now, so each epoch
+            # draws new shards, shuffles and blurs while staying reproducible.
+            self._state.epoch = self.epoch
+        self.epoch += 1
+        return iter(self._loader)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return self._stats.totals()
+
+
+def _urls(shard_dir: str | Path, manifest: dict) -> list[str]:
+    folder = Path(shard_dir).resolve()
+    return [str(folder / s["name"]) for s in manifest["shards"] if s["samples"] > 0]
+
+
+def _check(batch_size: int, rank: int, world_size: int, num_workers: int) -> None:
+    if batch_size < 1 or num_workers < 0 or world_size < 1 or not 0 <= rank < world_size:
+        raise DataError(f"bad loader arguments: batch_size={batch_size}, rank={rank}, "
+                        f"world_size={world_size}, num_workers={num_workers}")
+
+
+def build_train_loader(shard_dir: str | Path, batch_size: int, rank: int, world_size: int, num_workers: int,
+                       seed: int, resolution: int = 224, blur_p: float = 0.5, shuffle_buffer: int = 1000,
+                       steps_per_epoch: int | None = None, pin_memory: bool = False) -> StreamLoader:
+    """Endless resampled stream cut into `steps_per_epoch` batches per ``iter()`` on every rank.
+
+    `steps_per_epoch` defaults to one pass over the data by the whole job:
+    ``num_samples // (batch_size * world_size)`` (at least 1).
+    """
+    _check(batch_size, rank, world_size, num_workers)
+    manifest = read_manifest(shard_dir)
+    urls = _urls(shard_dir, manifest)
+    num_samples = sum(s["samples"] for s in manifest["shards"])
+    if len(urls) < world_size * max(1, num_workers):
+        log.warning("%d shards for %d ranks x %d workers: streams will repeat shards more often; "
+                    "build with a smaller --samples-per-shard for more variety", len(urls), world_size,
+                    max(1, num_workers))
+    if steps_per_epoch is None:
+        steps_per_epoch = max(1, num_samples // (batch_size * world_size))
+    stats = StreamStats(num_workers)
+    handler = _ErrorHandler(stats, len(urls))
+    state = _StreamState(seed, rank)
+    pipeline = wds.DataPipeline(
+        wds.ResampledShards(urls, worker_seed=_SeedFn(state, _SHARDS), deterministic=True),
+        wds.tarfile_to_samples(handler=handler),
+        _Shuffle(state, shuffle_buffer) if shuffle_buffer > 1 else None,
+        wds.map(_Decode(resolution, stats, handler)),
+        wds.batched(batch_size, collation_fn=collate, partial=False),
+        _Augment(state, blur_p),
+    )
+    loader = wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers, pin_memory=pin_memory)
+    loader = loader.with_epoch(steps_per_epoch)
+    return StreamLoader(loader, stats, manifest, steps_per_epoch, num_samples, state)
+
+
+def slot_pieces(counts: list[int], slots: int) -> list[list[tuple[int, int, int]]]:
+    """Split the global sample index of shards with `counts` samples into `slots` contiguous blocks.
+
+    Returns, per slot, ``(shard, start, stop)`` pieces in reading order.  Blocks differ in size by
+    at most one sample and together cover every sample exactly once.
+    """
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    total = int(offsets[-1])
+    pieces: list[list[tuple[int, int, int]]] = []
+    for slot in range(slots):
+        lo, hi = slot * total // slots, (slot + 1) * total // slots
+        mine = []
+        for shard in range(len(counts)):
+            start, stop = max(lo, offsets[shard]), min(hi, offsets[shard + 1])
+            if start < stop:
+                mine.append((shard, int(start - offsets[shard]), int(stop - offsets[shard])))
+        pieces.append(mine)
+    return pieces
+
+
+class _ValSource(torch.utils.data.IterableDataset):
+    """First pipeline stage of validation: this (rank, worker) slot's block of samples."""
+
+    def __init__(self, urls: list[str], pieces: list[list[tuple[int, int, int]]], rank: int,
+                 num_workers: int, handler: _ErrorHandler):
+        super().__init__()
+        self.urls, self.pieces, self.rank = urls, pieces, rank
+        self.num_workers, self.handler = max(1, num_workers), handler
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        slot = self.rank * self.num_workers + (0 if info is None else info.id)
+        for shard, start, stop in self.pieces[slot]:
+            samples = wds.tarfile_samples([{"url": self.urls[shard]}], handler=self.handler)
+            # Members before `start` are read past but never decoded.
+            yield from itertools.islice(samples, start, stop)
+
+
+def build_val_loader(shard_dir: str | Path, batch_size: int, rank: int, world_size: int, num_workers: int,
+                     resolution: int = 320, pin_memory: bool = False) -> StreamLoader:
+    """Every validation sample exactly once across all ranks and workers (see the module docstring)."""
+    _check(batch_size, rank, world_size, num_workers)
+    manifest = read_manifest(shard_dir)
+    folder = Path(shard_dir).resolve()
+    urls = [str(folder / s["name"]) for s in manifest["shards"]]
+    counts = [int(s["samples"]) for s in manifest["shards"]]
+    workers = max(1, num_workers)
+    pieces = slot_pieces(counts, world_size * workers)
+    per_worker = [sum(stop - start for _, start, stop in pieces[rank * workers + w]) for w in range(workers)]
+    stats = StreamStats(num_workers)
+    handler = _ErrorHandler(stats, len(urls))
+    pipeline = wds.DataPipeline(
+        _ValSource(urls, pieces, rank, num_workers, handler),
+        wds.map(_Decode(resolution, stats, handler)),
+        wds.batched(batch_size, collation_fn=collate, partial=True),
+    )
+    loader = wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers, pin_memory=pin_memory)
+    num_batches = sum(math.ceil(n / batch_size) for n in per_worker)
+    return StreamLoader(loader, stats, manifest, num_batches, sum(per_worker))
