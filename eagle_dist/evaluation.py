@@ -22,13 +22,6 @@ import torch.nn.functional as F
 from eagle_dist import metrics
 
 
-def confusion(pred: torch.Tensor, target: torch.Tensor, n_rows: int, n_cols: int) -> torch.Tensor:
-    """[n_rows, n_cols] int64 counts of (pred, target) over pixels with 0 <= target < n_cols."""
-    keep = (target >= 0) & (target < n_cols)
-    idx = pred[keep].long() * n_cols + target[keep].long()
-    return torch.bincount(idx, minlength=n_rows * n_cols).reshape(n_rows, n_cols).cpu()
-
-
 @torch.no_grad()
 def head_code(backbone, heads, img: torch.Tensor, flip: bool) -> torch.Tensor:
     """Head output S in eval mode; with flip TTA, the mean with the flipped image's S."""
@@ -77,49 +70,40 @@ def cosine_kmeans(x_ND: torch.Tensor, k: int, iters: int = 30, seed: int = 0) ->
 
 @dataclass
 class EvalResult:
-    n_classes: int
-    extra: int
     class_names: list[str]
-    cluster_stats: torch.Tensor  # [n + extra, n], all labelled pixels
-    linear_stats: torch.Tensor  # [n, n]
-    kmeans_stats: torch.Tensor | None = None  # [n + extra, n]: k-means on raw backbone keys
+    cluster: metrics.ConfusionMatrix  # [n + extra] clusters x n classes, all labelled pixels
+    linear: metrics.ConfusionMatrix
+    kmeans: metrics.ConfusionMatrix | None = None  # k-means on the raw backbone keys
     samples: list[dict] = field(default_factory=list)  # a few images for the figure (rank 0)
 
     def scores(self) -> dict[str, dict]:
-        n, e = self.n_classes, self.extra
-        out = {
-            "cluster_official": metrics.hungarian_metrics(metrics.official_stats(self.cluster_stats, n), n, e),
-            "cluster_strict": metrics.strict_hungarian_metrics(self.cluster_stats, n, e),
-            "linear_official": metrics.linear_metrics(self.linear_stats),
-            "linear_strict": metrics.linear_metrics(self.linear_stats),
-        }
-        if self.kmeans_stats is not None:
-            out["kmeans_raw_official"] = metrics.hungarian_metrics(metrics.official_stats(self.kmeans_stats, n), n, e)
-            out["kmeans_raw_strict"] = metrics.strict_hungarian_metrics(self.kmeans_stats, n, e)
+        out = {}
+        for name, cm, kind in (("cluster", self.cluster, "cluster"), ("linear", self.linear, "linear"),
+                               ("kmeans_raw", self.kmeans, "cluster")):
+            if cm is None:
+                continue
+            report = cm.compute(kind)
+            out[f"{name}_official"] = report["official"]
+            out[f"{name}_strict"] = report["strict"]
         return out
-
-    def dropped_pixels(self) -> int:
-        """Labelled pixels the official protocol ignores (predicted as an extra cluster)."""
-        return int(self.cluster_stats[self.n_classes:].sum())
 
     def scalars(self) -> dict[str, float]:
         flat = {}
         for name, score in self.scores().items():
             flat[f"{name}_mIoU"] = float(score["mIoU"])
             flat[f"{name}_acc"] = float(score["Accuracy"])
-        flat["official_dropped_pixels"] = float(self.dropped_pixels())
-        flat["labelled_pixels"] = float(self.cluster_stats.sum())
+        flat["official_dropped_pixels"] = float(self.cluster.dropped_official)
+        flat["labelled_pixels"] = float(self.cluster.labelled_pixels)
         return flat
 
     def table(self, title: str = "evaluation") -> str:
-        scores = self.scores()
         lines = [title, f"{'probe / protocol':<22}{'mIoU':>8}{'acc':>8}"]
-        for name, score in scores.items():
+        for name, score in self.scores().items():
             lines.append(f"{name:<22}{score['mIoU']:>8.2f}{score['Accuracy']:>8.2f}")
-        total = int(self.cluster_stats.sum())
+        total, dropped = self.cluster.labelled_pixels, self.cluster.dropped_official
         lines.append(
-            f"official protocol dropped {self.dropped_pixels()} of {total} labelled pixels "
-            f"({100.0 * self.dropped_pixels() / max(total, 1):.1f} %, predicted as extra clusters)"
+            f"official protocol dropped {dropped} of {total} labelled pixels "
+            f"({100.0 * dropped / max(total, 1):.1f} %, predicted as extra clusters)"
         )
         return "\n".join(lines)
 
@@ -127,7 +111,8 @@ class EvalResult:
         from eagle_dist import figures
 
         folder.mkdir(parents=True, exist_ok=True)
-        written = [figures.confusion_png(self.cluster_stats.numpy(), self.class_names, folder / "confusion_cluster.png")]
+        stats = self.cluster.counts.cpu().numpy()
+        written = [figures.confusion_png(stats, self.class_names, folder / "confusion_cluster.png")]
         if self.samples:
             written.append(figures.sample_grid_png(self.samples, folder / "samples.png"))
         return written
@@ -162,9 +147,8 @@ def evaluate_stream(
         num_workers=cfg.data.num_workers,
         resolution=cfg.data.val_resolution,
     )
-    cluster = torch.zeros(n + e, n, dtype=torch.int64)
-    linear = torch.zeros(n, n, dtype=torch.int64)
-    keys_for_kmeans: list[torch.Tensor] = []
+    cluster = metrics.ConfusionMatrix(n, e, device=device)
+    linear = metrics.ConfusionMatrix(n, 0, device=device)
     kept_images: list[tuple[torch.Tensor, torch.Tensor]] = []
     samples: list[dict] = []
     for i, batch in enumerate(loader):
@@ -175,12 +159,10 @@ def evaluate_stream(
         code = head_code(backbone, heads, img, flip)
         scores, logits = probe_predictions(heads, code, label.shape[-2:])
         cluster_pred, linear_pred = scores.argmax(1), logits.argmax(1)
-        cluster += confusion(cluster_pred, label, n + e, n)
-        linear += confusion(linear_pred, label, n, n)
+        cluster.update(cluster_pred, label)
+        linear.update(linear_pred, label)
         if kmeans_baseline:
-            kk = backbone(img)
-            keys_for_kmeans.append(kk.cpu())
-            kept_images.append((kk.cpu(), label.cpu()))
+            kept_images.append((backbone(img).cpu(), label.cpu()))
         if dist.is_main and len(samples) < n_samples:
             eicue_map = _eicue_map(heads, code, img, cfg)
             for j in range(min(n_samples - len(samples), img.shape[0])):
@@ -188,15 +170,15 @@ def evaluate_stream(
                     "image": img[j].cpu(), "label": label[j].cpu(),
                     "cluster": cluster_pred[j].cpu(), "eicue": eicue_map[j].cpu(),
                 })
-    cluster = dist.all_reduce_sum(cluster.to(device)).cpu()
-    linear = dist.all_reduce_sum(linear.to(device)).cpu()
+    for cm in (cluster, linear):
+        dist.all_reduce_sum(cm.table)
     kmeans = None
     if kmeans_baseline:
-        kmeans = _kmeans_baseline(keys_for_kmeans, kept_images, n, e, dist, cfg.train.seed)
+        kmeans = _kmeans_baseline(kept_images, n, e, dist, cfg.train.seed)
     if was_training:
         heads.train()
     names = [c["name"] if isinstance(c, dict) else str(c) for c in manifest["classes"]]
-    return EvalResult(n, e, names, cluster, linear, kmeans, samples)
+    return EvalResult(names, cluster, linear, kmeans, samples)
 
 
 def _eicue_map(heads, code: torch.Tensor, img: torch.Tensor, cfg) -> torch.Tensor:
@@ -204,16 +186,13 @@ def _eicue_map(heads, code: torch.Tensor, img: torch.Tensor, cfg) -> torch.Tenso
     return eicue_map
 
 
-def _kmeans_baseline(keys, kept, n, e, dist, seed, max_points: int = 20000) -> torch.Tensor:
+def _kmeans_baseline(kept, n, e, dist, seed, max_points: int = 20000) -> metrics.ConfusionMatrix:
     """k-means (n + e clusters) on the raw backbone keys of the same images, Hungarian-scored.
 
     Centres are fit on rank 0's tokens and broadcast; every rank assigns its own pixels.  The
     cosine scores are upsampled bilinearly to label size, like the probe's inputs.
     """
-    if keys:
-        tokens = torch.cat([k.flatten(2).transpose(1, 2).reshape(-1, k.shape[1]) for k in keys])
-    else:
-        tokens = torch.zeros(0)
+    tokens = torch.cat([kk.flatten(2).transpose(1, 2).reshape(-1, kk.shape[1]) for kk, _ in kept]) if kept else None
     centers = None
     if dist.is_main:
         gen = torch.Generator().manual_seed(seed)
@@ -221,9 +200,10 @@ def _kmeans_baseline(keys, kept, n, e, dist, seed, max_points: int = 20000) -> t
             tokens = tokens[torch.randperm(len(tokens), generator=gen)[:max_points]]
         centers = cosine_kmeans(tokens, n + e, seed=seed)
     centers = dist.broadcast_object(centers)
-    stats = torch.zeros(n + e, n, dtype=torch.int64)
+    cm = metrics.ConfusionMatrix(n, e, device=dist.device)
     for kk, label in kept:
         sim = torch.einsum("bchw,kc->bkhw", F.normalize(kk, dim=1), centers)
         sim = F.interpolate(sim, size=label.shape[-2:], mode="bilinear", align_corners=False)
-        stats += confusion(sim.argmax(1), label, n + e, n)
-    return dist.all_reduce_sum(stats.to(dist.device)).cpu()
+        cm.update(sim.argmax(1), label)
+    dist.all_reduce_sum(cm.table)
+    return cm
