@@ -129,7 +129,7 @@ class Trainer:
                 self.dist.print(f"building synthetic {split} shards in {folder} (first run only)")
                 shard.main([
                     "--source", "synthetic", "--split", split, "--out", folder,
-                    "--synthetic-classes", str(cfg.model.n_classes), "--quiet",
+                    "--synthetic-classes", str(cfg.model.n_classes), "--samples-per-shard", "64", "--quiet",
                 ])
         self.dist.barrier()
 
@@ -273,7 +273,7 @@ class Trainer:
                 self._save(reason="interval")
 
         wall = time.perf_counter() - t_start
-        last_eval = self.evaluate()
+        last_eval = self.evaluate(final=True)
         self._save(reason="final")
         summary = {
             "steps": self.step,
@@ -288,12 +288,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
 
-    def evaluate(self) -> dict:
+    def evaluate(self, final: bool = False) -> dict:
+        """In-training validation (no flip, no CRF, hard assignment).
+
+        The final one also scores k-means on the raw backbone keys of the same images, so the
+        table shows what training added over the frozen features.
+        """
         from eagle_dist.evaluation import evaluate_stream
 
         cfg = self.cfg
         result = evaluate_stream(
-            self.backbone, self.raw_heads, cfg, self.dist, max_batches=cfg.eval.max_batches or None
+            self.backbone, self.raw_heads, cfg, self.dist,
+            max_batches=cfg.eval.max_batches or None, kmeans_baseline=final,
         )
         metrics = {f"eval/{k}": v for k, v in result.scalars().items()}
         self.tracker.log_metrics(metrics, step=self.step)
