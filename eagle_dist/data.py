@@ -9,7 +9,8 @@
         batch["label"]           # int64 [B, 224, 224], -1 = ignore
         batch["key"]             # list of sample keys
     val = build_val_loader("shards/cocostuff27/val", batch_size=16, rank=r, world_size=w, num_workers=4)
-    train.stats, val.stats       # {"samples", "corrupt_samples", "incomplete_samples", "read_errors"}
+    train.stats, val.stats       # {"samples", "corrupt_samples", "incomplete_samples",
+                                 #  "missing_samples", "read_errors"}
 
 Do not hand these loaders to ``accelerator.prepare``: they already split the data by rank, and
 accelerate would re-shard or broadcast them.
@@ -31,7 +32,9 @@ How the splitting works (and why):
   evaluation sums its statistics with one all-reduce after the loop, so that is harmless.
 
 Corrupt members (undecodable image or label, size mismatch), incomplete samples and unreadable or
-truncated tars are skipped with a logged warning and counted.  The counters live in shared
+truncated tars are skipped with a logged warning and counted.  A shard that ends before the
+sample count its manifest entry promises (a truncated tar often ends cleanly at a member
+boundary, which the tar reader does not report) counts the shortfall as ``missing_samples``.  The counters live in shared
 memory, so ``loader.stats`` in the main process includes every worker; the trainer reads it
 after (or during) an epoch and may all-reduce it across ranks.
 """
@@ -57,7 +60,7 @@ log = logging.getLogger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IGNORE = -1
-STAT_FIELDS = ("samples", "corrupt_samples", "incomplete_samples", "read_errors")
+STAT_FIELDS = ("samples", "corrupt_samples", "incomplete_samples", "missing_samples", "read_errors")
 # An endless training stream that keeps failing would spin forever; give up after this many
 # errors in a row without one good sample (plus a few per shard, so every shard gets a chance).
 _MAX_ERRORS_IN_A_ROW = 200
@@ -114,8 +117,8 @@ class StreamStats:
         info = torch.utils.data.get_worker_info()
         self._table[0 if info is None else info.id + 1, STAT_FIELDS.index(field)] += n
 
-    def warn(self, field: str, message: str) -> None:
-        self.add(field)
+    def warn(self, field: str, message: str, n: int = 1) -> None:
+        self.add(field, n)
         self._logged += 1
         if self._logged <= _LOGGED_PER_PROCESS:
             log.warning("skipped: %s", message)
@@ -294,6 +297,34 @@ class _Augment:
             yield batch
 
 
+# --------------------------------------------------------------------------- reading shards
+
+def read_shard(url: str, expected: int, handler: _ErrorHandler, stats: StreamStats,
+               start: int = 0, stop: int | None = None) -> Iterator[dict]:
+    """Raw samples ``start:stop`` of one shard; a shard that ends early is reported and counted."""
+    stop = expected if stop is None else stop
+    got = 0
+    # Members before `start` are read past but never decoded.
+    for sample in itertools.islice(wds.tarfile_samples([{"url": url}], handler=handler), start, stop):
+        got += 1
+        yield sample
+    if got < stop - start:
+        stats.warn("missing_samples", f"{url} ended {stop - start - got} samples early "
+                   "(truncated or damaged; rebuild it with python -m eagle_dist.shard)", n=stop - start - got)
+        handler.failed()
+
+
+class _ShardReader:
+    """Training stage: shard urls (from ResampledShards) -> raw samples, checked against the manifest."""
+
+    def __init__(self, counts: dict[str, int], handler: _ErrorHandler, stats: StreamStats):
+        self.counts, self.handler, self.stats = counts, handler, stats
+
+    def __call__(self, shards: Iterator[dict]) -> Iterator[dict]:
+        for shard in shards:
+            yield from read_shard(shard["url"], self.counts[shard["url"]], self.handler, self.stats)
+
+
 # --------------------------------------------------------------------------- loaders
 
 class StreamLoader:
@@ -324,9 +355,10 @@ class StreamLoader:
         return self._stats.totals()
 
 
-def _urls(shard_dir: str | Path, manifest: dict) -> list[str]:
+def _shard_counts(shard_dir: str | Path, manifest: dict) -> dict[str, int]:
+    """Absolute shard path -> sample count, in manifest order."""
     folder = Path(shard_dir).resolve()
-    return [str(folder / s["name"]) for s in manifest["shards"] if s["samples"] > 0]
+    return {str(folder / s["name"]): int(s["samples"]) for s in manifest["shards"]}
 
 
 def _check(batch_size: int, rank: int, world_size: int, num_workers: int) -> None:
@@ -345,8 +377,9 @@ def build_train_loader(shard_dir: str | Path, batch_size: int, rank: int, world_
     """
     _check(batch_size, rank, world_size, num_workers)
     manifest = read_manifest(shard_dir)
-    urls = _urls(shard_dir, manifest)
-    num_samples = sum(s["samples"] for s in manifest["shards"])
+    counts = _shard_counts(shard_dir, manifest)
+    urls = [url for url, n in counts.items() if n > 0]
+    num_samples = sum(counts.values())
     if len(urls) < world_size * max(1, num_workers):
         log.warning("%d shards for %d ranks x %d workers: streams will repeat shards more often; "
                     "build with a smaller --samples-per-shard for more variety", len(urls), world_size,
@@ -358,7 +391,7 @@ def build_train_loader(shard_dir: str | Path, batch_size: int, rank: int, world_
     state = _StreamState(seed, rank)
     pipeline = wds.DataPipeline(
         wds.ResampledShards(urls, worker_seed=_SeedFn(state, _SHARDS), deterministic=True),
-        wds.tarfile_to_samples(handler=handler),
+        _ShardReader(counts, handler, stats),
         _Shuffle(state, shuffle_buffer) if shuffle_buffer > 1 else None,
         wds.map(_Decode(resolution, stats, handler)),
         wds.batched(batch_size, collation_fn=collate, partial=False),
@@ -392,19 +425,17 @@ def slot_pieces(counts: list[int], slots: int) -> list[list[tuple[int, int, int]
 class _ValSource(torch.utils.data.IterableDataset):
     """First pipeline stage of validation: this (rank, worker) slot's block of samples."""
 
-    def __init__(self, urls: list[str], pieces: list[list[tuple[int, int, int]]], rank: int,
-                 num_workers: int, handler: _ErrorHandler):
+    def __init__(self, counts: dict[str, int], pieces: list[list[tuple[int, int, int]]], rank: int,
+                 num_workers: int, handler: _ErrorHandler, stats: StreamStats):
         super().__init__()
-        self.urls, self.pieces, self.rank = urls, pieces, rank
-        self.num_workers, self.handler = max(1, num_workers), handler
+        self.urls, self.counts, self.pieces, self.rank = list(counts), list(counts.values()), pieces, rank
+        self.num_workers, self.handler, self.stats = max(1, num_workers), handler, stats
 
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
         slot = self.rank * self.num_workers + (0 if info is None else info.id)
         for shard, start, stop in self.pieces[slot]:
-            samples = wds.tarfile_samples([{"url": self.urls[shard]}], handler=self.handler)
-            # Members before `start` are read past but never decoded.
-            yield from itertools.islice(samples, start, stop)
+            yield from read_shard(self.urls[shard], self.counts[shard], self.handler, self.stats, start, stop)
 
 
 def build_val_loader(shard_dir: str | Path, batch_size: int, rank: int, world_size: int, num_workers: int,
@@ -412,16 +443,14 @@ def build_val_loader(shard_dir: str | Path, batch_size: int, rank: int, world_si
     """Every validation sample exactly once across all ranks and workers (see the module docstring)."""
     _check(batch_size, rank, world_size, num_workers)
     manifest = read_manifest(shard_dir)
-    folder = Path(shard_dir).resolve()
-    urls = [str(folder / s["name"]) for s in manifest["shards"]]
-    counts = [int(s["samples"]) for s in manifest["shards"]]
+    counts = _shard_counts(shard_dir, manifest)
     workers = max(1, num_workers)
-    pieces = slot_pieces(counts, world_size * workers)
+    pieces = slot_pieces(list(counts.values()), world_size * workers)
     per_worker = [sum(stop - start for _, start, stop in pieces[rank * workers + w]) for w in range(workers)]
     stats = StreamStats(num_workers)
-    handler = _ErrorHandler(stats, len(urls))
+    handler = _ErrorHandler(stats, len(counts))
     pipeline = wds.DataPipeline(
-        _ValSource(urls, pieces, rank, num_workers, handler),
+        _ValSource(counts, pieces, rank, num_workers, handler, stats),
         wds.map(_Decode(resolution, stats, handler)),
         wds.batched(batch_size, collation_fn=collate, partial=True),
     )
