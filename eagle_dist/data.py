@@ -46,6 +46,7 @@ import itertools
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -112,10 +113,19 @@ class StreamStats:
     def __init__(self, num_workers: int):
         self._table = torch.zeros(num_workers + 1, len(STAT_FIELDS), dtype=torch.int64).share_memory_()
         self._logged = 0
+        self._row: tuple[int, np.ndarray] | None = None  # (pid, numpy view of that process's row)
+
+    def __getstate__(self) -> dict:
+        # The numpy view is per process: pickling it would copy the numbers out of shared memory.
+        return {**self.__dict__, "_row": None}
 
     def add(self, field: str, n: int = 1) -> None:
-        info = torch.utils.data.get_worker_info()
-        self._table[0 if info is None else info.id + 1, STAT_FIELDS.index(field)] += n
+        # A numpy view makes the per-sample += cost ~1 us instead of ~40 for a tensor index; the
+        # pid check keeps a forked worker from writing through a view its parent made.
+        if self._row is None or self._row[0] != os.getpid():
+            info = torch.utils.data.get_worker_info()
+            self._row = (os.getpid(), self._table.numpy()[0 if info is None else info.id + 1])
+        self._row[1][STAT_FIELDS.index(field)] += n
 
     def warn(self, field: str, message: str, n: int = 1) -> None:
         self.add(field, n)

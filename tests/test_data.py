@@ -306,3 +306,20 @@ def test_two_gloo_ranks_get_equal_steps_and_see_validation_once(shards, tmp_path
     keys = [k for r in results for k in r["keys"]]
     assert len(keys) == len(set(keys)) == 23 and sorted(keys) == sorted(all_keys(shards["val"]))
     assert all(r["keys"] for r in results)
+
+
+# --------------------------------------------------------------------------- benchmark
+
+def test_data_benchmark_reports_both_pipelines(tmp_path):
+    from eagle_dist import bench_data
+
+    out = tmp_path / "bench.json"
+    rc = bench_data.main(["--count", "8", "--size", "48x64", "--workers", "1", "--batch-size", "8",
+                          "--steps", "2", "--resolution", "32", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert rc == 0 and result["config"]["crops"] == 40
+    rows = {(r["kind"], r["pipeline"]) for r in result["rows"]}
+    assert rows == {("build", "webdataset shards (tar, 5-crop)"), ("build", "per-file crops (official layout)"),
+                    ("stream", "webdataset shards"), ("stream", "per-file PIL (official)")}
+    assert all(r["images_per_s"] > 0 and r["workers"] == 1 for r in result["rows"])
+    assert bench_data.main(["--count", "1", "--steps", "5"]) == 2  # too few batches: a clear error
