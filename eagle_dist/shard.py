@@ -87,6 +87,9 @@ class ShardOptions:
     quiet: bool = False
     source_options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+
     @property
     def five_crop(self) -> bool:
         return self.crop == "five" or (self.crop == "auto" and "train" in self.split)
@@ -319,6 +322,9 @@ def build(opts: ShardOptions) -> dict:
         raise ShardError("--jpeg-quality must be in 1..100")
     if not 0 < opts.crop_ratio <= 1:
         raise ShardError("--crop-ratio must be in (0, 1]")
+    if opts.crop not in ("auto", "five", "none") or opts.image_format not in ("auto", "jpeg", "png"):
+        raise ShardError(f"crop must be auto|five|none and image format auto|jpeg|png "
+                         f"(got {opts.crop!r}, {opts.image_format!r})")
     if not (opts.num_parts >= 1 and 0 <= opts.part < opts.num_parts):
         raise ShardError(f"--part must be in 0..{opts.num_parts - 1} (got {opts.part} of {opts.num_parts})")
     t0 = time.perf_counter()
