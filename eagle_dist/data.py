@@ -34,9 +34,9 @@ How the splitting works (and why):
 Corrupt members (undecodable image or label, size mismatch), incomplete samples and unreadable or
 truncated tars are skipped with a logged warning and counted.  A shard that ends before the
 sample count its manifest entry promises (a truncated tar often ends cleanly at a member
-boundary, which the tar reader does not report) counts the shortfall as ``missing_samples``.  The counters live in shared
-memory, so ``loader.stats`` in the main process includes every worker; the trainer reads it
-after (or during) an epoch and may all-reduce it across ranks.
+boundary, which the tar reader does not report) counts the shortfall as ``missing_samples``.
+The counters live in shared memory, so ``loader.stats`` in the main process includes every
+worker; the trainer reads it after (or during) an epoch and may all-reduce it across ranks.
 """
 
 from __future__ import annotations

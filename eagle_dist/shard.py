@@ -3,7 +3,8 @@
     python -m eagle_dist.shard --source cocostuff --root /data/cocostuff --split train --out shards/cocostuff27/train
     python -m eagle_dist.shard --source cityscapes --root /data/cityscapes --split val --out shards/cityscapes27/val
     python -m eagle_dist.shard --source synthetic --split train --out shards/synthetic6/train --synthetic-count 500
-    python -m eagle_dist.shard --source folder --root my_images --labels my_labels --num-classes 5 --split train --out shards/mine/train
+    python -m eagle_dist.shard --source folder --root my_images --labels my_labels --num-classes 5 \
+        --split train --out shards/mine/train
 
 Large datasets split over machines: every part lists the same inputs, builds its own block of
 shards, and the last part to finish (or ``merge``) writes the one manifest::
@@ -582,7 +583,8 @@ def format_summary(s: dict, max_files: int = 20) -> str:
     part = f" (part {s['part']} of {s['num_parts']})" if s["num_parts"] > 1 else ""
     lines = [
         f"{s['dataset']} {s['split']}{part}: {s['items']} inputs -> {s['samples']} samples in {s['shards']} shards "
-        f"({s['shards_built']} built, {s['shards_kept']} kept) in {s['seconds']:.1f} s ({s['built_items_per_s']:.1f} inputs built/s)"
+        f"({s['shards_built']} built, {s['shards_kept']} kept) in {s['seconds']:.1f} s "
+        f"({s['built_items_per_s']:.1f} inputs built/s)"
     ]
     if s["skipped"]:
         reasons = ", ".join(f"{k}: {v}" for k, v in s["skipped_by_reason"].items())
@@ -591,8 +593,8 @@ def format_summary(s: dict, max_files: int = 20) -> str:
                   for f in s["skipped_files"][:max_files]]
         if s["skipped"] > max_files:
             lines.append(f"  ... and {s['skipped'] - max_files} more (all listed in _build/*.json)")
-    lines.append(f"manifest: {s['manifest']}" if s["manifest"]
-                 else "manifest: not yet (other parts unfinished; `python -m eagle_dist.shard merge --out ...` when done)")
+    lines.append(f"manifest: {s['manifest']}" if s["manifest"] else
+                 "manifest: not yet (other parts unfinished; `python -m eagle_dist.shard merge --out ...` when done)")
     return "\n".join(lines)
 
 

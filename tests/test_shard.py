@@ -88,7 +88,8 @@ def test_coco_train_is_five_cropped_with_official_boxes_and_coarse_labels(tmp_pa
             source.crop((left, top, left + w, top + h)).save(buf, format="JPEG", quality=75)
             assert members["jpg"] == buf.getvalue()
         if n == 0:  # image 0 holds every fine id: every coarse class and the ignore value appear
-            seen = set().union(*(np.unique(png(samples[f"{image_id}_crop{k}"]["label.png"])).tolist() for k in range(5)))
+            crops = [png(samples[f"{image_id}_crop{k}"]["label.png"]) for k in range(5)]
+            seen = set().union(*(np.unique(c).tolist() for c in crops))
             assert seen == set(range(27)) | {255}
 
 
@@ -134,10 +135,12 @@ def test_cityscapes_val_stores_png_images_losslessly_and_maps_label_ids(tmp_path
     members = samples["aachen_000000_000019"]
     source = tmp_path / "cs" / "leftImg8bit" / "val" / "aachen" / "aachen_000000_000019_leftImg8bit.png"
     assert np.array_equal(png(members["img.png"]), np.asarray(Image.open(source).convert("RGB")))
-    fine = np.asarray(Image.open(tmp_path / "cs" / "gtFine" / "val" / "aachen" / "aachen_000000_000019_gtFine_labelIds.png"))
+    gt = tmp_path / "cs" / "gtFine" / "val" / "aachen" / "aachen_000000_000019_gtFine_labelIds.png"
+    fine = np.asarray(Image.open(gt))
     assert np.array_equal(png(members["label.png"]), np.where(fine < 7, 255, fine - 7))
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["dataset"] == "cityscapes27" and [c["name"] for c in manifest["classes"]][:2] == ["road", "sidewalk"]
+    assert manifest["dataset"] == "cityscapes27"
+    assert [c["name"] for c in manifest["classes"]][:2] == ["road", "sidewalk"]
 
 
 def test_potsdam_train_crops_and_unlabelled_tiles(tmp_path):

@@ -88,10 +88,13 @@ def make_potsdamraw_tree(root):
 # --------------------------------------------------------------------------- five-crop
 
 @pytest.mark.parametrize("hw, expected", [
-    ((480, 640), [(0, 0, 240, 320), (0, 320, 240, 320), (240, 0, 240, 320), (240, 320, 240, 320), (120, 160, 240, 320)]),
+    ((480, 640), [(0, 0, 240, 320), (0, 320, 240, 320), (240, 0, 240, 320), (240, 320, 240, 320),
+                  (120, 160, 240, 320)]),
     # odd sizes: the crop truncates and the centre offset rounds half to even (120.5 -> 120, 160.5 -> 160)
-    ((481, 641), [(0, 0, 240, 320), (0, 321, 240, 320), (241, 0, 240, 320), (241, 321, 240, 320), (120, 160, 240, 320)]),
-    ((427, 640), [(0, 0, 213, 320), (0, 320, 213, 320), (214, 0, 213, 320), (214, 320, 213, 320), (107, 160, 213, 320)]),
+    ((481, 641), [(0, 0, 240, 320), (0, 321, 240, 320), (241, 0, 240, 320), (241, 321, 240, 320),
+                  (120, 160, 240, 320)]),
+    ((427, 640), [(0, 0, 213, 320), (0, 320, 213, 320), (214, 0, 213, 320), (214, 320, 213, 320),
+                  (107, 160, 213, 320)]),
     ((7, 9), [(0, 0, 3, 4), (0, 5, 3, 4), (4, 0, 3, 4), (4, 5, 3, 4), (2, 2, 3, 4)]),
 ])
 def test_five_crop_boxes_follow_the_official_rule(hw, expected):
@@ -256,7 +259,8 @@ def test_synthetic_is_deterministic_and_splits_differ():
     val = open_source("synthetic", split="val", spec=spec)
     assert not np.array_equal(val.render(0)[0], a.render(0)[0])
     assert np.array_equal(val.colour, a.colour)  # same classes in every split
-    other = open_source("synthetic", split="train", spec=SyntheticSpec(count=3, height=H, width=W, num_classes=5, seed=8))
+    other_spec = SyntheticSpec(count=3, height=H, width=W, num_classes=5, seed=8)
+    other = open_source("synthetic", split="train", spec=other_spec)
     assert not np.array_equal(other.render(0)[0], a.render(0)[0])
 
 
