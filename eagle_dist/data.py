@@ -196,13 +196,12 @@ class _Decode:
             self.handler.failed()
             return None
         try:
-            with Image.open(io.BytesIO(image_bytes)) as im:
-                image = im.convert("RGB")
-            with Image.open(io.BytesIO(label_bytes)) as lab:
-                lab.load()
-                label = lab if lab.mode == "L" else None
-            if label is None:
-                raise ValueError(f"label PNG has mode {lab.mode}, expected L")
+            # In-memory bytes: nothing to close, and the decoded images stay usable afterwards.
+            image = Image.open(io.BytesIO(image_bytes)).convert("RGB")
+            label = Image.open(io.BytesIO(label_bytes))
+            label.load()
+            if label.mode != "L":
+                raise ValueError(f"label PNG has mode {label.mode}, expected L")
             if label.size != image.size:
                 raise ValueError(f"label {label.size} and image {image.size} differ in size")
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
