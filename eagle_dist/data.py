@@ -47,6 +47,7 @@ import json
 import logging
 import math
 import os
+import random
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -293,8 +294,6 @@ class _Shuffle:
         self.state, self.bufsize = state, bufsize
 
     def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
-        import random
-
         rng = random.Random(self.state.worker_seed(_SHUFFLE))
         yield from wds.shuffle(self.bufsize, rng=rng)(src)
 

@@ -178,6 +178,18 @@ def _init_worker(source: Source) -> None:
     _WORKER_SOURCE = source
 
 
+def _encode_item(source: Source, item: Item, opts: ShardOptions) -> list[tuple[str, dict[str, bytes]]]:
+    """The output samples of one input: its five crops (train) or the whole image."""
+    sample = source.load(item)
+    if not opts.five_crop:
+        return [encode_sample(sample, None, None, opts)]
+    try:
+        boxes = five_crop_boxes(sample.image.height, sample.image.width, opts.crop_ratio)
+    except ValueError as exc:
+        raise BadInput("bad_format", item.image or item.key, str(exc)) from None
+    return [encode_sample(sample, box, k, opts) for k, box in enumerate(boxes)]
+
+
 def _build_shard(task: dict) -> dict:
     """Write one shard from its block of items; runs in a worker process (or inline)."""
     source = _WORKER_SOURCE
@@ -193,16 +205,7 @@ def _build_shard(task: dict) -> dict:
             with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
                 for item in items:
                     try:
-                        sample = source.load(item)
-                        if opts.five_crop:
-                            try:
-                                boxes = five_crop_boxes(sample.image.height, sample.image.width, opts.crop_ratio)
-                            except ValueError as exc:
-                                raise BadInput("bad_format", item.image or item.key, str(exc)) from None
-                            crops = list(enumerate(boxes))
-                        else:
-                            crops = [(None, None)]
-                        encoded = [encode_sample(sample, box, k, opts) for k, box in crops]
+                        encoded = _encode_item(source, item, opts)
                     except BadInput as bad:
                         if opts.strict:
                             return {"index": task["index"], "error": f"{bad} (stopped by --strict)"}
@@ -223,7 +226,7 @@ def _build_shard(task: dict) -> dict:
         "sha256": _sha256(final), "bytes": final.stat().st_size, "skipped": skipped,
         "fingerprint": task["fingerprint"],
     }
-    _write_json_atomic(opts.out / BUILD_DIR / f"{final.stem}.json", record)
+    _write_json_atomic(_record_path(opts.out, name), record)
     return record
 
 
@@ -232,9 +235,7 @@ def _build_shard(task: dict) -> dict:
 def _source_from(opts: ShardOptions) -> Source:
     try:
         return sources.open_source(opts.source, opts.root, opts.split, **opts.source_options)
-    except SourceLayoutError as exc:
-        raise ShardError(str(exc)) from None
-    except ValueError as exc:
+    except (SourceLayoutError, ValueError) as exc:
         raise ShardError(str(exc)) from None
 
 
@@ -288,7 +289,9 @@ def _prepare_out(opts: ShardOptions, plan: dict) -> None:
     (out / BUILD_DIR).mkdir(parents=True, exist_ok=True)
     plan_path = out / BUILD_DIR / "plan.json"
     existing = _read_json(plan_path)
-    if existing is not None and existing.get("fingerprint") != plan["fingerprint"]:
+    if existing is not None and existing.get("fingerprint") == plan["fingerprint"]:
+        return  # same inputs and options: resume
+    if existing is not None:
         if not opts.overwrite:
             old, new = existing.get("config", {}), plan["config"]
             diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
@@ -298,14 +301,16 @@ def _prepare_out(opts: ShardOptions, plan: dict) -> None:
             )
         for path in _own_files(out, existing["config"]["split"]):
             path.unlink()
-        (out / BUILD_DIR).mkdir(exist_ok=True)
-    if existing is None or existing.get("fingerprint") != plan["fingerprint"]:
-        _write_json_atomic(plan_path, plan)
+    _write_json_atomic(plan_path, plan)
+
+
+def _record_path(out: Path, name: str) -> Path:
+    return out / BUILD_DIR / f"{Path(name).stem}.json"
 
 
 def _shard_is_done(out: Path, name: str, fingerprint: str) -> dict | None:
     final = out / name
-    record = _read_json(out / BUILD_DIR / f"{Path(name).stem}.json")
+    record = _read_json(_record_path(out, name))
     if record is None or record.get("fingerprint") != fingerprint or not final.is_file():
         return None
     if final.stat().st_size != record.get("bytes") or _sha256(final) != record.get("sha256"):
@@ -372,8 +377,7 @@ def build(opts: ShardOptions) -> dict:
 
     manifest_path = None
     others = [i for i in range(len(ranges)) if i not in records]
-    other_records = {i: _read_json(opts.out / BUILD_DIR / f"{Path(shard_name(opts.split, i)).stem}.json")
-                     for i in others}
+    other_records = {i: _read_json(_record_path(opts.out, shard_name(opts.split, i))) for i in others}
     if all(r is not None and r.get("fingerprint") == fingerprint and (opts.out / r["name"]).is_file()
            for r in other_records.values()):
         # Other parts verified their own shards when they wrote them; merge re-checks everything.
@@ -477,7 +481,7 @@ def merge(out: str | Path, verify: bool = True) -> dict:
         if verify:
             record = _shard_is_done(out, name, fingerprint)
         else:
-            record = _read_json(out / BUILD_DIR / f"{Path(name).stem}.json")
+            record = _read_json(_record_path(out, name))
             if record is not None and (record.get("fingerprint") != fingerprint or not (out / name).is_file()):
                 record = None
         if record is None:
