@@ -199,18 +199,11 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _size(text: str) -> tuple[int, int]:
-    h, _, w = text.partition("x")
-    if not (h.isdigit() and w.isdigit()):
-        raise argparse.ArgumentTypeError(f"size must look like HEIGHTxWIDTH, got {text!r}")
-    return int(h), int(w)
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m eagle_dist.bench data", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--count", type=int, default=160, help="synthetic source images")
-    p.add_argument("--size", type=_size, default=(480, 640), help="HEIGHTxWIDTH of the source images")
+    p.add_argument("--size", type=shard.parse_size, default=(480, 640), help="HEIGHTxWIDTH of the source images")
     p.add_argument("--classes", type=int, default=6)
     p.add_argument("--workers", default=",".join(str(n) for n in sorted({1, min(4, os.cpu_count() or 1)})),
                    help="comma-separated worker counts to measure")

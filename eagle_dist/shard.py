@@ -308,12 +308,13 @@ def _record_path(out: Path, name: str) -> Path:
     return out / BUILD_DIR / f"{Path(name).stem}.json"
 
 
-def _shard_is_done(out: Path, name: str, fingerprint: str) -> dict | None:
+def _finished_record(out: Path, name: str, fingerprint: str, verify: bool = True) -> dict | None:
+    """The record of a finished shard of this plan, or None; `verify` re-checks size and sha256."""
     final = out / name
     record = _read_json(_record_path(out, name))
     if record is None or record.get("fingerprint") != fingerprint or not final.is_file():
         return None
-    if final.stat().st_size != record.get("bytes") or _sha256(final) != record.get("sha256"):
+    if verify and (final.stat().st_size != record.get("bytes") or _sha256(final) != record.get("sha256")):
         return None
     return record
 
@@ -355,7 +356,7 @@ def build(opts: ShardOptions) -> dict:
     records: dict[int, dict] = {}
     tasks = []
     for index in mine:
-        done = _shard_is_done(opts.out, shard_name(opts.split, index), fingerprint)
+        done = _finished_record(opts.out, shard_name(opts.split, index), fingerprint)
         if done is not None:
             records[index] = done
         else:
@@ -377,10 +378,10 @@ def build(opts: ShardOptions) -> dict:
 
     manifest_path = None
     others = [i for i in range(len(ranges)) if i not in records]
-    other_records = {i: _read_json(_record_path(opts.out, shard_name(opts.split, i))) for i in others}
-    if all(r is not None and r.get("fingerprint") == fingerprint and (opts.out / r["name"]).is_file()
-           for r in other_records.values()):
-        # Other parts verified their own shards when they wrote them; merge re-checks everything.
+    # Other parts verified their own shards when they wrote them; merge re-checks everything.
+    other_records = {i: _finished_record(opts.out, shard_name(opts.split, i), fingerprint, verify=False)
+                     for i in others}
+    if all(r is not None for r in other_records.values()):
         manifest = _assemble_manifest(plan, {**records, **other_records})
         manifest_path = opts.out / MANIFEST
         _write_json_atomic(manifest_path, manifest)
@@ -478,12 +479,7 @@ def merge(out: str | Path, verify: bool = True) -> dict:
     records, bad = {}, []
     for index in range(len(plan["shards"])):
         name = shard_name(split, index)
-        if verify:
-            record = _shard_is_done(out, name, fingerprint)
-        else:
-            record = _read_json(_record_path(out, name))
-            if record is not None and (record.get("fingerprint") != fingerprint or not (out / name).is_file()):
-                record = None
+        record = _finished_record(out, name, fingerprint, verify)
         if record is None:
             bad.append(name)
         else:
@@ -518,7 +514,8 @@ def _slurm_parts() -> tuple[int, int]:
     return int(count), int(task) - first
 
 
-def _size(text: str) -> tuple[int, int]:
+def parse_size(text: str) -> tuple[int, int]:
+    """argparse type for HEIGHTxWIDTH."""
     m = re.fullmatch(r"(\d+)x(\d+)", text)
     if not m:
         raise argparse.ArgumentTypeError(f"size must look like HEIGHTxWIDTH (e.g. 160x224), got {text!r}")
@@ -555,7 +552,7 @@ def _parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("synthetic source")
     defaults = SyntheticSpec()
     g.add_argument("--synthetic-count", type=int, default=defaults.count)
-    g.add_argument("--synthetic-size", type=_size, default=(defaults.height, defaults.width), help="HEIGHTxWIDTH")
+    g.add_argument("--synthetic-size", type=parse_size, default=(defaults.height, defaults.width), help="HEIGHTxWIDTH")
     g.add_argument("--synthetic-classes", type=int, default=defaults.num_classes)
     g.add_argument("--synthetic-seed", type=int, default=defaults.seed)
     g.add_argument("--synthetic-colour-groups", type=int, default=None,
