@@ -111,7 +111,7 @@ class _CollateWithBlur:
         return batch
 
 
-def _rate(loader, steps: int, batch_size: int) -> float:
+def _rate(loader, steps: int) -> float:
     it = iter(loader)
     next(it)  # warm-up: worker start-up and the first shard opens are not throughput
     t0 = time.perf_counter()
@@ -151,7 +151,7 @@ def run_data_bench(args: argparse.Namespace) -> dict:
             loader = data.build_train_loader(shard_dir, args.batch_size, 0, 1, nw, seed=0,
                                              resolution=args.resolution, shuffle_buffer=args.shuffle_buffer,
                                              steps_per_epoch=args.steps + 1)
-            rate = _rate(loader, args.steps, args.batch_size)
+            rate = _rate(loader, args.steps)
             rows.append(_row("stream", "webdataset shards", nw, rate, rate))
             plain = torch.utils.data.DataLoader(
                 PerFileDataset(file_dir, args.resolution), batch_size=args.batch_size, shuffle=True,
@@ -161,7 +161,7 @@ def run_data_bench(args: argparse.Namespace) -> dict:
             if len(plain) < args.steps + 1:
                 raise SystemExit(f"--count {args.count} gives {len(plain)} per-file batches; need --steps + 1 = "
                                  f"{args.steps + 1}: raise --count or lower --steps")
-            rate = _rate(plain, args.steps, args.batch_size)
+            rate = _rate(plain, args.steps)
             rows.append(_row("stream", "per-file PIL (official)", nw, rate, rate))
     return {
         "benchmark": "data",

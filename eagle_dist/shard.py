@@ -552,7 +552,8 @@ def _parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("synthetic source")
     defaults = SyntheticSpec()
     g.add_argument("--synthetic-count", type=int, default=defaults.count)
-    g.add_argument("--synthetic-size", type=parse_size, default=(defaults.height, defaults.width), help="HEIGHTxWIDTH")
+    g.add_argument("--synthetic-size", type=parse_size, default=(defaults.height, defaults.width),
+                   help="HEIGHTxWIDTH")
     g.add_argument("--synthetic-classes", type=int, default=defaults.num_classes)
     g.add_argument("--synthetic-seed", type=int, default=defaults.seed)
     g.add_argument("--synthetic-colour-groups", type=int, default=None,
