@@ -3,7 +3,7 @@
     python -m eagle_dist.shard --source cocostuff --root /data/cocostuff --split train --out shards/cocostuff27/train
     python -m eagle_dist.shard --source cityscapes --root /data/cityscapes --split val --out shards/cityscapes27/val
     python -m eagle_dist.shard --source synthetic --split train --out shards/synthetic6/train --synthetic-count 500
-    python -m eagle_dist.shard --source folder --root imgs --labels labels --num-classes 5 --split train --out shards/own
+    python -m eagle_dist.shard --source folder --root imgs --labels labels --num-classes 5 --split train --out sh/own
 
 Large datasets split over machines: every part lists the same inputs, builds its own block of
 shards, and the last part to finish (or ``merge``) writes the one manifest::
