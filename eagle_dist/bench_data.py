@@ -128,6 +128,7 @@ def run_data_bench(args: argparse.Namespace) -> dict:
     spec = SyntheticSpec(count=args.count, height=h, width=w, num_classes=args.classes, seed=0)
     workers_list = sorted({int(x) for x in str(args.workers).split(",")})
     rows: list[dict] = []
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="eagle-bench-data-") as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
@@ -169,8 +170,10 @@ def run_data_bench(args: argparse.Namespace) -> dict:
                    "batch_size": args.batch_size, "resolution": args.resolution, "steps": args.steps,
                    "samples_per_shard": args.samples_per_shard, "shuffle_buffer": args.shuffle_buffer,
                    "originals_write_s": round(write_s, 2)},
+        # Other work on the machine changes these numbers: the 1-minute load says how much there was.
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-                    "platform": platform.platform()},
+                    "platform": platform.platform(), "load_before": round(load_before[0], 2),
+                    "load_after": round(os.getloadavg()[0], 2)},
         "rows": rows,
     }
 
@@ -183,11 +186,11 @@ def _row(kind: str, pipeline: str, workers: int, images_per_s: float, samples_pe
 
 
 def format_table(result: dict) -> str:
-    c = result["config"]
+    c, m = result["config"], result["machine"]
     lines = [
         f"data benchmark: {c['count']} synthetic {c['size']} images -> {c['crops']} five-crops; "
         f"batch {c['batch_size']}, {c['resolution']} px, {c['steps']} timed batches; "
-        f"{result['machine']['cpus']} CPUs",
+        f"{m['cpus']} CPUs, load {m['load_before']} -> {m['load_after']}",
         f"{'stage':<7}{'pipeline':<36}{'workers':>8}{'images/s':>11}{'crops/s':>10}{'per worker':>12}",
     ]
     for r in result["rows"]:
