@@ -57,8 +57,9 @@ class EiCueConfig:
     # Quirk 8: the augmented view's graph uses the colour of the un-augmented image.  True uses
     # the augmented (blurred) pixels instead.
     color_from_aug_view: bool = False
-    # "eigh": batched fp32 torch.linalg.eigh (parity); "eigh64": the same in fp64.
-    solver: Literal["eigh", "eigh64"] = "eigh"
+    # "eigh": batched fp32 torch.linalg.eigh (parity); "eigh64": the same in fp64; "krylov": the
+    # fast block Krylov solver for the k smallest pairs only (eagle_dist/eigensolvers.py).
+    solver: Literal["eigh", "eigh64", "krylov"] = "eigh"
 
 
 @dataclass

@@ -22,6 +22,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from eagle_dist import profiling
+from eagle_dist.eigensolvers import block_krylov_smallest
+
 __all__ = [
     "COLOR_MODES",
     "EIGEN_SOLVERS",
@@ -42,7 +45,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 COLOR_MODES = ("official", "rgb01")
-EIGEN_SOLVERS = ("eigh", "eigh64")
+EIGEN_SOLVERS = ("eigh", "eigh64", "krylov")
 
 # The reference divides pixels by 255 (it was written for 0-255 input); with `rgb01` the
 # pixels are already in [0, 1], so the kernel must not divide again.
@@ -158,6 +161,8 @@ def smallest_eigenpairs(lap_BNN: torch.Tensor, k: int, solver: str = "eigh") -> 
     mixed-precision context. ``solver="eigh"`` is the reference's float32 ``torch.linalg.eigh``
     (upper triangle); ``"eigh64"`` decomposes in float64 and casts back to float32 (more accurate;
     column signs may differ from float32, which the sign rule and parity alignment absorb).
+    ``"krylov"`` is the fast float32 block Krylov solver of :mod:`eagle_dist.eigensolvers`, which
+    computes only the ``k`` wanted pairs (accuracy and speed: ``python -m eagle_dist.bench eigen``).
     The signs of the columns are whatever the solver returns; apply :func:`apply_sign_rule` next.
     """
     _check_choice("solver", solver, EIGEN_SOLVERS)
@@ -165,6 +170,9 @@ def smallest_eigenpairs(lap_BNN: torch.Tensor, k: int, solver: str = "eigh") -> 
         raise ValueError(f"smallest_eigenpairs expects square matrices [B, N, N], got {tuple(lap_BNN.shape)}")
     if not 1 <= k <= lap_BNN.shape[1]:
         raise ValueError(f"k={k} eigenpairs requested from {lap_BNN.shape[1]}x{lap_BNN.shape[1]} matrices")
+    if solver == "krylov":
+        with torch.autocast(device_type=lap_BNN.device.type, enabled=False):
+            return block_krylov_smallest(lap_BNN.float(), k)
     work_dtype = torch.float64 if solver == "eigh64" else torch.float32
     with torch.autocast(device_type=lap_BNN.device.type, enabled=False):
         vals_BN, vecs_BNN = torch.linalg.eigh(lap_BNN.to(work_dtype), UPLO="U")
@@ -218,14 +226,18 @@ def eigen_vectors(
         )
     if img_B3HW.shape[0] != code_BND.shape[0]:
         raise ValueError(f"batch mismatch: {img_B3HW.shape[0]} images for {code_BND.shape[0]} code maps")
+    # profiling.section: timing for `python -m eagle_dist.bench step`; no-ops otherwise.
     with torch.autocast(device_type=code_BND.device.type, enabled=False):
-        pix_BSS3 = resize_for_color(img_B3HW, (h, w), color_mode)
-        color_W_BNN = color_affinity(pix_BSS3, sigma=sigma, scale=_COLOR_SCALE[color_mode])
-        adj_BNN = semantic_affinity(code_BND.float())
-        lap_BNN = normalized_laplacian(adj_BNN, color_W_BNN)
-        del adj_BNN, color_W_BNN
-        vals_BK, vecs_BNK = smallest_eigenpairs(lap_BNN, k, solver)
-    vecs_BNK = apply_sign_rule(vecs_BNK)
+        with profiling.section("eicue.affinities"):
+            pix_BSS3 = resize_for_color(img_B3HW, (h, w), color_mode)
+            color_W_BNN = color_affinity(pix_BSS3, sigma=sigma, scale=_COLOR_SCALE[color_mode])
+            adj_BNN = semantic_affinity(code_BND.float())
+        with profiling.section("eicue.laplacian"):
+            lap_BNN = normalized_laplacian(adj_BNN, color_W_BNN)
+            del adj_BNN, color_W_BNN
+        with profiling.section("eicue.eigensolver"):
+            vals_BK, vecs_BNK = smallest_eigenpairs(lap_BNN, k, solver)
+            vecs_BNK = apply_sign_rule(vecs_BNK)
     return (vecs_BNK, vals_BK) if return_eigenvalues else vecs_BNK
 
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eagle_dist import eicue, losses
+from eagle_dist import eicue, losses, profiling
 from eagle_dist.config import Config, batches
 from eagle_dist.heads import ProjectionHead, SegHead
 from eagle_dist.probes import ClusterLookup, LinearProbe
@@ -91,45 +91,52 @@ class EagleHeads(nn.Module):
         u: float,
     ) -> dict[str, torch.Tensor]:
         lc = self.cfg.loss
-        code_x = self.seg_head(kk_img)  # view x ("img")
-        code_p = self.seg_head(kk_img)  # view P ("img_pos"): same keys, new dropout masks
-        code_a = self.seg_head(kk_aug)  # view A ("img_pos_aug")
-        khat_x = self.seg_head.dropped(kk_img)
-        khat_p = self.seg_head.dropped(kk_img)
-        khat_a = self.seg_head.dropped(kk_aug)
+        # profiling.section: named parts for `python -m eagle_dist.bench step`; no-ops otherwise.
+        with profiling.section("heads"):
+            code_x = self.seg_head(kk_img)  # view x ("img")
+            code_p = self.seg_head(kk_img)  # view P ("img_pos"): same keys, new dropout masks
+            code_a = self.seg_head(kk_aug)  # view A ("img_pos_aug")
+            khat_x = self.seg_head.dropped(kk_img)
+            khat_p = self.seg_head.dropped(kk_img)
+            khat_a = self.seg_head.dropped(kk_aug)
 
         color_aug = img_aug if self.cfg.eicue.color_from_aug_view else img  # quirk 8
-        _, map_p, loss_eig_p = self.eicue(code_p, img, self.eigen_probe)
-        _, map_a, loss_eig_a = self.eicue(code_a, color_aug, self.eigen_probe_aug)
+        with profiling.section("eicue"):
+            _, map_p, loss_eig_p = self.eicue(code_p, img, self.eigen_probe)
+            _, map_a, loss_eig_a = self.eicue(code_a, color_aug, self.eigen_probe_aug)
 
-        corr = losses.correspondence_loss(
-            khat_x, khat_p, khat_a, code_x, code_p, code_a,
-            feature_samples=lc.feature_samples, neg_samples=lc.neg_samples,
-            pointwise=lc.pointwise, zero_clamp=lc.zero_clamp, stabalize=lc.stabalize,
-            shift_value=lc.shift_value, shift_bias=lc.shift_bias, detach_shift=lc.detach_shift,
-        )
-        loss_corr = lc.correspondence_weight * (
-            lc.pos_inter_weight * corr["pos_inter_loss"] + lc.neg_inter_weight * corr["neg_inter_loss"]
-        )
+        with profiling.section("corr"):
+            corr = losses.correspondence_loss(
+                khat_x, khat_p, khat_a, code_x, code_p, code_a,
+                feature_samples=lc.feature_samples, neg_samples=lc.neg_samples,
+                pointwise=lc.pointwise, zero_clamp=lc.zero_clamp, stabalize=lc.stabalize,
+                shift_value=lc.shift_value, shift_bias=lc.shift_bias, detach_shift=lc.detach_shift,
+            )
+            loss_corr = lc.correspondence_weight * (
+                lc.pos_inter_weight * corr["pos_inter_loss"] + lc.neg_inter_weight * corr["neg_inter_loss"]
+            )
 
         if u > 0:
-            z_p = self.projection(code_p)
-            z_a = self.projection(code_a)
-            kappa_p = losses.key_similarity_weights(khat_p)
-            kappa_a = losses.key_similarity_weights(khat_a)
-            loss_nce = (
-                lc.local_pos_weight * self._nce(z_p, z_a, map_p, kappa_p)
-                + lc.local_pos_aug_weight * self._nce(z_a, z_p, map_a, kappa_a)
-            )
+            with profiling.section("heads"):
+                z_p = self.projection(code_p)
+                z_a = self.projection(code_a)
+            with profiling.section("nce"):
+                kappa_p = losses.key_similarity_weights(khat_p)
+                kappa_a = losses.key_similarity_weights(khat_a)
+                loss_nce = (
+                    lc.local_pos_weight * self._nce(z_p, z_a, map_p, kappa_p)
+                    + lc.local_pos_aug_weight * self._nce(z_a, z_p, map_a, kappa_a)
+                )
         else:
             # Before the switch the official loss multiplies L_nce by 0: its gradients are exact
             # zeros.  Skipping it is the same update; touching the projection keeps every
             # parameter in the graph, as DDP requires, with the same zero gradients.
             loss_nce = sum(p.sum() for p in self.projection.parameters()) * 0.0
 
-        feats_x = code_x.detach()
-        loss_linear = self.linear_probe.loss(feats_x, label)
-        loss_cluster, _ = self.cluster_probe(feats_x, alpha=None)
+        with profiling.section("probes"):
+            feats_x = code_x.detach()
+            loss_linear = self.linear_probe.loss(feats_x, label)
+            loss_cluster, _ = self.cluster_probe(feats_x, alpha=None)
 
         loss_eig = 0.5 * (loss_eig_p + loss_eig_a)
         total = loss_eig + (1.0 - u) * loss_corr + u * loss_nce + loss_linear + loss_cluster
@@ -204,6 +211,7 @@ def training_step_losses(backbone, heads, batch: dict, step: int, cfg: Config) -
     """Backbone twice (img, img_aug), then every head and loss."""
     img, img_aug = batch["img"], batch["img_aug"]
     with autocast_context(cfg, img.device):
-        kk_img = backbone(img)
-        kk_aug = backbone(img_aug)
+        with profiling.section("backbone"):
+            kk_img = backbone(img)
+            kk_aug = backbone(img_aug)
         return heads(kk_img.float(), kk_aug.float(), img, img_aug, batch["label"], momentum(cfg, step))
