@@ -34,9 +34,9 @@ Launchers and what they promise (read from accelerate 1.15 / torch 2.13 sources)
   use_cpu on; setup() picks CPU by itself when no GPU is visible, and on a GPU machine
   CUDA_VISIBLE_DEVICES= or ACCELERATE_USE_CPU=1 forces CPU.
 * The `accelerate` console script imports timm (for `accelerate estimate-memory`) and thus
-  torchvision before our compat shim can run; on this CPU torch that import fails, so
-  `accelerate launch` dies before launching. `python -m accelerate.commands.launch ...` is
-  the same launch code without that import (the tests use it).
+  torchvision before any of our code runs; on a CPU torch with a CUDA-linked torchvision that
+  import dies unless eagle_dist_tvshim.pth (written by `make install`) is in site-packages.
+  `python -m accelerate.commands.launch ...` is the same launch code without that import.
 * srun (one task per GPU, no torchrun): SLURM_PROCID / SLURM_STEP_NUM_TASKS / SLURM_LOCALID /
   SLURM_STEP_TASKS_PER_NODE / SLURM_STEP_NODELIST are mapped to RANK, WORLD_SIZE, LOCAL_RANK,
   LOCAL_WORLD_SIZE, MASTER_ADDR (first node) and MASTER_PORT (20000 + job id % 10000 unless
@@ -134,15 +134,15 @@ def _truthy(value: str | None) -> bool:
 
 
 def first_slurm_host(nodelist: str) -> str:
-    """First host of a Slurm hostlist: 'gpu[03-05,9],cpu1' -> 'gpu03'."""
-    match = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
-    if match is None:
+    """First host of a Slurm hostlist: 'gpu[03-05,9],cpu1' -> 'gpu03', 'r[1-2]-n[4-5]' -> 'r1-n4'."""
+    match = re.match(r"([^,\[]*)(?:\[([^\]]+)\])?([^,]*)", nodelist.strip())
+    if match is None or not (match.group(1) or match.group(2)):
         raise DistributedSetupError(f"cannot parse Slurm node list {nodelist!r}")
-    prefix, ranges = match.group(1), match.group(3)
+    prefix, ranges, suffix = match.groups()
     if ranges is None:
-        return prefix
-    first = ranges.split(",")[0].split("-")[0]
-    return prefix + first
+        return prefix + suffix
+    host = prefix + ranges.split(",")[0].split("-")[0] + suffix
+    return first_slurm_host(host) if "[" in suffix else host
 
 
 def slurm_tasks_on_node(tasks_per_node: str, node_id: int) -> int:
@@ -435,7 +435,16 @@ class Dist:
     def cleanup(self) -> None:
         """Tear the process group down; safe to call twice (entry points call it in finally)."""
         from accelerate.state import AcceleratorState, GradientState
+        from torch.nn.parallel import DistributedDataParallel
 
+        # torch 2.13 + gloo: a DDP Reducer still alive when the interpreter exits aborts the
+        # process now and then ("terminate called without an active exception", about 1 in 4
+        # two-rank runs here), turning a finished run into a failed one. Free the reducers
+        # while the process group exists; the models are not trained after cleanup anyway.
+        for model in getattr(self.accelerator, "_models", []):
+            if isinstance(model, DistributedDataParallel):
+                model.reducer = None
+        self.accelerator.free_memory()
         if tdist.is_available() and tdist.is_initialized():
             tdist.destroy_process_group()
         if self.strategy == "deepspeed":

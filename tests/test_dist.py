@@ -1,0 +1,259 @@
+"""eagle_dist.dist: launcher detection, world-size refusal, and real 2-process runs on CPU.
+
+    .venv/bin/python -m pytest -q tests/test_dist.py                 # all (about a minute)
+    .venv/bin/python -m pytest -q tests/test_dist.py -m "not multiproc"
+"""
+
+from __future__ import annotations
+
+import subprocess
+import warnings
+
+import pytest
+import torch
+
+import toy_train
+from eagle_dist import dist as dist_mod
+from eagle_dist.dist import DistributedSetupError, WorldSizeError, check_world_size, detect_launch
+
+# --------------------------------------------------------------------------- launcher detection
+
+
+def test_torchrun_environment_is_the_truth():
+    env = {"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+           "TORCHELASTIC_RUN_ID": "abc", "MASTER_ADDR": "h", "MASTER_PORT": "1"}
+    info = detect_launch(env)
+    assert (info.launcher, info.rank, info.world_size, info.local_rank, info.local_world_size) == (
+        "torchrun", 1, 4, 1, 2)
+    assert info.promised_world_size == 4 and info.env_updates == {}
+    check_world_size(4, info, None)
+    with pytest.raises(WorldSizeError, match="WORLD_SIZE=4"):
+        check_world_size(1, info, None)
+
+
+def test_accelerate_multi_gpu_launcher_is_recognised():
+    env = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2",
+           "TORCHELASTIC_RUN_ID": "none", "ACCELERATE_MIXED_PRECISION": "no"}
+    assert detect_launch(env).launcher == "accelerate"
+
+
+def test_accelerate_cpu_flag_with_several_processes_is_refused_with_the_working_lines():
+    # What `accelerate launch --cpu --num_processes 2` exports to the ONE process it starts.
+    env = {"ACCELERATE_USE_CPU": "True", "ACCELERATE_MIXED_PRECISION": "no",
+           "ACCELERATE_DYNAMO_BACKEND": "NO", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    info = detect_launch(env)
+    assert info.world_size == 1 and info.promised_min_world_size == 2
+    with pytest.raises(WorldSizeError) as err:
+        check_world_size(1, info, None)
+    message = str(err.value)
+    assert "--cpu --num_processes" in message
+    assert "--multi_gpu --num_processes 2" in message and "cpu_2proc.yaml" in message
+    assert "torchrun --nproc_per_node 2" in message
+
+
+def test_accelerate_cpu_flag_with_one_process_is_fine():
+    env = {"ACCELERATE_USE_CPU": "True", "ACCELERATE_MIXED_PRECISION": "no"}
+    check_world_size(1, detect_launch(env), None)
+
+
+def test_expected_world_size_from_the_config_is_enforced():
+    info = detect_launch({})
+    check_world_size(1, info, 1)
+    with pytest.raises(WorldSizeError, match="expected_world_size=2"):
+        check_world_size(1, info, 2)
+
+
+def test_srun_variables_become_torch_variables():
+    env = {"SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "4", "SLURM_LOCALID": "1", "SLURM_NODEID": "1",
+           "SLURM_STEP_TASKS_PER_NODE": "2(x2)", "SLURM_STEP_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "123456",
+           "SLURM_NTASKS": "4"}
+    info = detect_launch(env)
+    assert info.launcher == "srun"
+    assert info.env_updates == {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+                                "MASTER_ADDR": "gpu07", "MASTER_PORT": "23456"}
+    assert detect_launch({**env, "MASTER_PORT": "4000"}).env_updates["MASTER_PORT"] == "4000"
+
+
+def test_python_inside_an_sbatch_script_is_a_single_process():
+    # The batch step has SLURM_PROCID/SLURM_NTASKS but no srun step variables.
+    info = detect_launch({"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_JOB_ID": "5"})
+    assert info.launcher == "none" and info.world_size == 1
+
+
+@pytest.mark.parametrize("nodelist, first", [
+    ("node1", "node1"), ("gpu[03-05,9]", "gpu03"), ("a[1-2],b7", "a1"), ("x-[010-012]-ib", "x-010-ib"), ("r[1-2]-n[4-5]", "r1-n4"),
+])
+def test_first_slurm_host(nodelist, first):
+    assert dist_mod.first_slurm_host(nodelist) == first
+
+
+def test_slurm_tasks_per_node():
+    assert [dist_mod.slurm_tasks_on_node("2(x3),1", i) for i in range(4)] == [2, 2, 2, 1]
+    with pytest.raises(DistributedSetupError):
+        dist_mod.slurm_tasks_on_node("two", 0)
+    with pytest.raises(DistributedSetupError):
+        dist_mod.slurm_tasks_on_node("2(x2)", 2)
+
+
+def test_threads_share_the_cores():
+    assert dist_mod.cpu_threads_for(1, override=3) == 3
+    cores = dist_mod._usable_cores()
+    assert dist_mod.cpu_threads_for(2) == max(1, cores // 2)
+    assert dist_mod.cpu_threads_for(10 * cores) == 1
+    with pytest.raises(DistributedSetupError):
+        dist_mod.cpu_threads_for(1, override=0)
+
+
+# --------------------------------------------------------------------------- config resolution
+
+
+def test_auto_follows_the_accelerate_deepspeed_config():
+    env = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "1"}
+    assert dist_mod._resolve("auto", None, "auto", env) == ("deepspeed", 1, "auto")
+    assert dist_mod._resolve("auto", 0, "no", env) == ("deepspeed", 1, "no")
+    assert dist_mod._resolve("auto", None, "auto", {}) == ("ddp", None, "auto")
+    assert dist_mod._resolve("deepspeed", None, "bf16", {}) == ("deepspeed", 2, "bf16")
+
+
+@pytest.mark.parametrize("args, env, match", [
+    (("ddp", None, "auto"), {"ACCELERATE_USE_DEEPSPEED": "true"}, "selects DeepSpeed"),
+    (("deepspeed", 2, "auto"), {"ACCELERATE_DEEPSPEED_ZERO_STAGE": "1"}, "ZeRO stage 1"),
+    (("deepspeed", 3, "auto"), {}, "ZeRO-3"),
+    (("ddp", None, "fp16"), {}, "loss scaling"),
+    (("fsdp", None, "auto"), {}, "strategy must be one of"),
+])
+def test_contradictions_are_refused(args, env, match):
+    with pytest.raises(DistributedSetupError, match=match):
+        dist_mod._resolve(*args, env)
+
+
+# --------------------------------------------------------------------------- in-process setup
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    threads = torch.get_num_threads()
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                "ACCELERATE_USE_CPU", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_MIXED_PRECISION",
+                "ACCELERATE_DYNAMO_BACKEND", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS"):
+        monkeypatch.delenv(key, raising=False)
+    yield monkeypatch
+    torch.set_num_threads(threads)
+
+
+def test_single_process_setup_and_helpers(clean_env):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        d = dist_mod.setup(mixed_precision="bf16", cpu_threads=1)
+    try:
+        assert any("bf16" in str(w.message) for w in caught)  # no GPU: told, and fp32 used
+        assert (d.rank, d.world_size, d.is_main, d.strategy, d.mixed_precision) == (0, 1, True, "ddp", "no")
+        assert d.device == torch.device("cpu") and torch.get_num_threads() == 1
+        assert d.any_flag(True) and not d.any_flag(False)
+        assert d.gather_object({"a": 1}) == [{"a": 1}] and d.broadcast_object("x") == "x"
+        assert d.mean_scalar(torch.tensor(3.0)) == 3.0
+        assert d.all_reduce_sum(torch.ones(2)).tolist() == [1.0, 1.0]
+        assert "world_size=1" in dist_mod.describe(d)
+    finally:
+        d.cleanup()
+        d.cleanup()  # entry points call it in `finally`; twice must be harmless
+
+
+def test_setup_refuses_accelerate_cpu_flag_before_starting_anything(clean_env):
+    for key, value in {"ACCELERATE_USE_CPU": "True", "ACCELERATE_MIXED_PRECISION": "no",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}.items():
+        clean_env.setenv(key, value)
+    with pytest.raises(WorldSizeError, match="started this one alone"):
+        dist_mod.setup(cpu_threads=1)
+    assert not torch.distributed.is_initialized()
+
+
+# --------------------------------------------------------------------------- real launches
+
+
+def _assert_two_rank_run(out, launcher: str, strategy: str = "ddp"):
+    r = toy_train.result(out)
+    assert r["world_size"] == 2 and r["launcher"] == launcher and r["strategy"] == strategy
+    assert r["backend"] == "gloo" and r["final_step"] == 4
+    assert r["params_identical"], "ranks ended with different parameters"
+    assert r["checks"] == {"any_true": True, "any_false": False, "gather": [0, 1], "broadcast": "from-0",
+                           "sum": [2.0, 2.0], "max": [1.0], "mean": 0.5}
+    return r
+
+
+def _ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+
+@pytest.mark.multiproc
+def test_torchrun_two_processes(tmp_path):
+    _ok(toy_train.run_launch(toy_train.torchrun_cmd("--out", str(tmp_path), "--steps", "4")))
+    _assert_two_rank_run(tmp_path, "torchrun")
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("launch_args", [
+    ["--multi_gpu", "--num_processes", "2", "--main_process_port", "0"],
+    ["--config_file", str(toy_train.ACCELERATE_CONFIGS / "cpu_2proc.yaml")],
+], ids=["multi_gpu-flag", "cpu_2proc.yaml"])
+def test_accelerate_launch_two_cpu_processes(tmp_path, launch_args):
+    cmd = toy_train.accelerate_cmd(*launch_args, str(toy_train.SCRIPT), "--out", str(tmp_path), "--steps", "4")
+    _ok(toy_train.run_launch(cmd))
+    _assert_two_rank_run(tmp_path, "accelerate")
+
+
+@pytest.mark.multiproc
+def test_accelerate_cpu_flag_is_refused(tmp_path):
+    cmd = toy_train.accelerate_cmd("--cpu", "--num_processes", "2", str(toy_train.SCRIPT), "--out", str(tmp_path))
+    proc = toy_train.run_launch(cmd)
+    assert proc.returncode != 0
+    assert "Refusing to train with the wrong world size" in proc.stderr
+    assert "accelerate launch --multi_gpu --num_processes 2" in proc.stderr
+    assert not (tmp_path / "result.json").exists()
+
+
+@pytest.mark.multiproc
+def test_expected_world_size_mismatch_is_refused_on_every_rank(tmp_path):
+    proc = toy_train.run_launch(toy_train.torchrun_cmd("--out", str(tmp_path), "--expected-world-size", "3"))
+    assert proc.returncode != 0
+    assert proc.stderr.count("expects expected_world_size=3") >= 2  # both ranks say it
+    assert not (tmp_path / "result.json").exists()
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("stage", [1, 2])
+def test_deepspeed_zero_on_two_cpu_processes(tmp_path, stage):
+    config = toy_train.ACCELERATE_CONFIGS / f"deepspeed_zero{stage}.yaml"
+    cmd = toy_train.accelerate_cmd("--config_file", str(config), "--num_processes", "2",
+                                   str(toy_train.SCRIPT), "--out", str(tmp_path), "--steps", "4")
+    proc = toy_train.run_launch(cmd)
+    _ok(proc)
+    r = _assert_two_rank_run(tmp_path, "accelerate", strategy="deepspeed")
+    assert r["zero_stage"] == stage
+    # The shared-memory op is skipped, not compiled (a compile prints "built successfully").
+    assert "deepspeed_shm_comm" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.multiproc
+def test_simulated_two_node_torchrun(tmp_path):
+    port = toy_train.free_port()
+    procs = [
+        subprocess.Popen(
+            [toy_train.sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
+             "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}",
+             "--rdzv_id", "eagle-two-node-test", str(toy_train.SCRIPT), "--out", str(tmp_path), "--steps", "4"],
+            env=toy_train.launch_env(), cwd=toy_train.REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for node in (0, 1)
+    ]
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=toy_train.LAUNCH_TIMEOUT_S))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[1][-3000:] for o in outputs)
+    r = _assert_two_rank_run(tmp_path, "torchrun")
+    assert r["world_size"] == 2
