@@ -1,0 +1,141 @@
+"""Smoke tests of ``python -m eagle_dist.bench`` at tiny sizes: the JSON it writes, not its timings.
+
+    .venv/bin/python -m pytest tests/test_bench.py -q
+"""
+
+import json
+import math
+import sys
+import types
+
+import pytest
+import torch
+
+from eagle_dist import bench, profiling
+
+TINY_STEP = ["data.batch_size=1", "data.resolution=64", "--warmup", "1", "--steps", "2", "--threads", "1"]
+
+
+def run_bench(argv, tmp_path, name):
+    out = tmp_path / f"{name}.json"
+    assert bench.main([*argv, "--json", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(autouse=True)
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("solver", ["eigh", "krylov"])
+def test_step_reports_times_breakdown_and_config(tmp_path, capsys, solver):
+    r = run_bench(["step", f"eicue.solver={solver}", *TINY_STEP], tmp_path, f"step_{solver}")
+    assert r["config"]["eicue"]["solver"] == solver
+    assert r["config"]["data"]["batch_size"] == 1 and r["batch_size_per_process"] == 1
+    assert len(r["step_times_s"]) == 2 and r["step_median_s"] > 0 and r["backbone_only_s"] > 0
+    assert r["ratio"] == pytest.approx(r["step_median_s"] / r["backbone_only_s"])
+    assert r["images_per_s"] == pytest.approx(1 / r["step_median_s"])
+    assert r["peak_memory_bytes"] > 0 and r["peak_memory_kind"] == "cpu_rss_high_water"
+    parts = r["breakdown"]
+    for name in ("backbone", "heads", "eicue", "eicue.affinities", "eicue.laplacian", "eicue.eigensolver",
+                 "corr", "nce", "probes", "backward", "optimizer", "other"):
+        assert name in parts, name
+    assert all(parts[p] > 0 for p in ("backbone", "heads", "eicue", "backward"))
+    assert "comm" not in parts  # a single process has no collectives
+    top_level = sum(v for k, v in parts.items() if "." not in k)
+    assert top_level == pytest.approx(r["step_median_s"])
+    assert parts["eicue.eigensolver"] <= parts["eicue"] + 1e-9
+    assert r["machine"]["torch_threads"] == 1
+    printed = capsys.readouterr().out
+    assert "step median" in printed and "ratio" in printed and "eicue.eigensolver" in printed
+
+
+def test_step_rejects_a_bad_override_by_name():
+    with pytest.raises(SystemExit, match="eicue.solver"):
+        bench.main(["step", "eicue.solver=lapack", *TINY_STEP])
+
+
+def test_eigen_compares_solvers_against_float64(tmp_path):
+    r = run_bench(["eigen", "--batch", "2", "--side", "8", "--repeats", "1", "--cases", "model,sbm",
+                   "--threads", "1"], tmp_path, "eigen")
+    assert set(r["cases"]) == {"model", "model_aug_view", "sbm"}
+    assert set(r["solvers"]) == {"eigh", "eigh64", "krylov"}
+    for case in r["cases"].values():
+        for entry in case["solvers"].values():
+            assert entry["time_s"] > 0
+            assert 0.0 <= entry["map_agreement"] <= 1.0
+            assert math.isfinite(entry["max_subspace_err"])
+        ref = case["solvers"]["eigh64"]
+        assert ref["max_subspace_err"] < 1e-6 and ref["map_agreement"] == 1.0
+    fast = r["solvers"]["krylov"]
+    assert fast["max_subspace_err"] < 1e-3 and fast["map_agreement"] >= 0.99
+    assert fast["max_eigenvalue_err"] < 1e-5 and fast["krylov_converged"]
+    assert "krylov_warm" in r["cases"]["model_aug_view"]["solvers"]
+    assert r["cases"]["model"]["n"] == 64 and r["cases"]["model"]["batch"] == 2
+    assert set(r["targets_on_model_case"]) >= {"speedup_ge_20", "subspace_err_le_1e-3", "map_agreement_ge_0.99"}
+
+
+def test_eigen_metrics_detect_wrong_answers():
+    gen = torch.Generator().manual_seed(0)
+    ref = torch.linalg.qr(torch.randn(3, 50, 4, generator=gen, dtype=torch.float64)).Q
+    assert float(bench.subspace_error(ref, ref).max()) < 1e-12
+    # Column signs and rotations inside the span do not count as subspace errors ...
+    mixed = ref @ torch.linalg.qr(torch.randn(4, 4, generator=gen, dtype=torch.float64)).Q
+    assert float(bench.subspace_error(-mixed, ref).max()) < 1e-12
+    # ... but they do change individual vectors, and a foreign direction changes the span.
+    assert float(bench.vector_errors(mixed, ref).max()) > 0.1
+    assert float(bench.vector_errors(-ref, ref).max()) < 1e-12
+    other = ref.clone()
+    other[:, :, 3] = torch.linalg.qr(torch.randn(3, 50, 5, generator=gen, dtype=torch.float64)).Q[:, :, 4]
+    assert float(bench.subspace_error(other, ref).max()) > 0.1
+    centroids = torch.randn(32, 3, generator=gen)
+    assert torch.equal(bench.eicue_map(ref, centroids), bench.eicue_map(ref.clone(), centroids))
+
+
+def test_synthetic_images_are_normalised_flat_regions():
+    img = bench.synthetic_images(2, 32, regions=3, noise=0.0, generator=torch.Generator().manual_seed(0))
+    assert img.shape == (2, 3, 32, 32)
+    assert len(torch.unique(img[0].flatten(1), dim=1).T) <= 3  # at most three colours without noise
+    assert float(img.min()) >= -2.2 and float(img.max()) <= 2.7  # ImageNet-normalised [0, 1] pixels
+
+
+def test_data_delegates_to_bench_data(monkeypatch):
+    seen = {}
+
+    def fake_main(argv):
+        seen["argv"] = argv
+        return 0
+
+    fake = types.ModuleType("eagle_dist.bench_data")
+    fake.main = fake_main
+    monkeypatch.setitem(sys.modules, "eagle_dist.bench_data", fake)
+    assert bench.main(["data", "--count", "3"]) == 0
+    assert seen["argv"] == ["--count", "3"]
+
+
+def test_data_without_bench_data_says_so(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "eagle_dist.bench_data", None)
+    assert bench.main(["data"]) == 2
+    assert "eagle_dist.bench_data" in capsys.readouterr().err
+
+
+def test_usage_and_unknown_commands(capsys):
+    assert bench.main([]) == 2
+    assert bench.main(["--help"]) == 0
+    assert bench.main(["fly"]) == 2
+    assert "step" in capsys.readouterr().out
+
+
+def test_profiling_sections_are_free_when_off_and_add_up_when_on():
+    assert profiling.section("x") is profiling.section("y")  # one shared no-op context
+    with profiling.recording("cpu") as rec:
+        for _ in range(2):
+            with profiling.section("part"):
+                sum(range(1000))
+        with pytest.raises(RuntimeError, match="already active"):
+            with profiling.recording("cpu"):
+                pass
+    assert set(rec.totals()) == {"part"} and rec.totals()["part"] > 0
+    assert profiling.section("z") is profiling.section("y")
