@@ -303,6 +303,8 @@ class CheckpointManager:
         tmp = self.root / f"{TMP_PREFIX}{final.name}"
         deepspeed = d.strategy == "deepspeed"
         errors: list[BaseException] = []
+        # Every rank checks, so a bad `extra` fails everywhere at once, before any file exists.
+        state_text = self._state_json(step, extra)
 
         if d.is_main:
             try:
@@ -322,8 +324,8 @@ class CheckpointManager:
                 )
         try:
             if not errors:
-                self._write_own_files(tmp, step, model, optimizer, scheduler, extra, deepspeed)
-        except (OSError, TypeError, ValueError) as err:  # TypeError/ValueError: extra not JSON
+                self._write_own_files(tmp, model, optimizer, scheduler, state_text, deepspeed)
+        except OSError as err:
             errors.append(err)
 
         if d.any_flag(bool(errors)):
@@ -348,9 +350,23 @@ class CheckpointManager:
             self._prune()
         return final
 
+    def _state_json(self, step: int, extra: dict | None) -> str:
+        state = {
+            "format": FORMAT_VERSION,
+            "step": int(step),
+            "world_size": self.dist.world_size,
+            "strategy": self.dist.strategy,
+            "zero_stage": self.dist.zero_stage,
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "extra": extra or {},
+        }
+        try:
+            return json.dumps(state, indent=1, sort_keys=True)
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"checkpoint `extra` must be JSON-serialisable (plain dicts, lists, numbers, strings): {err}") from err
+
     def _write_own_files(
-        self, tmp: Path, step: int, model: Any, optimizer: Any, scheduler: Any, extra: dict | None,
-        deepspeed: bool,
+        self, tmp: Path, model: Any, optimizer: Any, scheduler: Any, state_text: str, deepspeed: bool
     ) -> None:
         from safetensors.torch import save_model
 
@@ -358,16 +374,6 @@ class CheckpointManager:
         _torch_save(capture_rng(), tmp / RNG_DIR / f"rank-{d.rank:05d}.pt")
         if not d.is_main:
             return
-        state = {
-            "format": FORMAT_VERSION,
-            "step": int(step),
-            "world_size": d.world_size,
-            "strategy": d.strategy,
-            "zero_stage": d.zero_stage,
-            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "extra": extra or {},
-        }
-        text = json.dumps(state, indent=1, sort_keys=True)  # fails early if extra is not JSON
         save_model(d.unwrap(model), str(tmp / MODEL_FILE))
         _fsync_file(tmp / MODEL_FILE)
         if not deepspeed:
@@ -375,7 +381,7 @@ class CheckpointManager:
         if scheduler is not None:
             _torch_save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
         with open(tmp / STATE_FILE, "w") as f:
-            f.write(text)
+            f.write(state_text)
             f.flush()
             os.fsync(f.fileno())
 
@@ -396,7 +402,11 @@ class CheckpointManager:
             trash = self.root / f"{TRASH_PREFIX}{final.name}"
             shutil.rmtree(trash, ignore_errors=True)
             os.replace(final, trash)
-            os.replace(tmp, final)
+            try:
+                os.replace(tmp, final)
+            except OSError:
+                os.replace(trash, final)  # put the old one back rather than lose the step
+                raise
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(tmp, final)

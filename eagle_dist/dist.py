@@ -5,12 +5,13 @@ nothing else reads RANK / WORLD_SIZE / SLURM_* from the environment.
 
     from eagle_dist import dist as distmod
     d = distmod.setup(strategy="auto", expected_world_size=None, seed=0)
-    model, optimizer, scheduler = d.accelerator.prepare(model, optimizer, scheduler)
-    ...
+    model, optimizer = d.prepare(model, optimizer)
+    d.backward(loss); d.clip_grad(model); optimizer.step()
     stop = d.any_flag(preempted)          # every rank gets the same answer
     d.cleanup()
 
-Launch lines that really start N processes (all verified by tests/test_dist.py on CPU):
+Launch lines that really start N processes (tests/test_dist.py runs each of the first six
+with 2 CPU processes; for srun only the SLURM_* mapping is unit-tested, no Slurm here):
 
     torchrun --nproc_per_node 2 launch/train.py
     accelerate launch --config_file launch/accelerate/cpu_2proc.yaml launch/train.py
@@ -18,6 +19,8 @@ Launch lines that really start N processes (all verified by tests/test_dist.py o
     accelerate launch --config_file launch/accelerate/deepspeed_zero2.yaml --num_processes 2 launch/train.py
     torchrun --nnodes 2 --node_rank R --nproc_per_node G --rdzv_backend c10d \\
         --rdzv_endpoint HOST:PORT launch/train.py
+    accelerate launch --config_file launch/accelerate/multi_node.yaml --num_processes 16 \\
+        --machine_rank R --main_process_ip HOST --main_process_port PORT launch/train.py
     srun --ntasks N python launch/train.py     # one task per GPU; RANK etc. derived from SLURM_*
 
 Launchers and what they promise (read from accelerate 1.15 / torch 2.13 sources):
@@ -48,7 +51,8 @@ accelerate + DeepSpeed on CPU (findings, accelerate 1.15.0, deepspeed 0.19.8, to
 * `Accelerator(cpu=True)` silently disables the DeepSpeed plugin, so DeepSpeed on CPU is
   built WITHOUT cpu=True and WITH `InitProcessGroupKwargs(backend="gloo")`. Without the
   explicit backend accelerate computes backend=None on a GPU-less host, initialises
-  DeepSpeed's process group anyway and then reports num_processes=1 on every rank.
+  DeepSpeed's process group anyway and then reports num_processes=1 and process_index=0 on
+  every rank (checked under torchrun with 2 processes: both think they are the main one).
 * DeepSpeed picks its CPU accelerator automatically when CUDA is absent (we set
   DS_ACCELERATOR=cpu to skip the probing warning); its CPU accelerator falls back to gloo
   when oneccl_bindings_for_pytorch is missing. ZeRO-1 and ZeRO-2 train correctly on gloo.
@@ -56,7 +60,7 @@ accelerate + DeepSpeed on CPU (findings, accelerate 1.15.0, deepspeed 0.19.8, to
   register HfDeepSpeedConfig for ZeRO-3 `from_pretrained`). We do not use transformers and
   refuse ZeRO-3, so `_DeepSpeedPlugin` skips that registration when transformers is absent.
 * DeepSpeed's TorchBackend JIT-compiles the `deepspeed_shm_comm` C++ op on every CPU start
-  (25-100 s depending on load). It only serves `inference_all_reduce` (AutoTP inference) and
+  (~25 s measured here, minutes on a loaded machine). It only serves `inference_all_reduce` (AutoTP inference) and
   is never used by ZeRO training. We mark it incompatible in
   `deepspeed.ops.__compatible_ops__` before DeepSpeed initialises, which makes
   `build_shm_op()` return None (init drops from ~27 s to ~1.3 s here). If you ever need the

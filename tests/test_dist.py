@@ -234,16 +234,25 @@ def test_deepspeed_zero_on_two_cpu_processes(tmp_path, stage):
     assert "deepspeed_shm_comm" not in proc.stdout + proc.stderr
 
 
+def _node_cmd(launcher: str, node: int, port: int, out) -> list[str]:
+    toy = [str(toy_train.SCRIPT), "--out", str(out), "--steps", "4"]
+    if launcher == "torchrun":
+        return [toy_train.sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
+                "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}",
+                "--rdzv_id", "eagle-two-node-test", *toy]
+    return toy_train.accelerate_cmd(
+        "--config_file", str(toy_train.ACCELERATE_CONFIGS / "multi_node.yaml"), "--num_processes", "2",
+        "--machine_rank", str(node), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), *toy)
+
+
 @pytest.mark.multiproc
-def test_simulated_two_node_torchrun(tmp_path):
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"], ids=["torchrun-c10d", "multi_node.yaml"])
+def test_simulated_two_node_run(tmp_path, launcher):
+    """Two launcher invocations on 127.0.0.1, one per "node", meeting through c10d rendezvous."""
     port = toy_train.free_port()
     procs = [
-        subprocess.Popen(
-            [toy_train.sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
-             "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}",
-             "--rdzv_id", "eagle-two-node-test", str(toy_train.SCRIPT), "--out", str(tmp_path), "--steps", "4"],
-            env=toy_train.launch_env(), cwd=toy_train.REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
+        subprocess.Popen(_node_cmd(launcher, node, port, tmp_path), env=toy_train.launch_env(), cwd=toy_train.REPO,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for node in (0, 1)
     ]
     outputs = []
@@ -255,5 +264,5 @@ def test_simulated_two_node_torchrun(tmp_path):
             if proc.poll() is None:
                 proc.kill()
     assert all(p.returncode == 0 for p in procs), "\n".join(o[1][-3000:] for o in outputs)
-    r = _assert_two_rank_run(tmp_path, "torchrun")
+    r = _assert_two_rank_run(tmp_path, launcher)
     assert r["world_size"] == 2
