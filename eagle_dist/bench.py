@@ -226,12 +226,11 @@ def run_step_bench(args: argparse.Namespace) -> dict | None:
     step_times, step_parts = timed_steps(args.steps)
     peak_bytes, peak_kind = _peak_memory(device)
 
-    # Parts in step order, each followed by its sub-sections ("eicue.laplacian" after "eicue").
-    names = {name for parts in step_parts for name in parts}
-    ordered = [p for p in STEP_PARTS if p in names]
-    ordered += sorted(names - set(ordered), key=lambda s: (s.split(".")[0] not in ordered, s))
-    ordered = sorted(ordered, key=lambda s: STEP_PARTS.index(s.split(".")[0]) if s.split(".")[0] in STEP_PARTS
-                     else len(STEP_PARTS))
+    # Parts in step order, each followed by its sub-sections in the order they ran.
+    seen = list(dict.fromkeys(name for parts in step_parts for name in parts))
+    parents = [p for p in STEP_PARTS if p in seen] + [s for s in seen if "." not in s and s not in STEP_PARTS]
+    ordered = [s for p in parents for s in seen if s == p or s.startswith(p + ".")]
+    ordered += [s for s in seen if s not in ordered]
     breakdown = {name: _median([parts.get(name, 0.0) for parts in step_parts]) for name in ordered}
     step_median = _median(step_times)
     if d is not None:

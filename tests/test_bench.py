@@ -139,3 +139,20 @@ def test_profiling_sections_are_free_when_off_and_add_up_when_on():
                 pass
     assert set(rec.totals()) == {"part"} and rec.totals()["part"] > 0
     assert profiling.section("z") is profiling.section("y")
+
+
+@pytest.mark.multiproc
+def test_step_under_torchrun_reports_communication(tmp_path):
+    import os
+    import subprocess
+
+    out = tmp_path / "dist.json"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "eagle_dist.bench", "step", *TINY_STEP, "--json", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["world_size"] == 2 and r["images_per_s"] == pytest.approx(2 / r["step_median_s"])
+    assert r["breakdown"]["comm"] >= r["breakdown"]["comm.grad_allreduce"] >= 0
+    assert r["step_median_slowest_rank_s"] >= r["step_median_s"]
