@@ -325,7 +325,9 @@ class CheckpointManager:
         try:
             if not errors:
                 self._write_own_files(tmp, model, optimizer, scheduler, state_text, deepspeed)
-        except OSError as err:
+        except Exception as err:  # noqa: BLE001  (re-raised below, on every rank together)
+            # Any failure here, not just OSError, must reach the agreement below: a rank that
+            # raised on its own would leave the others waiting in the next collective.
             errors.append(err)
 
         if d.any_flag(bool(errors)):
@@ -368,13 +370,16 @@ class CheckpointManager:
     def _write_own_files(
         self, tmp: Path, model: Any, optimizer: Any, scheduler: Any, state_text: str, deepspeed: bool
     ) -> None:
-        from safetensors.torch import save_model
+        from safetensors.torch import save_file
 
         d = self.dist
         _torch_save(capture_rng(), tmp / RNG_DIR / f"rank-{d.rank:05d}.pt")
         if not d.is_main:
             return
-        save_model(d.unwrap(model), str(tmp / MODEL_FILE))
+        # Copies, not views: DeepSpeed's ZeRO keeps parameters as views into flat buffers (and
+        # tied weights share storage), which safetensors refuses to write as they are.
+        weights = {k: v.detach().cpu().contiguous().clone() for k, v in d.unwrap(model).state_dict().items()}
+        save_file(weights, str(tmp / MODEL_FILE))
         _fsync_file(tmp / MODEL_FILE)
         if not deepspeed:
             _torch_save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
@@ -413,16 +418,20 @@ class CheckpointManager:
         _fsync_dir(self.root)
 
     def _fail(self, step: int, errors: list[BaseException], stage: str) -> None:
-        reports = self.dist.gather_object(_describe(errors[0]) if errors else None)
-        failed = "; ".join(f"rank {r}: {msg}" for r, msg in enumerate(reports) if msg is not None)
+        local = (_describe(errors[0]), isinstance(errors[0], OSError)) if errors else None
+        reports = self.dist.gather_object(local)
+        failed = "; ".join(f"rank {r}: {rep[0]}" for r, rep in enumerate(reports) if rep is not None)
+        storage = any(rep is not None and rep[1] for rep in reports)
         raise CheckpointSaveError(
             f"saving checkpoint {self.root / step_dir_name(step)} failed while {stage} ({failed}). "
-            f"{self._previous_hint()}"
+            f"{self._previous_hint(storage)}"
         ) from (errors[0] if errors else None)
 
-    def _previous_hint(self) -> str:
+    def _previous_hint(self, storage: bool = True) -> str:
         previous = latest_complete(self.root)
         kept = f"The previous checkpoint {previous} is intact." if previous else "No earlier checkpoint exists."
+        if not storage:
+            return kept
         return f"{kept} Free disk space (or fix the storage) under {self.root} and restart to resume."
 
     def _remove_stale_temps(self) -> None:
@@ -450,7 +459,7 @@ class CheckpointManager:
         Every rank must call it. Raises CheckpointError for an incomplete or foreign folder, or
         weights that do not fit the model.
         """
-        from safetensors.torch import load_model
+        from safetensors.torch import load_file
 
         d = self.dist
         path = Path(path)
@@ -478,7 +487,7 @@ class CheckpointManager:
                 raise CheckpointError(f"DeepSpeed found no engine checkpoint in {path / DEEPSPEED_DIR}")
         else:
             try:
-                load_model(d.unwrap(model), str(path / MODEL_FILE), strict=True, device="cpu")
+                d.unwrap(model).load_state_dict(load_file(str(path / MODEL_FILE), device="cpu"), strict=True)
             except (RuntimeError, FileNotFoundError) as err:
                 raise CheckpointError(
                     f"the weights in {path / MODEL_FILE} do not fit this model ({err}). Was the "

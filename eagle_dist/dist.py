@@ -471,8 +471,9 @@ def _resolve(
     elif strategy == "ddp" and launcher_ds:
         raise DistributedSetupError(
             "The accelerate config selects DeepSpeed (ACCELERATE_USE_DEEPSPEED=true) but the run "
-            "config says strategy='ddp'. Use a DDP accelerate config "
-            "(launch/accelerate/ddp_multi_gpu.yaml) or set strategy to 'deepspeed' or 'auto'."
+            "config says strategy='ddp' (dist.strategy). Use a DDP accelerate config "
+            "(launch/accelerate/ddp_multi_gpu.yaml), or set dist.strategy=auto (follow the "
+            "accelerate config) or dist.strategy=deepspeed."
         )
     stage: int | None = None
     if strategy == "deepspeed":
@@ -482,8 +483,8 @@ def _resolve(
         if launcher_stage is not None and zero_stage is not None and int(launcher_stage) != zero_stage:
             raise DistributedSetupError(
                 f"The accelerate config asks for ZeRO stage {launcher_stage} but the run config "
-                f"asks for zero_stage={zero_stage}. Make them agree, or set zero_stage=0 to "
-                "take the accelerate config's stage."
+                f"asks for zero_stage={zero_stage} (dist.zero_stage). Make them agree, or set "
+                "dist.zero_stage=0 to take the accelerate config's stage."
             )
         stage = zero_stage if zero_stage is not None else int(launcher_stage or 2)
         if stage not in ZERO_STAGES:

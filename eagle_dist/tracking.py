@@ -188,8 +188,9 @@ class MlflowTracker:
         from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException
 
-        # Alembic's schema-migration chatter on first use of a sqlite store is noise here.
-        logging.getLogger("alembic").setLevel(logging.WARNING)
+        # Schema-migration chatter on first use of a sqlite store is noise in a training log.
+        for name in ("alembic", "mlflow.store.db.utils"):
+            logging.getLogger(name).setLevel(logging.WARNING)
         self._client = client = MlflowClient(tracking_uri=self.uri)
         if run_id is not None:
             try:

@@ -144,7 +144,7 @@ def test_disk_full_keeps_the_previous_checkpoint(tmp_path, d, monkeypatch, where
         if where == "torch.save":
             m.setattr(torch, "save", _no_space)
         elif where == "safetensors":
-            m.setattr(safetensors.torch, "save_model", _no_space)
+            m.setattr(safetensors.torch, "save_file", _no_space)
         else:
             m.setattr(ck.os, "replace", _no_space)
         with pytest.raises(CheckpointSaveError) as err:
@@ -155,6 +155,20 @@ def test_disk_full_keeps_the_previous_checkpoint(tmp_path, d, monkeypatch, where
     assert mgr.latest() == first
     mgr.load(first, model, optimizer, scheduler=scheduler)
     assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+
+
+def test_any_write_error_becomes_a_save_error_on_every_rank(tmp_path, d, monkeypatch):
+    model, optimizer, _ = make_training()
+    mgr = CheckpointManager(tmp_path, keep_last=1, dist=d)
+
+    def refuses(*_args, **_kwargs):
+        raise RuntimeError("shared storage")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", refuses)
+    with pytest.raises(CheckpointSaveError, match="rank 0: RuntimeError: shared storage") as err:
+        mgr.save(1, model, optimizer, {"step": 1})
+    assert "disk space" not in str(err.value)  # not a storage problem: no storage advice
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_failed_resave_of_a_step_keeps_the_old_copy(tmp_path, d, monkeypatch):

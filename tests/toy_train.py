@@ -6,7 +6,7 @@
     python -m accelerate.commands.launch --config_file launch/accelerate/deepspeed_zero2.yaml \\
         --num_processes 2 tests/toy_train.py --out /tmp/toy --strategy auto
 
-Model: dropout + nn.Linear, AdamW with two named parameter groups, a LambdaLR warm-up. Each
+Model: dropout + two nn.Linear layers, AdamW with two named parameter groups, LambdaLR warm-up. Each
 rank draws its batches from its own global torch RNG (seeded per rank), so an exact resume
 needs model, optimizer, scheduler AND the RNG states restored. On start it resumes from the
 newest complete checkpoint in <out>/checkpoints. Rank 0 writes <out>/result.json: final
@@ -39,7 +39,7 @@ from eagle_dist import dist as dist_mod  # noqa: E402
 from eagle_dist.checkpoint import CheckpointManager, CheckpointSaveError  # noqa: E402
 from eagle_dist.tracking import NullTracker, make_tracker  # noqa: E402
 
-IN_DIM, OUT_DIM, BATCH = 8, 4, 16
+IN_DIM, HIDDEN, OUT_DIM, BATCH = 8, 16, 4, 16
 SCRIPT = Path(__file__).resolve()
 ACCELERATE_CONFIGS = REPO / "launch" / "accelerate"
 LAUNCH_TIMEOUT_S = 240  # a hung rendezvous must fail the test, not the CI job
@@ -132,10 +132,13 @@ def run(d: dist_mod.Dist, args: argparse.Namespace, out: Path) -> int:
     d.print(dist_mod.describe(d))
     checks = self_check(d)
 
-    model = torch.nn.Sequential(torch.nn.Dropout(0.2), torch.nn.Linear(IN_DIM, OUT_DIM))
+    model = torch.nn.Sequential(
+        torch.nn.Dropout(0.2), torch.nn.Linear(IN_DIM, HIDDEN), torch.nn.Tanh(), torch.nn.Linear(HIDDEN, OUT_DIM))
+    # Two parameters per group: ZeRO then keeps each group in one flat buffer whose views are
+    # the parameters, which is what real heads look like to the checkpoint code.
     groups = [
-        {"name": "weight", "params": [model[1].weight], "lr": 0.05},
-        {"name": "bias", "params": [model[1].bias], "lr": 0.01},
+        {"name": "hidden", "params": list(model[1].parameters()), "lr": 0.05},
+        {"name": "out", "params": list(model[3].parameters()), "lr": 0.01},
     ]
     optimizer = torch.optim.AdamW(groups, weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 3))
