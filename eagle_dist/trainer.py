@@ -297,10 +297,13 @@ class Trainer:
         from eagle_dist.evaluation import evaluate_stream
 
         cfg = self.cfg
-        result = evaluate_stream(
-            self.backbone, self.raw_heads, cfg, self.dist,
-            max_batches=cfg.eval.max_batches or None, kmeans_baseline=final,
-        )
+        # Evaluation must not shift the training randomness (dropout, correspondence samples;
+        # loader start-up draws a seed): a run that evaluates more often trains identically.
+        with torch.random.fork_rng(devices=[]):
+            result = evaluate_stream(
+                self.backbone, self.raw_heads, cfg, self.dist,
+                max_batches=cfg.eval.max_batches or None, kmeans_baseline=final,
+            )
         metrics = {f"eval/{k}": v for k, v in result.scalars().items()}
         self.tracker.log_metrics(metrics, step=self.step)
         self.last_eval_result = result
