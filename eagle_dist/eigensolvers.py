@@ -173,9 +173,12 @@ def block_krylov_smallest(
     vecs_BkN = lap_BNN.new_empty(batch, k, n)
     floor = _RESIDUAL_FLOOR_ULPS * torch.finfo(lap_BNN.dtype).eps
 
-    # "A" indexes the images still iterating. Converged ones are written out and dropped, so
-    # later steps only stream the Laplacians of the hard images.
+    # "A" indexes the images still in the batch; `finished_A` marks those already written out.
+    # Finished images leave the batch once they are at least half of it: copying the remaining
+    # Laplacians costs about as much as one step over the finished ones, so later steps only
+    # stream the hard images without paying a copy for every straggler.
     active_A = torch.arange(batch, device=device)
+    finished_A = torch.zeros(batch, dtype=torch.bool, device=device)
     lap_ANN = lap_BNN
     prev_res_A = torch.full((batch,), float("inf"), dtype=lap_BNN.dtype, device=device)
     for step in range(max_steps + 1):
@@ -185,21 +188,26 @@ def block_krylov_smallest(
             mu_Ak, vecs_AkN, residual_Ak, gap_A = _rayleigh_ritz(Q_AmN[:, :hi], AQ_AmN[:, :hi], k)
             res_A = residual_Ak.amax(dim=1)
             met_A = (res_A <= tol * gap_A) | ((res_A <= floor) & (res_A >= 0.5 * prev_res_A))
-            done_A = met_A if step < max_steps and tol > 0 else torch.ones_like(met_A)
-            if bool(done_A.any()):
-                rows = active_A[done_A]
+            last = step == max_steps or tol <= 0
+            new_A = ~finished_A if last else met_A & ~finished_A
+            if bool(new_A.any()):
+                rows = active_A[new_A]
                 rows_cpu = rows.cpu()
-                vals_Bk[rows] = 1.0 - mu_Ak[done_A]
-                vecs_BkN[rows] = vecs_AkN[done_A]
-                info["residual"][rows] = residual_Ak[done_A]
-                info["gap"][rows] = gap_A[done_A]
+                vals_Bk[rows] = 1.0 - mu_Ak[new_A]
+                vecs_BkN[rows] = vecs_AkN[new_A]
+                info["residual"][rows] = residual_Ak[new_A]
+                info["gap"][rows] = gap_A[new_A]
                 info["steps"][rows_cpu] = step
-                info["converged"][rows_cpu] = met_A[done_A].cpu()
-                if bool(done_A.all()):
+                info["converged"][rows_cpu] = met_A[new_A].cpu()
+                finished_A = finished_A | new_A
+                n_finished = int(finished_A.sum())
+                if n_finished == finished_A.shape[0]:
                     break
-                keep_A = ~done_A
-                active_A, lap_ANN, res_A = active_A[keep_A], lap_ANN[keep_A], res_A[keep_A]
-                Q_AmN, AQ_AmN = Q_AmN[keep_A], AQ_AmN[keep_A]
+                if 2 * n_finished >= finished_A.shape[0]:
+                    keep_A = ~finished_A
+                    active_A, lap_ANN, res_A = active_A[keep_A], lap_ANN[keep_A], res_A[keep_A]
+                    Q_AmN, AQ_AmN = _keep_filled(Q_AmN, keep_A, hi), _keep_filled(AQ_AmN, keep_A, hi)
+                    finished_A = finished_A[keep_A]
             prev_res_A = res_A
         Q_AmN[:, hi:hi + block] = _orthonormalize_against(AQ_AmN[:, lo:hi], Q_AmN[:, :hi])
 
@@ -212,6 +220,13 @@ def block_krylov_smallest(
         info["fallback"][stuck_B] = True
     out = (vals_Bk, vecs_BkN.mT.contiguous())
     return (*out, info) if return_info else out
+
+
+def _keep_filled(buf_AmN: torch.Tensor, keep_A: torch.Tensor, filled: int) -> torch.Tensor:
+    """The rows ``keep_A`` of a basis buffer, copying only its first ``filled`` vectors."""
+    out = buf_AmN.new_empty(int(keep_A.sum()), *buf_AmN.shape[1:])
+    out[:, :filled] = buf_AmN[keep_A, :filled]
+    return out
 
 
 def _rayleigh_ritz(Q_BmN: torch.Tensor, AQ_BmN: torch.Tensor, k: int):
