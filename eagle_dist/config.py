@@ -143,8 +143,9 @@ class TrainConfig:
 
 @dataclass
 class DistConfig:
-    strategy: Literal["ddp", "deepspeed"] = "ddp"
-    zero_stage: int = 2
+    # "auto": DeepSpeed when the accelerate config selects it, else DDP.
+    strategy: Literal["auto", "ddp", "deepspeed"] = "auto"
+    zero_stage: int = 0  # 1 or 2; 0 = the accelerate config's stage, else 2
     # "auto": bf16 autocast on GPU, fp32 on CPU.  Eigendecompositions are always fp32.
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"
     # Refuse to start unless this many processes are running (0 = no check beyond the launcher's).
@@ -307,7 +308,7 @@ def validate(cfg: Config) -> None:
         (cfg.model.extra_clusters >= 0, "model.extra_clusters must be >= 0"),
         (cfg.data.batch_size >= 1, "data.batch_size must be >= 1"),
         (cfg.train.max_steps >= 1, "train.max_steps must be >= 1"),
-        (cfg.dist.zero_stage in (1, 2), "dist.zero_stage must be 1 or 2"),
+        (cfg.dist.zero_stage in (0, 1, 2), "dist.zero_stage must be 0 (from the launcher), 1 or 2"),
         (cfg.train.keep_last >= 1, "train.keep_last must be >= 1"),
     ]
     for ok, message in checks:

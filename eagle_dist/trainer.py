@@ -54,6 +54,7 @@ class Trainer:
             expected_world_size=cfg.dist.expected_world_size or None,
             seed=cfg.train.seed,
             cpu_threads=cfg.dist.cpu_threads or None,
+            micro_batch_size=cfg.data.batch_size,
         )
         self.device = self.dist.device
         self.run_dir = self._run_dir()
@@ -127,7 +128,7 @@ class Trainer:
             for split in missing:
                 folder = cfg.data.train_shards if split == "train" else cfg.data.val_shards
                 self.dist.print(f"building synthetic {split} shards in {folder} (first run only)")
-                shard.main([
+                shard.run([
                     "--source", "synthetic", "--split", split, "--out", folder,
                     "--synthetic-classes", str(cfg.model.n_classes), "--samples-per-shard", "64", "--quiet",
                 ])
@@ -336,7 +337,7 @@ class Trainer:
         result = getattr(self, "last_eval_result", None)
         if result is not None:
             for path in result.write_figures(self.run_dir / "figures"):
-                self.tracker.log_artifact(path)
+                self.tracker.log_artifact(path, artifact_path="figures")
 
     def close(self) -> None:
         tracker = getattr(self, "tracker", None)

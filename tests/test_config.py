@@ -33,7 +33,7 @@ def test_overrides_and_types():
     [
         ("optim.lrr=1", "unknown config key 'optim.lrr'"),
         ("nope.x=1", "unknown config key 'nope'"),
-        ("dist.strategy=fsdp", "'dist.strategy': expected one of 'ddp', 'deepspeed'"),
+        ("dist.strategy=fsdp", "'dist.strategy': expected one of 'auto', 'ddp', 'deepspeed'"),
         ("train.max_steps=2.5", "'train.max_steps': expected int"),
         ("loss.pointwise=3", "'loss.pointwise': expected bool"),
         ("model.eigen_k=1", "eigen_k"),

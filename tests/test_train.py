@@ -149,7 +149,7 @@ def test_accelerate_kill_and_resume_equals_uninterrupted(tmp_path, shards, refer
 def test_deepspeed_zero2_two_processes(tmp_path, shards):
     out = tmp_path / "out"
     _run(_accelerate("deepspeed_zero2.yaml", "--num_processes", "2", HARNESS, str(out), *TINY, *shards,
-                     f"train.output_dir={tmp_path}/runs", "train.max_steps=4", "dist.strategy=deepspeed"))
+                     f"train.output_dir={tmp_path}/runs", "train.max_steps=4"))  # strategy auto follows the accelerate config
     info = _summary(out)
     assert info["strategy"] == "deepspeed" and info["world_size"] == 2
     ranks = _load_ranks(out, 2)
