@@ -24,6 +24,7 @@ import math
 import os
 import signal
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -140,7 +141,10 @@ class Trainer:
 
         cfg = self.cfg
         torch.manual_seed(cfg.train.seed)  # identical head initialisation on every rank
-        self.backbone = FrozenViT(cfg.model.backbone, cfg.model.weights, fused_attn=cfg.model.fused_attn)
+        with warnings.catch_warnings():
+            if not self.dist.is_main:  # the random-init warning once per job, not once per rank
+                warnings.simplefilter("ignore")
+            self.backbone = FrozenViT(cfg.model.backbone, cfg.model.weights, fused_attn=cfg.model.fused_attn)
         self.backbone.to(self.device)
         heads = EagleHeads(cfg, self.backbone.out_channels)
         optimizer = build_optimizer(heads, cfg, self.global_batch)
@@ -347,13 +351,31 @@ class Trainer:
 
 
 def format_final_table(summary: dict, run_dir: Path, tracking_uri: str) -> str:
-    rows = [(k, v) for k, v in summary.items()]
-    width = max(len(k) for k, _ in rows)
-    lines = ["", "final results", "-" * (width + 16)]
-    for k, v in rows:
-        text = f"{v:.2f}" if isinstance(v, float) and math.isfinite(v) else str(v)
-        lines.append(f"{k:<{width}}  {text}")
-    lines.append("-" * (width + 16))
+    """The short table printed at the end of a run (rank 0)."""
+    def cell(key: str) -> str:
+        value = summary.get(f"eval/{key}")
+        return f"{value:7.2f}" if isinstance(value, float) and math.isfinite(value) else "      -"
+
+    rows = [("cluster probe (trained head)", "cluster"), ("linear probe", "linear"),
+            ("k-means on raw backbone keys", "kmeans_raw")]
+    lines = [
+        "",
+        f"final results: {summary['steps']} steps, {summary['wall_s'] / 60:.1f} min, "
+        f"{summary['images_per_s']:.1f} images/s",
+        f"{'':<30}{'official':>16}{'strict':>16}",
+        f"{'':<30}{'mIoU':>8}{'acc':>8}{'mIoU':>8}{'acc':>8}",
+    ]
+    for title, key in rows:
+        if f"eval/{key}_official_mIoU" in summary:
+            lines.append(
+                f"{title:<30} {cell(key + '_official_mIoU')}{cell(key + '_official_acc')}"
+                f"{cell(key + '_strict_mIoU')}{cell(key + '_strict_acc')}"
+            )
+    dropped, total = summary.get("eval/official_dropped_pixels"), summary.get("eval/labelled_pixels")
+    if dropped is not None and total:
+        lines.append(f"(the official protocol ignored {100 * dropped / total:.1f} % of labelled pixels: "
+                     "predicted as extra clusters)")
     lines.append(f"run folder: {run_dir}")
-    lines.append(f"MLflow: {tracking_uri}  ->  mlflow ui --backend-store-uri {tracking_uri}")
+    lines.append(f"MLflow: {tracking_uri}")
+    lines.append(f"  open it with: mlflow ui --backend-store-uri {tracking_uri}")
     return "\n".join(lines)
