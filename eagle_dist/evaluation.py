@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -75,6 +76,34 @@ class EvalResult:
     linear: metrics.ConfusionMatrix
     kmeans: metrics.ConfusionMatrix | None = None  # k-means on the raw backbone keys
     samples: list[dict] = field(default_factory=list)  # a few images for the figure (rank 0)
+    n_images: int = 0  # images evaluated, summed over ranks
+
+    def per_class_iou(self) -> dict[str, dict[str, float | None]]:
+        """IoU in percent per class name for every probe and protocol (None where undefined).
+
+        Official cluster: row k of the Hungarian histogram is the cluster matched to class k (its
+        extra "missing clusters" row is not a class and is left out).
+        """
+        out = {}
+        for name, score in self.scores().items():
+            iou = score["iou"][: len(self.class_names)]
+            out[name] = {cls: (None if np.isnan(v) else float(100.0 * v)) for cls, v in zip(self.class_names, iou)}
+        return out
+
+    def assignment(self) -> dict:
+        """Cluster id -> class id under both protocols' Hungarian matching (-1: no class).
+
+        ``strict`` matches over all labelled pixels (every cluster may win a class); ``official``
+        is the reference's table, where extra clusters hold no pixels and stay unmatched.
+        """
+        report = self.cluster.compute("cluster")
+        return {
+            "n_classes": self.cluster.n_classes,
+            "extra_clusters": self.cluster.extra_clusters,
+            "class_names": list(self.class_names),
+            "strict": [int(c) for c in report["strict"]["cluster_to_class"]],
+            "official": [int(c) for c in report["official"]["cluster_to_class"]],
+        }
 
     def scores(self) -> dict[str, dict]:
         out = {}
@@ -129,8 +158,18 @@ def evaluate_stream(
     kmeans_baseline: bool = False,
     n_samples: int = 4,
     shards: str | None = None,
+    crf_pool=None,
+    cluster_alpha: float | None = None,
+    eicue_samples: bool = True,
 ) -> EvalResult:
-    """Evaluate `heads` on the validation shards; collective: every rank must call it."""
+    """Evaluate `heads` on the validation shards; collective: every rank must call it.
+
+    With ``crf_pool`` (an :class:`eagle_dist.crf.CRFPool`) both probes go through DenseCRF: the
+    linear probe as log-softmax of its logits, the cluster probe as log-softmax of
+    ``cluster_alpha`` x cosine (the official final protocol; the temperature changes nothing
+    without the CRF, since the argmax is the same).  ``eicue_samples`` adds the EiCue map of
+    the first images to ``samples`` (the trainer's figure).
+    """
     from eagle_dist import data
 
     shards = shards or cfg.data.val_shards
@@ -151,6 +190,7 @@ def evaluate_stream(
     linear = metrics.ConfusionMatrix(n, 0, device=device)
     kept_images: list[tuple[torch.Tensor, torch.Tensor]] = []
     samples: list[dict] = []
+    n_images = 0
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
@@ -158,27 +198,38 @@ def evaluate_stream(
         label = batch["label"].to(device)
         code = head_code(backbone, heads, img, flip)
         scores, logits = probe_predictions(heads, code, label.shape[-2:])
-        cluster_pred, linear_pred = scores.argmax(1), logits.argmax(1)
+        if crf_pool is not None:
+            from eagle_dist.crf import to_uint8
+
+            alpha = cfg.eval.cluster_alpha if cluster_alpha is None else cluster_alpha
+            linear_pred, cluster_pred = crf_pool.refine(
+                to_uint8(img), F.log_softmax(logits, dim=1), F.log_softmax(alpha * scores, dim=1)
+            )
+        else:
+            cluster_pred, linear_pred = scores.argmax(1), logits.argmax(1)
+        n_images += img.shape[0]
         cluster.update(cluster_pred, label)
         linear.update(linear_pred, label)
         if kmeans_baseline:
             kept_images.append((backbone(img).cpu(), label.cpu()))
         if dist.is_main and len(samples) < n_samples:
-            eicue_map = _eicue_map(heads, code, img, cfg)
+            eicue_map = _eicue_map(heads, code, img, cfg) if eicue_samples else None
             for j in range(min(n_samples - len(samples), img.shape[0])):
-                samples.append({
-                    "image": img[j].cpu(), "label": label[j].cpu(),
-                    "cluster": cluster_pred[j].cpu(), "eicue": eicue_map[j].cpu(),
-                })
+                sample = {"image": img[j].cpu(), "label": label[j].cpu(),
+                          "cluster": cluster_pred[j].cpu(), "linear": linear_pred[j].cpu()}
+                if eicue_map is not None:
+                    sample["eicue"] = eicue_map[j].cpu()
+                samples.append(sample)
     for cm in (cluster, linear):
         dist.all_reduce_sum(cm.table)
+    n_images = int(dist.all_reduce_sum(torch.tensor([n_images], dtype=torch.int64, device=device)).item())
     kmeans = None
     if kmeans_baseline:
         kmeans = _kmeans_baseline(kept_images, n, e, dist, cfg.train.seed)
     if was_training:
         heads.train()
     names = [c["name"] if isinstance(c, dict) else str(c) for c in manifest["classes"]]
-    return EvalResult(names, cluster, linear, kmeans, samples)
+    return EvalResult(names, cluster, linear, kmeans, samples, n_images)
 
 
 def _eicue_map(heads, code: torch.Tensor, img: torch.Tensor, cfg) -> torch.Tensor:
