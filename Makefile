@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 install: $(VENV)/.installed
 
 train: install
-	$(VENV)/bin/accelerate launch --config_file launch/accelerate/cpu_2proc.yaml launch/train.py $(ARGS)
+	$(VENV)/bin/accelerate launch launch/train.py $(ARGS)
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)

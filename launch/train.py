@@ -8,6 +8,10 @@
 
 With no --config the embedded default (configs/default.yaml: synthetic data, small random ViT)
 runs.  Any `key.sub=value` argument overrides the config.
+
+The embedded default wants 2 processes.  Started without --config as one process on a CPU
+machine with at least 2 cores, as `accelerate launch launch/train.py` without an accelerate
+config does, it starts itself again under torchrun with 2 processes.
 """
 
 from __future__ import annotations
@@ -24,7 +28,33 @@ import eagle_dist  # noqa: E402,F401  (torchvision shim first)
 from eagle_dist.config import ConfigError, load_config  # noqa: E402
 
 
+def _relaunch_embedded_default(overrides: list[str]) -> int | None:
+    """Exit code of a 2-process torchrun of the embedded default, or None to run here."""
+    import os
+    import subprocess
+
+    import torch
+
+    from eagle_dist.dist import detect_launch
+
+    info = detect_launch()
+    if info.world_size != 1 or info.promised_min_world_size != 1 or torch.cuda.is_available():
+        return None
+    if (os.cpu_count() or 1) < 2 or os.environ.get("EAGLE_NO_RELAUNCH"):
+        return None
+    print("eagle-dist: embedded default on CPU: starting 2 processes with torchrun "
+          "(set EAGLE_NO_RELAUNCH=1 to stay in one process)", flush=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(Path(__file__).resolve()), "--config", str(REPO / "configs" / "default.yaml"), *overrides]
+    return subprocess.call(cmd)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not any(a == "--config" or a.startswith("--config=") or a in ("-h", "--help") for a in argv):
+        code = _relaunch_embedded_default(list(argv))
+        if code is not None:
+            return code
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(REPO / "configs" / "default.yaml"), help="YAML config")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4")

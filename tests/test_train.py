@@ -189,3 +189,15 @@ def test_unreachable_tracking_server_does_not_stop_training(tmp_path, shards):
     run_dir = Path(_summary(out)["run_dir"])
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert {1, 2} <= {row["step"] for row in lines if "loss" in row.get("metrics", row)}
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_bare_accelerate_launch_runs_the_default_on_two_processes(tmp_path, shards):
+    """`accelerate launch launch/train.py` without an accelerate config or --config: 2 processes."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", str(REPO / "launch" / "train.py"),
+           *TINY, *shards, f"train.output_dir={tmp_path}/runs", "train.max_steps=2"]
+    out = _run(cmd)
+    assert "starting 2 processes with torchrun" in out.stdout
+    assert "world size 2 (ddp, gloo, cpu)" in out.stdout
+    assert "final results: 2 steps" in out.stdout
