@@ -270,9 +270,10 @@ def write_outputs(result, report: dict, out: Path) -> list[Path]:
     order += [c for c in range(len(strict_map)) if c not in order]
     counts = result.cluster.counts.cpu().numpy()
     row_names = [f"c{c}->{names[strict_map[c]]}" if strict_map[c] >= 0 else f"c{c} (unmatched)" for c in order]
-    written.append(figures.confusion_png(counts[order], names, out / "confusion_cluster.png", row_names=row_names))
+    written.append(figures.confusion_png(counts[order], names, out / "confusion_cluster.png", cell=22,
+                                         row_names=row_names))
     written.append(figures.confusion_png(result.linear.counts.cpu().numpy(), names, out / "confusion_linear.png",
-                                         row_names=names))
+                                         cell=22, row_names=names))
     if result.samples:
         lookup = torch.as_tensor(strict_map)
         samples = []

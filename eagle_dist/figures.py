@@ -123,9 +123,16 @@ def heatmap(values_HW: np.ndarray) -> np.ndarray:
 
 
 def eigen_png(image_HW3: np.ndarray, eigvecs_KHW: np.ndarray, eicue_HW: np.ndarray, kmeans_HW: np.ndarray,
-              path: Path, n_colors: int, kmeans_title: str = "k-means") -> Path:
-    """One row: image, one heat map per non-trivial eigenvector, EiCue clusters, k-means clusters."""
+              path: Path, n_colors: int, kmeans_title: str = "k-means", min_height: int = 224) -> Path:
+    """One row: image, one heat map per non-trivial eigenvector, EiCue clusters, k-means clusters.
+
+    Small images are enlarged (nearest) to at least `min_height` rows so the maps stay legible.
+    """
     h, w = image_HW3.shape[:2]
+    if h < min_height:
+        factor = -(-min_height // h)
+        h, w = h * factor, w * factor
+        image_HW3 = np.asarray(Image.fromarray(image_HW3).resize((w, h), Image.NEAREST))
 
     def up(arr: np.ndarray) -> np.ndarray:
         return np.asarray(Image.fromarray(arr).resize((w, h), Image.NEAREST))
