@@ -382,6 +382,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="DenseCRF refinement (default: on, official; needs eagle-dist[crf])")
     parser.add_argument("--crf-workers", type=int, default=None,
                         help="CRF processes per rank (default: cores / ranks on this node; 0 = in-process)")
+    parser.add_argument("--cpu-threads", type=int, default=None,
+                        help="torch threads per rank (default: cores / ranks on this node)")
     parser.add_argument("--samples", type=int, default=6, help="images in samples.png (default 6)")
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (see the module docstring)")
     parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
@@ -402,7 +404,9 @@ def main(argv: list[str] | None = None) -> int:
     from eagle_dist.evaluation import evaluate_stream
 
     args = parse_args(argv)
-    d = dist_mod.setup(strategy="ddp", mixed_precision="no")
+    # Plain DDP process group: nothing is trained, so DeepSpeed would have nothing to shard (a
+    # DeepSpeed accelerate config is refused by setup() with a message naming a DDP config).
+    d = dist_mod.setup(strategy="ddp", mixed_precision="no", cpu_threads=args.cpu_threads)
     pool = None
     try:
         if args.crf:
