@@ -120,7 +120,8 @@ def test_no_flip_no_crf_reproduces_training_validation_and_writes_outputs(traine
 @needs_crf
 def test_flip_and_crf_on_a_named_step_logs_a_nested_mlflow_run(trained):
     step_dir = trained["run"] / "checkpoints" / "step-00000002"
-    res = _evaluate("--checkpoint", str(step_dir), "--shards", str(trained["val"]), "--crf-workers", "1")
+    # In-process CRF here; the pool path runs in the 2-process test and the CRF unit test.
+    res = _evaluate("--checkpoint", str(step_dir), "--shards", str(trained["val"]), "--crf-workers", "0")
     out = trained["run"] / "eval" / "step-00000002"  # the default output folder
     report = _read(out)
     assert report["checkpoint"]["step"] == 2 and report["checkpoint"]["selected"] == "step 2"
