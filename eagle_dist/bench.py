@@ -229,7 +229,7 @@ def run_step_bench(args: argparse.Namespace) -> dict | None:
     # Parts in step order, each followed by its sub-sections in the order they ran.
     seen = list(dict.fromkeys(name for parts in step_parts for name in parts))
     parents = [p for p in STEP_PARTS if p in seen] + [s for s in seen if "." not in s and s not in STEP_PARTS]
-    ordered = [s for p in parents for s in seen if s == p or s.startswith(p + ".")]
+    ordered = [s for p in parents for s in [p, *(c for c in seen if c.startswith(p + "."))]]
     ordered += [s for s in seen if s not in ordered]
     breakdown = {name: _median([parts.get(name, 0.0) for parts in step_parts]) for name in ordered}
     step_median = _median(step_times)

@@ -47,6 +47,8 @@ def test_step_reports_times_breakdown_and_config(tmp_path, capsys, solver):
     top_level = sum(v for k, v in parts.items() if "." not in k)
     assert top_level == pytest.approx(r["step_median_s"])
     assert parts["eicue.eigensolver"] <= parts["eicue"] + 1e-9
+    order = list(parts)
+    assert order.index("backbone") < order.index("eicue") < order.index("eicue.affinities") < order.index("corr")
     assert r["machine"]["torch_threads"] == 1
     printed = capsys.readouterr().out
     assert "step median" in printed and "ratio" in printed and "eicue.eigensolver" in printed
