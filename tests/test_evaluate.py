@@ -141,7 +141,8 @@ def test_flip_and_crf_on_a_named_step_logs_a_nested_mlflow_run(trained):
                               filter_string=f"tags.mlflow.parentRunId = '{parent}'")
     assert len(runs) == 1 and "MLflow: run" in res.stdout
     child = runs[0]
-    assert child.data.metrics["eval/cluster_official_mIoU"] == pytest.approx(report["metrics"]["cluster_official"]["mIoU"])
+    logged = child.data.metrics["eval/cluster_official_mIoU"]
+    assert logged == pytest.approx(report["metrics"]["cluster_official"]["mIoU"])
     assert child.data.params["protocol.crf"] == "True"
     artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
     assert {"metrics.json", "confusion_cluster.png", "samples.png", "assignment.json"} <= artifacts
