@@ -162,6 +162,12 @@ def slurm_tasks_on_node(tasks_per_node: str, node_id: int) -> int:
     return counts[node_id]
 
 
+def slurm_job_id(env: Mapping[str, str] | None = None) -> str | None:
+    """The Slurm job id (stable across requeues), or None outside a Slurm job."""
+    env = os.environ if env is None else env
+    return env.get("SLURM_JOB_ID") or None
+
+
 def _is_accelerate_env(env: Mapping[str, str]) -> bool:
     # Every accelerate launcher exports these; torchrun alone never does.
     return "ACCELERATE_MIXED_PRECISION" in env or "ACCELERATE_DYNAMO_BACKEND" in env

@@ -16,13 +16,27 @@ seeded with ``(train.seed, s)``.  A run resumed at step ``t`` rebuilds segment `
 ckpt_interval`` and skips the batches already consumed, so a resumed run sees exactly the data
 an uninterrupted run would have seen (with the RNG states restored, it computes the same
 weights).
+
+Stopping early (preemption, faults).  SIGUSR1 and SIGTERM only set a flag; at the next step
+boundary all ranks agree on it with one all-reduce, save a checkpoint and return, and
+launch/train.py exits 0 (a clean exit, so torchrun's --max-restarts does not restart the
+workers).  SIGUSR1 is the pre-timeout signal launch/slurm/train.sbatch asks Slurm for: after
+the save, rank 0 runs `scontrol requeue $SLURM_JOB_ID` (see `requeue_slurm_job`) and the
+requeued job resumes from that checkpoint with the same run folder and MLflow run.  SIGTERM
+saves and exits without requeueing: `scancel` sends SIGTERM, and a job that requeues itself
+on SIGTERM comes back after every scancel (checked on Slurm 22.05); Slurm's own preemption
+with PreemptMode=REQUEUE requeues the job by itself.  A DataError from any rank's stream
+(shards that yield nothing usable) and NaN/Inf losses in `train.max_bad_steps` steps in a row
+stop every rank with a checkpoint and one message.  Corrupt or truncated shard members are
+skipped by the stream; the running totals are logged as `data/*` metrics.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import signal
+import subprocess
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -31,6 +45,7 @@ import torch
 
 from eagle_dist import config as config_mod
 from eagle_dist.config import Config
+from eagle_dist.dist import slurm_job_id
 from eagle_dist.model import EagleHeads, build_optimizer, training_step_losses
 
 
@@ -38,8 +53,28 @@ class TrainingError(RuntimeError):
     """A failure the user must act on (bad data, diverged loss, ...)."""
 
 
+# Stream counters (eagle_dist.data.STAT_FIELDS) that mean a sample was skipped.
+SKIP_FIELDS = ("corrupt_samples", "incomplete_samples", "missing_samples", "read_errors")
+
+
 def _segment_seed(seed: int, segment: int) -> int:
     return (seed * 1_000_003 + segment * 7919) % (2**31 - 1)
+
+
+def requeue_slurm_job(job_id: str, scontrol: str = "scontrol", timeout_s: float = 60.0) -> str | None:
+    """Put Slurm job `job_id` back in the queue: None on success, else why it failed.
+
+    Slurm then ends the running job (SIGTERM, then SIGKILL after KillWait) and starts it again
+    with the same job id once its requeue delay has passed (about two minutes on 22.05).
+    """
+    try:
+        done = subprocess.run([scontrol, "requeue", str(job_id)], capture_output=True, text=True,
+                              timeout=timeout_s, check=False)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return f"{type(err).__name__}: {err}"
+    if done.returncode != 0:
+        return (done.stderr.strip() or done.stdout.strip() or "no output") + f" (exit status {done.returncode})"
+    return None
 
 
 class Trainer:
@@ -65,17 +100,28 @@ class Trainer:
         self.bad_steps = 0
         self.skipped_steps = 0
         self.stop_requested = False
+        self.preempted = False
+        self._loader = None  # the current segment's loader (its skip counters)
+        self._skips_done = dict.fromkeys(SKIP_FIELDS, 0)  # this rank, finished segments
+        self._skips_before = dict.fromkeys(SKIP_FIELDS, 0)  # all ranks, runs before a resume
+        self._skips_reported = 0
         self._install_signal_handlers()
 
-        self._prepare_data()
-        self._build_model()
-        self._resume_or_start()
+        try:
+            self._prepare_data()
+            self._build_model()
+            self._resume_or_start()
+        except BaseException:
+            # launch/train.py only closes a trainer it got back: tear the process group (and a
+            # started MLflow run) down here, or a bad shard folder leaves other ranks hanging.
+            self.close()
+            raise
 
     # ------------------------------------------------------------------ set-up
 
     def _run_dir(self) -> Path:
         name = self.cfg.train.run_name
-        job = os.environ.get("SLURM_JOB_ID")
+        job = slurm_job_id()
         if job and not name.endswith(job):
             name = f"{name}-{job}"  # requeued jobs keep their id, so they find their checkpoints
         run_dir = Path(self.cfg.train.output_dir) / name
@@ -89,9 +135,9 @@ class Trainer:
         # it at the next step boundary, save, and exit cleanly.
         def handler(signum, _frame):
             self.stop_requested = True
-            self.stop_signal = signum
+            self.stop_signals.add(signum)
 
-        self.stop_signal = None
+        self.stop_signals: set[int] = set()
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             try:
                 signal.signal(sig, handler)
@@ -164,21 +210,52 @@ class Trainer:
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.train.keep_last, self.dist)
         run_id = None
         latest = self.ckpt.latest() if cfg.train.resume else None
+        if cfg.train.resume:
+            self._report_unfinished_checkpoints()
         if latest is not None:
             extra = self.ckpt.load(latest, self.heads, self.optimizer)
             self.step = int(extra["step"])
             self.skipped_steps = int(extra.get("skipped_steps", 0))
+            self._skips_before.update(extra.get("data_skips", {}))
             run_id = extra.get("mlflow_run_id")
             self.dist.print(f"resumed from {latest} at step {self.step}")
         self.tracker = make_tracker(
             self.dist.is_main, self.run_dir, uri=cfg.tracking.uri or None, experiment=cfg.tracking.experiment
         )
         self.tracker.start(
-            run_name=self.run_dir.name, params=config_mod.flatten(config_mod.to_dict(cfg)), run_id=run_id
+            run_name=self.run_dir.name, params=config_mod.flatten(self._public_config()), run_id=run_id
         )
         if self.dist.is_main:
-            config_mod.save_yaml(cfg, self.run_dir / "config.yaml")
+            config_mod.save_yaml(config_mod.from_dict(self._public_config()), self.run_dir / "config.yaml")
             self.tracker.log_artifact(self.run_dir / "config.yaml")
+
+    def _public_config(self) -> dict:
+        """The resolved config with credentials in tracking.uri masked: it goes to MLflow, to
+        config.yaml and into checkpoints (pass credentials as MLFLOW_TRACKING_USERNAME /
+        MLFLOW_TRACKING_PASSWORD instead of in the URI)."""
+        from eagle_dist.tracking import mask_uri
+
+        data = config_mod.to_dict(self.cfg)
+        if data["tracking"].get("uri"):
+            data["tracking"]["uri"] = mask_uri(data["tracking"]["uri"])
+        return data
+
+    def _report_unfinished_checkpoints(self) -> None:
+        """Say which checkpoint folders the resume ignores because their save never finished."""
+        from eagle_dist.checkpoint import MARKER, TMP_PREFIX, is_complete
+
+        root = self.run_dir / "checkpoints"
+        if not self.dist.is_main or not root.is_dir():
+            return
+        # A temporary folder is unfinished even with its marker: the rename is the commit.
+        unfinished = sorted(p.name for p in root.iterdir() if p.is_dir() and (
+            p.name.startswith(TMP_PREFIX) or (p.name.startswith("step-") and not is_complete(p))))
+        if unfinished:
+            self.dist.print(
+                f"ignoring unfinished checkpoint folder(s) in {root}: {', '.join(unfinished)} (their save "
+                f"did not finish: no {MARKER} marker, or never renamed into place); resuming from the "
+                "newest complete checkpoint, if any"
+            )
 
     # ------------------------------------------------------------------ data
 
@@ -202,15 +279,54 @@ class Trainer:
                 shuffle_buffer=cfg.data.shuffle_buffer,
                 steps_per_epoch=seg_len,
             )
+            self._loader = loader
             for i, batch in enumerate(loader):
                 if i >= offset:
                     yield batch
+            for key in SKIP_FIELDS:
+                self._skips_done[key] += loader.stats[key]
+            self._loader = None
             offset = 0
             segment += 1
+
+    def _data_skips(self) -> dict[str, int]:
+        """Samples the stream skipped so far, summed over ranks (a collective: call it on all).
+
+        A resume re-reads (and re-counts) the part of a segment consumed before a mid-segment
+        save; interval checkpoints sit on segment boundaries, so only signal stops do that.
+        """
+        mine = dict(self._skips_done)
+        if self._loader is not None:
+            current = self._loader.stats
+            mine = {key: mine[key] + current[key] for key in SKIP_FIELDS}
+        local = torch.tensor([float(mine[key]) for key in SKIP_FIELDS], dtype=torch.float64, device=self.device)
+        total = self.dist.all_reduce_sum(local).tolist()
+        return {key: int(self._skips_before.get(key, 0)) + int(v) for key, v in zip(SKIP_FIELDS, total)}
+
+    def _report_data_skips(self, skips: dict[str, int]) -> None:
+        count = sum(skips.values())
+        if count > self._skips_reported:
+            self._skips_reported = count
+            self.dist.print(
+                f"data: {skips['corrupt_samples']} corrupt, {skips['incomplete_samples']} incomplete and "
+                f"{skips['missing_samples']} missing samples (truncated shards), {skips['read_errors']} read "
+                "errors skipped so far; training goes on. The warnings above name the shards; rebuild "
+                "them with `python -m eagle_dist.shard` (it resumes)."
+            )
+
+    def _agree_on_stop(self, data_failed: bool) -> tuple[bool, bool, bool]:
+        """(SIGUSR1 seen, SIGTERM seen, data failed) on ANY rank; the same answer on every rank."""
+        seen = set(self.stop_signals)
+        flags = torch.tensor([signal.SIGUSR1 in seen, signal.SIGTERM in seen, data_failed],
+                             dtype=torch.int32, device=self.device)
+        usr1, term, data = (bool(v) for v in self.dist.all_reduce_max(flags).tolist())
+        return usr1, term, data
 
     # ------------------------------------------------------------------ loop
 
     def train(self) -> dict:
+        from eagle_dist.data import DataError
+
         cfg = self.cfg
         d = self.dist
         d.print(
@@ -224,12 +340,23 @@ class Trainer:
         start_step = self.step
         last_eval: dict = {}
         while self.step < self.max_steps:
-            if d.any_flag(self.stop_requested):
-                self._save(reason="preemption")
-                d.print(f"stop requested (signal {self.stop_signal}); saved step {self.step}, exiting")
-                self.preempted = True
+            batch, data_error = None, None
+            if not self.stop_requested:
+                try:
+                    batch = next(batches)
+                except DataError as err:
+                    data_error = err
+            usr1, term, data_failed = self._agree_on_stop(data_error is not None)
+            if usr1 or term:
+                # Stop the DataLoader workers now: Slurm's end-of-job SIGTERM after the requeue
+                # would kill them and torch would turn that into an error during shutdown.
+                batches.close()
+                self._stop_for_signal(requeue=usr1 and not term)
                 return {}
-            batch = next(batches)
+            if data_failed:
+                self._save(reason="data error")
+                reason = str(data_error) if data_error is not None else "the data stream failed on another rank"
+                raise TrainingError(f"{reason}\nStopped at step {self.step}; saved a checkpoint in {self.ckpt.root}.")
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
             out = training_step_losses(self.backbone, self.heads, batch, self.step, cfg)
             loss = out["loss"]
@@ -264,6 +391,8 @@ class Trainer:
                     lr_seg_head=self.optimizer.param_groups[0]["lr"],
                     skipped_steps=self.skipped_steps,
                 )
+                skips = self._data_skips()
+                metrics.update({f"data/{key}": value for key, value in skips.items()})
                 self.tracker.log_metrics(metrics, step=self.step)
                 eta = (self.max_steps - self.step) * step_time
                 d.print(
@@ -271,6 +400,7 @@ class Trainer:
                     f"{metrics['images_per_s']:.1f} img/s  eta {eta / 60:.1f} min"
                 )
                 t_last, steps_since = now, 0
+                self._report_data_skips(skips)
             if self.step % cfg.train.eval_interval == 0 and self.step < self.max_steps:
                 last_eval = self.evaluate()
                 self.heads.train()
@@ -290,6 +420,26 @@ class Trainer:
         self.tracker.log_metrics({"final/wall_s": wall}, step=self.step)
         self._final_artifacts()
         return summary
+
+    def _stop_for_signal(self, requeue: bool) -> None:
+        """Every rank: checkpoint, then (SIGUSR1 under Slurm) rank 0 requeues the job."""
+        self._save(reason="preemption")
+        self.preempted = True
+        d = self.dist
+        what = "SIGUSR1 (Slurm's pre-timeout signal)" if requeue else "SIGTERM"
+        d.print(f"stop requested by {what}: saved step {self.step} in {self.ckpt.root}")
+        job = slurm_job_id()
+        if not requeue or job is None:
+            d.print("exiting cleanly; start the same command again to resume from this checkpoint")
+            return
+        if d.is_main:
+            problem = requeue_slurm_job(job)
+            if problem is None:
+                print(f"requeued Slurm job {job}; it resumes from step {self.step} when it starts again", flush=True)
+            else:
+                print(f"eagle-dist: could not requeue Slurm job {job} ({problem}). The checkpoint is saved: "
+                      "submit the same sbatch line again (or `scontrol requeue "
+                      f"{job}`) to resume.", file=sys.stderr, flush=True)
 
     # ------------------------------------------------------------------ evaluation
 
@@ -322,8 +472,9 @@ class Trainer:
         extra = {
             "step": self.step,
             "skipped_steps": self.skipped_steps,
+            "data_skips": self._data_skips(),
             "data_seed": self.cfg.train.seed,
-            "config": config_mod.to_dict(self.cfg),
+            "config": self._public_config(),
             "mlflow_run_id": self.tracker.run_id,
             "reason": reason,
         }
