@@ -57,11 +57,13 @@ def test_checkpoint_layouts_load(tmp_path, layout):
     assert torch.allclose(got, expected, atol=1e-4)
 
 
+@pytest.mark.faults
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(WeightsError, match="not found: .*nope.pth"):
         FrozenViT(ARCH, weights=tmp_path / "nope.pth")
 
 
+@pytest.mark.faults
 def test_not_a_checkpoint(tmp_path):
     path = tmp_path / "junk.pth"
     path.write_bytes(b"this is not a checkpoint")
@@ -72,6 +74,7 @@ def test_not_a_checkpoint(tmp_path):
         FrozenViT(ARCH, weights=tmp_path / "nostate.pth")
 
 
+@pytest.mark.faults
 def test_wrong_architecture_names_the_keys(tmp_path):
     torch.save(_reference_vit().state_dict(), tmp_path / "tiny.pth")
     with pytest.raises(WeightsError) as info:

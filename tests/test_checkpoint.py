@@ -90,6 +90,7 @@ def test_every_file_loads_with_weights_only(tmp_path, d):
     json.loads((path / ck.STATE_FILE).read_text())
 
 
+@pytest.mark.faults
 def test_folders_without_marker_are_ignored(tmp_path, d):
     model, optimizer, _ = make_training()
     mgr = CheckpointManager(tmp_path, keep_last=5, dist=d)
@@ -114,6 +115,7 @@ def test_keep_last_counts_only_complete_checkpoints(tmp_path, d):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000000", "step-00000003", "step-00000004"]
 
 
+@pytest.mark.faults
 def test_stale_temp_folders_are_cleaned_and_a_step_can_be_saved_again(tmp_path, d):
     model, optimizer, _ = make_training()
     mgr = CheckpointManager(tmp_path, keep_last=3, dist=d)
@@ -131,6 +133,7 @@ def _no_space(*_args, **_kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
+@pytest.mark.faults
 @pytest.mark.parametrize("where", ["torch.save", "safetensors", "rename"])
 def test_disk_full_keeps_the_previous_checkpoint(tmp_path, d, monkeypatch, where):
     model, optimizer, scheduler = make_training()
@@ -157,6 +160,7 @@ def test_disk_full_keeps_the_previous_checkpoint(tmp_path, d, monkeypatch, where
     assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
 
 
+@pytest.mark.faults
 def test_any_write_error_becomes_a_save_error_on_every_rank(tmp_path, d, monkeypatch):
     model, optimizer, _ = make_training()
     mgr = CheckpointManager(tmp_path, keep_last=1, dist=d)
@@ -171,6 +175,7 @@ def test_any_write_error_becomes_a_save_error_on_every_rank(tmp_path, d, monkeyp
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.faults
 def test_failed_resave_of_a_step_keeps_the_old_copy(tmp_path, d, monkeypatch):
     model, optimizer, _ = make_training()
     mgr = CheckpointManager(tmp_path, keep_last=2, dist=d)
@@ -199,6 +204,7 @@ def test_extra_that_is_not_json_is_refused_before_writing(tmp_path, d):
     assert not (tmp_path / "ckpt").exists()
 
 
+@pytest.mark.faults
 def test_wrong_architecture_and_wrong_strategy_are_clear_errors(tmp_path, d):
     model, optimizer, _ = make_training()
     mgr = CheckpointManager(tmp_path, keep_last=1, dist=d)
@@ -231,6 +237,7 @@ def _toy(launch: str, out, *args: str) -> subprocess.CompletedProcess:
         toy_train.accelerate_cmd("--config_file", str(config), "--num_processes", "2", str(toy_train.SCRIPT), *toy_args))
 
 
+@pytest.mark.faults
 @pytest.mark.multiproc
 @pytest.mark.parametrize("launch", ["torchrun", "deepspeed"])
 def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path, launch):
@@ -269,6 +276,7 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path, launch):
         assert runs[0].data.params["toy.steps"] == "6"
 
 
+@pytest.mark.faults
 @pytest.mark.multiproc
 @pytest.mark.parametrize("launch", ["torchrun", "deepspeed"])
 def test_disk_full_on_one_rank_fails_the_save_everywhere_and_keeps_the_previous(tmp_path, launch):

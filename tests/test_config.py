@@ -40,12 +40,14 @@ def test_overrides_and_types():
         ("optim.lr", "key.sub=value"),
     ],
 )
+@pytest.mark.faults
 def test_bad_overrides_name_the_key(override, needle):
     with pytest.raises(ConfigError, match=None) as info:
         load_config(None, [override])
     assert needle in str(info.value)
 
 
+@pytest.mark.faults
 def test_bad_yaml_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  backbon: vit_small_patch8_224\n")

@@ -153,6 +153,7 @@ def test_train_stream_is_reproducible_per_seed_rank_and_epoch(shards):
         assert torch.equal(x["img_aug"], y["img_aug"]) and torch.equal(x["label"], y["label"])
 
 
+@pytest.mark.faults
 def test_fewer_shards_than_ranks_times_workers_warns_but_steps_stay_equal(shards, caplog):
     with caplog.at_level(logging.WARNING, logger="eagle_dist.data"):
         loaders = [data.build_train_loader(shards["one"], 2, r, 2, 2, seed=0, resolution=16) for r in range(2)]
@@ -243,6 +244,7 @@ def test_an_unreadable_training_set_raises_instead_of_spinning(shards, tmp_path)
         list(loader)
 
 
+@pytest.mark.faults
 def test_manifest_problems_are_one_clear_error(shards, tmp_path):
     with pytest.raises(DataError, match="shard folder not found.*python -m eagle_dist.shard"):
         data.read_manifest(tmp_path / "nope")

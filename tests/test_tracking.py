@@ -30,6 +30,7 @@ def read_jsonl(run_dir):
     return [json.loads(line) for line in (run_dir / tracking.METRICS_FILE).read_text().splitlines()]
 
 
+@pytest.mark.faults
 def test_mask_uri_hides_credentials():
     masked = tracking.mask_uri("https://alice:s3cret@mlflow.example.org:5000/api?token=abc&x=1")
     assert masked == "https://***@mlflow.example.org:5000/api?token=***&x=1"
@@ -91,6 +92,7 @@ def test_resume_continues_the_same_run(tmp_path):
     assert len(client.search_runs([run.info.experiment_id])) == 1
 
 
+@pytest.mark.faults
 def test_unknown_run_id_starts_a_new_run_with_a_warning(tmp_path):
     tracker = MlflowTracker(tmp_path)
     with pytest.warns(TrackingWarning, match="starting a new run"):
@@ -99,6 +101,7 @@ def test_unknown_run_id_starts_a_new_run_with_a_warning(tmp_path):
     tracker.close()
 
 
+@pytest.mark.faults
 def test_unreachable_server_warns_once_and_keeps_metrics_locally(tmp_path, monkeypatch):
     for key in tracking.HTTP_ENV_DEFAULTS:
         monkeypatch.delenv(key, raising=False)
@@ -121,6 +124,7 @@ def test_unreachable_server_warns_once_and_keeps_metrics_locally(tmp_path, monke
     assert tracking.os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "10"  # set before any request
 
 
+@pytest.mark.faults
 def test_server_failing_mid_run_warns_once(tmp_path, monkeypatch):
     tracker = MlflowTracker(tmp_path)
     tracker.start("demo", {})
@@ -156,6 +160,7 @@ def test_null_tracker_mirrors_the_api_and_writes_nothing(tmp_path):
     assert isinstance(make_tracker(True, tmp_path / "rank0"), MlflowTracker)
 
 
+@pytest.mark.faults
 @pytest.mark.multiproc
 def test_training_goes_on_when_the_server_is_unreachable(tmp_path):
     proc = toy_train.run_launch(toy_train.torchrun_cmd(

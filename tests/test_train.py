@@ -179,6 +179,7 @@ def test_two_node_rendezvous_on_localhost(tmp_path, shards):
     _assert_same(ranks[0], ranks[1])
 
 
+@pytest.mark.faults
 @pytest.mark.slow
 def test_unreachable_tracking_server_does_not_stop_training(tmp_path, shards):
     out = tmp_path / "out"
