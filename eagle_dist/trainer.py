@@ -354,9 +354,12 @@ class Trainer:
                 self._stop_for_signal(requeue=usr1 and not term)
                 return {}
             if data_failed:
-                self._save(reason="data error")
+                saved = ""
+                if self.step > start_step:  # keep what this run trained
+                    self._save(reason="data error")
+                    saved = f"; saved a checkpoint in {self.ckpt.root}"
                 reason = str(data_error) if data_error is not None else "the data stream failed on another rank"
-                raise TrainingError(f"{reason}\nStopped at step {self.step}; saved a checkpoint in {self.ckpt.root}.")
+                raise TrainingError(f"{reason}\nStopped at step {self.step}{saved}.")
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
             out = training_step_losses(self.backbone, self.heads, batch, self.step, cfg)
             loss = out["loss"]

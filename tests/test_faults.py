@@ -73,8 +73,8 @@ def run(launch_main, shards, tmp_path, capsys):
     """run(*overrides) -> (exit code, stdout + stderr) of one in-process training run."""
 
     def go(*overrides: str) -> tuple[int, str]:
-        code = launch_main(["--config", DEFAULT, *TINY, *shards, f"train.output_dir={tmp_path / 'runs'}", "train.run_name=f",
-                            "train.eval_interval=1000", "dist.cpu_threads=1", *overrides])
+        code = launch_main(["--config", DEFAULT, *TINY, *shards, f"train.output_dir={tmp_path / 'runs'}",
+                            "train.run_name=f", "train.eval_interval=1000", "dist.cpu_threads=1", *overrides])
         out = capsys.readouterr()
         return code, out.out + out.err
 
@@ -204,6 +204,45 @@ def test_corrupt_jpeg_and_truncated_tar_mid_run_are_skipped_and_counted(run, sha
     assert _extra(_ckpt_dir(tmp_path) / "step-00000006")["data_skips"]["corrupt_samples"] >= 1
 
 
+def test_shards_with_nothing_usable_stop_with_one_message(run, shards, tmp_path):
+    train = Path(shards[0].split("=", 1)[1])
+    ruined = tmp_path / "ruined"
+    shutil.copytree(train, ruined)
+    for tar_path in ruined.glob("*.tar"):
+        with tarfile.open(tar_path) as tar:
+            members = [(m, tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile()]
+        with tarfile.open(tar_path, "w") as tar:
+            for member, data in members:
+                if member.name.endswith(".jpg"):
+                    data = b"garbage" * 20
+                    member.size = len(data)
+                tar.addfile(member, io.BytesIO(data))
+    code, out = run(f"data.train_shards={ruined}", "train.max_steps=4")
+    assert code == 2
+    assert "read/decode errors in a row without one usable sample" in out and "Stopped at step 0." in out
+    assert not _ckpt_dir(tmp_path).exists() or not any(_ckpt_dir(tmp_path).iterdir())
+
+
+def test_a_data_error_mid_run_stops_every_rank_with_a_checkpoint(run, tmp_path, monkeypatch):
+    from eagle_dist.data import DataError
+    from eagle_dist.trainer import Trainer
+
+    original = Trainer._segment_batches
+
+    def failing(self, start_step):
+        for i, batch in enumerate(original(self, start_step)):
+            if i == 3:
+                raise DataError("the shard server went away; check the mount")
+            yield batch
+
+    monkeypatch.setattr(Trainer, "_segment_batches", failing)
+    code, out = run("train.max_steps=10")
+    assert code == 2
+    assert "the shard server went away; check the mount" in out
+    assert f"Stopped at step 3; saved a checkpoint in {_ckpt_dir(tmp_path)}" in out
+    assert _extra(_ckpt_dir(tmp_path) / "step-00000003")["reason"] == "data error"
+
+
 def test_nan_and_inf_losses_are_skipped_then_stop_with_a_checkpoint(run, tmp_path, monkeypatch):
     bad = {1: float("nan"), 3: float("inf"), 4: float("nan"), 5: float("-inf")}
 
@@ -269,7 +308,8 @@ def test_stop_signal_saves_and_exits_0_and_only_sigusr1_requeues(run, tmp_path, 
     calls = tmp_path / "scontrol-calls"
     fake = tmp_path / "bin" / "scontrol"
     fake.parent.mkdir()
-    fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\necho "slurm_requeue error: Invalid job id specified" >&2\nexit 1\n')
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n'
+                    'echo "slurm_requeue error: Invalid job id specified" >&2\nexit 1\n')
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
@@ -480,7 +520,8 @@ def test_no_secrets_in_logs_config_or_checkpoints(run, tmp_path, recwarn):
     assert code == 0, out[-4000:]
     run_dir = tmp_path / "runs" / "f"
     texts = [out, *(str(w.message) for w in recwarn)]
-    texts += [p.read_text(errors="replace") for p in run_dir.rglob("*") if p.is_file() and p.suffix in (".yaml", ".json", ".jsonl")]
+    texts += [p.read_text(errors="replace") for p in run_dir.rglob("*")
+              if p.is_file() and p.suffix in (".yaml", ".json", ".jsonl")]
     assert any("***@127.0.0.1" in t for t in texts)  # the masked form is what gets written
     for text in texts:
         assert "s3cr3t-pw" not in text and "t0k3n-value" not in text

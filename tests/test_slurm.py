@@ -126,7 +126,8 @@ def slurm(tmp_path_factory):
 
 
 def _daemon_logs(root: Path) -> str:
-    return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(root.glob("*.out")) + sorted(root.glob("*.log")))
+    files = sorted(root.glob("*.out")) + sorted(root.glob("*.log"))
+    return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in files)
 
 
 def _job(job: str, env: dict) -> dict[str, str]:
