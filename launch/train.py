@@ -52,6 +52,11 @@ def _relaunch_embedded_default(overrides: list[str]) -> int | None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not any(a == "--config" or a.startswith("--config=") or a in ("-h", "--help") for a in argv):
+        try:  # a bad override is reported here, with exit 2, not after the relaunch
+            load_config(REPO / "configs" / "default.yaml", argv)
+        except ConfigError as err:
+            print(f"eagle-dist: config error: {err}", file=sys.stderr)
+            return 2
         code = _relaunch_embedded_default(list(argv))
         if code is not None:
             return code
