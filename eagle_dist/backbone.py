@@ -29,6 +29,7 @@ from torch import nn
 
 import eagle_dist  # noqa: F401  (installs the torchvision shim before timm is imported)
 import timm
+from timm.models.vision_transformer import Block as VitBlock
 
 
 class WeightsError(RuntimeError):
@@ -202,8 +203,15 @@ class FrozenViT(nn.Module):
         """Keys of the last blocks, concatenated: [B, n_blocks * embed_dim, h, w]."""
         self._keys.clear()
         x, h, w = self._tokens(img)
-        for block in self.vit.blocks[: self.key_blocks[-1] + 1]:
+        last = self.vit.blocks[self.key_blocks[-1]]
+        for block in self.vit.blocks[: self.key_blocks[-1]]:
             x = block(x)
+        if isinstance(last, VitBlock) and hasattr(last.attn, "qkv"):
+            # The last key block is needed only up to its qkv projection (the hook takes the
+            # keys there): its attention and MLP would be ~7 % of the ViT-S/8 forward, unused.
+            last.attn.qkv(last.norm1(x))
+        else:
+            last(x)
         keys = [self._to_map(self._keys[i], h, w) for i in self.key_blocks]
         self._keys.clear()
         return torch.cat(keys, dim=1).float()
