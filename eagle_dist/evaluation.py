@@ -213,7 +213,7 @@ def evaluate_stream(
         if kmeans_baseline:
             kept_images.append((backbone(img).cpu(), label.cpu()))
         if dist.is_main and len(samples) < n_samples:
-            eicue_map = _eicue_map(heads, code, img, cfg) if eicue_samples else None
+            eicue_map = heads.eicue(code, img, heads.eigen_probe)[1] if eicue_samples else None
             for j in range(min(n_samples - len(samples), img.shape[0])):
                 sample = {"image": img[j].cpu(), "label": label[j].cpu(),
                           "cluster": cluster_pred[j].cpu(), "linear": linear_pred[j].cpu()}
@@ -230,11 +230,6 @@ def evaluate_stream(
         heads.train()
     names = [c["name"] if isinstance(c, dict) else str(c) for c in manifest["classes"]]
     return EvalResult(names, cluster, linear, kmeans, samples, n_images)
-
-
-def _eicue_map(heads, code: torch.Tensor, img: torch.Tensor, cfg) -> torch.Tensor:
-    _, eicue_map, _ = heads.eicue(code, img, heads.eigen_probe)
-    return eicue_map
 
 
 def _kmeans_baseline(kept, n, e, dist, seed, max_points: int = 20000) -> metrics.ConfusionMatrix:

@@ -100,7 +100,6 @@ class Trainer:
         self.bad_steps = 0
         self.skipped_steps = 0
         self.stop_requested = False
-        self.preempted = False
         self._loader = None  # the current segment's loader (its skip counters)
         self._skips_done = dict.fromkeys(SKIP_FIELDS, 0)  # this rank, finished segments
         self._skips_before = dict.fromkeys(SKIP_FIELDS, 0)  # all ranks, runs before a resume
@@ -183,7 +182,6 @@ class Trainer:
 
     def _build_model(self) -> None:
         from eagle_dist.backbone import FrozenViT
-        from eagle_dist.model import param_groups  # noqa: F401  (documented in build_optimizer)
 
         cfg = self.cfg
         torch.manual_seed(cfg.train.seed)  # identical head initialisation on every rank
@@ -427,7 +425,6 @@ class Trainer:
     def _stop_for_signal(self, requeue: bool) -> None:
         """Every rank: checkpoint, then (SIGUSR1 under Slurm) rank 0 requeues the job."""
         self._save(reason="preemption")
-        self.preempted = True
         d = self.dist
         what = "SIGUSR1 (Slurm's pre-timeout signal)" if requeue else "SIGTERM"
         d.print(f"stop requested by {what}: saved step {self.step} in {self.ckpt.root}")
