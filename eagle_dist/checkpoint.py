@@ -61,6 +61,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from eagle_dist.errors import EagleError
+
 FORMAT_VERSION = 1
 MARKER = "COMPLETE"
 STATE_FILE = "trainer_state.json"
@@ -75,7 +77,7 @@ TRASH_PREFIX = ".replaced-"
 _STEP_RE = re.compile(r"step-(\d{8,})")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(EagleError, RuntimeError):
     """A checkpoint cannot be used (incomplete, foreign, wrong model); the message says why."""
 
 
@@ -264,7 +266,7 @@ def _deepspeed_io(engine: Any, errors: list[BaseException]):
 class CheckpointManager:
     """Save / find / load checkpoints under `root` with keep-last-K pruning.
 
-    `dist` is an `eagle_dist.dist.Dist` (rank, world size, strategy, collectives, unwrap).
+    `dist` is an `eagle_dist.distributed.Dist` (rank, world size, strategy, collectives, unwrap).
     """
 
     def __init__(self, root: str | os.PathLike, keep_last: int, dist: Any):

@@ -26,8 +26,10 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from eagle_dist.errors import EagleError
 
-class ConfigError(ValueError):
+
+class ConfigError(EagleError, ValueError):
     """A config file or override that does not fit the schema."""
 
 

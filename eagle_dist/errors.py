@@ -1,32 +1,15 @@
-"""The errors a user can act on.  Entry points print these as one line instead of a traceback.
+"""The base class of every error a user can act on.  Imports nothing.
 
-Each module defines its own error class next to the code that raises it; this tuple collects the
-ones whose message already says what to do.
+Each module defines its own error class next to the code that raises it, as a subclass of
+`EagleError` (and of the builtin it replaces, so existing `except ValueError` still works).
+Entry points catch `EagleError` and print its message as one line instead of a traceback:
+the message already says what was wrong and what to do.
 """
 
-from __future__ import annotations
+
+class EagleError(Exception):
+    """A problem with the user's input, files or environment; the message says what to do."""
 
 
-def _collect() -> tuple[type[BaseException], ...]:
-    from eagle_dist.backbone import WeightsError
-    from eagle_dist.config import ConfigError
-    from eagle_dist.trainer import TrainingError
-
-    found: list[type[BaseException]] = [ConfigError, WeightsError, TrainingError]
-    # Optional modules: present in a full install, but an import problem there must not hide
-    # the original error.
-    for module, name in (
-        ("eagle_dist.data", "DataError"),
-        ("eagle_dist.shard", "ShardError"),
-        ("eagle_dist.checkpoint", "CheckpointError"),
-        ("eagle_dist.dist", "DistributedSetupError"),
-    ):
-        try:
-            cls = getattr(__import__(module, fromlist=[name]), name)
-        except (ImportError, AttributeError):
-            continue
-        found.append(cls)
-    return tuple(found)
-
-
-USER_ERRORS = _collect()
+# Kept for callers that want a tuple to put in an `except` clause.
+USER_ERRORS: tuple[type[BaseException], ...] = (EagleError,)

@@ -35,7 +35,7 @@ def _relaunch_embedded_default(overrides: list[str]) -> int | None:
 
     import torch
 
-    from eagle_dist.dist import detect_launch
+    from eagle_dist.distributed import detect_launch
 
     info = detect_launch()
     if info.world_size != 1 or info.promised_min_world_size != 1 or torch.cuda.is_available():
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from eagle_dist.errors import USER_ERRORS
-    from eagle_dist.trainer import Trainer, format_final_table
+    from eagle_dist.engine.trainer import Trainer, format_final_table
 
     trainer = None
     try:

@@ -33,7 +33,7 @@ import eagle_dist  # noqa: E402,F401  (torchvision shim first)
 import torch  # noqa: E402
 
 from eagle_dist import checkpoint as checkpoint_mod  # noqa: E402
-from eagle_dist import trainer as trainer_mod  # noqa: E402
+from eagle_dist.engine import trainer as trainer_mod  # noqa: E402
 from eagle_dist.config import load_config  # noqa: E402
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import timm
-from eagle_dist.backbone import FrozenViT, WeightsError, dino_interpolate_pos_embed
+from eagle_dist.method.backbone import FrozenViT, WeightsError, dino_interpolate_pos_embed
 
 ARCH = "vit_tiny_patch16_224"  # same code path as ViT-S/8, much cheaper
 

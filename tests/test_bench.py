@@ -11,7 +11,9 @@ import types
 import pytest
 import torch
 
-from eagle_dist import bench, profiling
+from eagle_dist import profiling
+
+from eagle_dist.cli import bench
 
 TINY_STEP = ["data.batch_size=1", "data.resolution=64", "--warmup", "1", "--steps", "2", "--threads", "1"]
 
@@ -110,17 +112,17 @@ def test_data_delegates_to_bench_data(monkeypatch):
         seen["argv"] = argv
         return 0
 
-    fake = types.ModuleType("eagle_dist.bench_data")
+    fake = types.ModuleType("eagle_dist.cli.bench_data")
     fake.main = fake_main
-    monkeypatch.setitem(sys.modules, "eagle_dist.bench_data", fake)
+    monkeypatch.setitem(sys.modules, "eagle_dist.cli.bench_data", fake)
     assert bench.main(["data", "--count", "3"]) == 0
     assert seen["argv"] == ["--count", "3"]
 
 
 def test_data_without_bench_data_says_so(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "eagle_dist.bench_data", None)
+    monkeypatch.setitem(sys.modules, "eagle_dist.cli.bench_data", None)
     assert bench.main(["data"]) == 2
-    assert "eagle_dist.bench_data" in capsys.readouterr().err
+    assert "eagle_dist.cli.bench_data" in capsys.readouterr().err
 
 
 def test_usage_and_unknown_commands(capsys):

@@ -19,7 +19,7 @@ import torch
 
 import toy_train
 from eagle_dist import checkpoint as ck
-from eagle_dist import dist as dist_mod
+from eagle_dist import distributed as dist_mod
 from eagle_dist.checkpoint import CheckpointError, CheckpointManager, CheckpointSaveError
 
 # --------------------------------------------------------------------------- single process

@@ -13,8 +13,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eagle_dist import eicue, losses, metrics
-from eagle_dist.probes import ClusterLookup, LinearProbe
+from eagle_dist.method import eicue
+
+from eagle_dist.method import losses
+
+from eagle_dist.evaluation import metrics
+from eagle_dist.method.probes import ClusterLookup, LinearProbe
 
 
 def _unit_rows(n: int, d: int, seed: int) -> torch.Tensor:

@@ -16,8 +16,10 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
-from eagle_dist import data, shard
-from eagle_dist.data import DataError
+from eagle_dist.data import stream as data
+
+from eagle_dist.cli import shard
+from eagle_dist.data.stream import DataError
 
 K = 4  # synthetic classes
 
@@ -155,7 +157,7 @@ def test_train_stream_is_reproducible_per_seed_rank_and_epoch(shards):
 
 @pytest.mark.faults
 def test_fewer_shards_than_ranks_times_workers_warns_but_steps_stay_equal(shards, caplog):
-    with caplog.at_level(logging.WARNING, logger="eagle_dist.data"):
+    with caplog.at_level(logging.WARNING, logger="eagle_dist.data.stream"):
         loaders = [data.build_train_loader(shards["one"], 2, r, 2, 2, seed=0, resolution=16) for r in range(2)]
     assert "1 shards for 2 ranks x 2 workers" in caplog.text
     assert [len(list(loader)) for loader in loaders] == [6 // 4] * 2 == [len(loaders[0])] * 2
@@ -313,7 +315,7 @@ def test_two_gloo_ranks_get_equal_steps_and_see_validation_once(shards, tmp_path
 # --------------------------------------------------------------------------- benchmark
 
 def test_data_benchmark_reports_both_pipelines(tmp_path):
-    from eagle_dist import bench_data
+    from eagle_dist.cli import bench_data
 
     out = tmp_path / "bench.json"
     rc = bench_data.main(["--count", "8", "--size", "48x64", "--workers", "1", "--batch-size", "8",

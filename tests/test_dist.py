@@ -1,4 +1,4 @@
-"""eagle_dist.dist: launcher detection, world-size refusal, and real 2-process runs on CPU.
+"""eagle_dist.distributed: launcher detection, world-size refusal, and real 2-process runs on CPU.
 
     .venv/bin/python -m pytest -q tests/test_dist.py                 # all (about a minute)
     .venv/bin/python -m pytest -q tests/test_dist.py -m "not multiproc"
@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import toy_train
-from eagle_dist import dist as dist_mod
-from eagle_dist.dist import DistributedSetupError, WorldSizeError, check_world_size, detect_launch
+from eagle_dist import distributed as dist_mod
+from eagle_dist.distributed import DistributedSetupError, WorldSizeError, check_world_size, detect_launch
 
 # --------------------------------------------------------------------------- launcher detection
 

@@ -6,9 +6,9 @@
 import pytest
 import torch
 
-from eagle_dist import eicue
+from eagle_dist.method import eicue
 from eagle_dist.config import load_config
-from eagle_dist.eigensolvers import block_krylov_smallest
+from eagle_dist.method.eigensolvers import block_krylov_smallest
 
 
 def subspace_sine(vecs_BNk, ref_BNk):

@@ -64,7 +64,7 @@ def _evaluate(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A 4-step run with checkpoints at steps 2 and 4, its shards and the trainer's summary."""
-    from eagle_dist import shard
+    from eagle_dist.cli import shard
 
     root = tmp_path_factory.mktemp("eval")
     for split, count in (("train", 12), ("val", VAL_IMAGES)):
@@ -167,7 +167,7 @@ def test_two_processes_give_the_same_confusion_matrices_as_one(trained, tmp_path
 
 def test_checkpoint_selection_is_explicit_and_refuses_incomplete_folders(trained, tmp_path):
     from eagle_dist.checkpoint import CheckpointError
-    from eagle_dist.evaluate import EvaluateError, resolve_checkpoint
+    from eagle_dist.evaluation.inference import EvaluateError, resolve_checkpoint
 
     run = tmp_path / "run"
     shutil.copytree(trained["run"] / "checkpoints", run / "checkpoints")
@@ -191,7 +191,7 @@ def test_checkpoint_selection_is_explicit_and_refuses_incomplete_folders(trained
 
 
 def test_crf_without_the_extra_is_one_clear_error(monkeypatch):
-    from eagle_dist import crf
+    from eagle_dist.evaluation import crf
 
     monkeypatch.setitem(sys.modules, "pydensecrf", None)  # makes `import pydensecrf...` fail
     monkeypatch.setitem(sys.modules, "pydensecrf.densecrf", None)
@@ -203,7 +203,7 @@ def test_crf_without_the_extra_is_one_clear_error(monkeypatch):
 
 @needs_crf
 def test_dense_crf_keeps_confident_maps_and_cleans_a_noisy_pixel():
-    from eagle_dist import crf
+    from eagle_dist.evaluation import crf
 
     h, w, c = 24, 32, 3
     image = np.zeros((h, w, 3), dtype=np.uint8)
@@ -228,8 +228,8 @@ def test_dense_crf_keeps_confident_maps_and_cleans_a_noisy_pixel():
 
 
 def test_to_uint8_undoes_the_loader_normalisation():
-    from eagle_dist import crf
-    from eagle_dist.data import IMAGENET_MEAN, IMAGENET_STD
+    from eagle_dist.evaluation import crf
+    from eagle_dist.data.stream import IMAGENET_MEAN, IMAGENET_STD
 
     rgb = torch.randint(0, 256, (2, 3, 5, 7), dtype=torch.uint8)
     mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)

@@ -95,7 +95,7 @@ def _metric_rows(run_dir: Path) -> list[dict]:
 
 def _wrap_step(monkeypatch, at_step):
     """Call `at_step(step, out)` after every real training step computation (out: its losses)."""
-    from eagle_dist import trainer as trainer_mod
+    from eagle_dist.engine import trainer as trainer_mod
 
     original = trainer_mod.training_step_losses
 
@@ -224,8 +224,8 @@ def test_shards_with_nothing_usable_stop_with_one_message(run, shards, tmp_path)
 
 
 def test_a_data_error_mid_run_stops_every_rank_with_a_checkpoint(run, tmp_path, monkeypatch):
-    from eagle_dist.data import DataError
-    from eagle_dist.trainer import Trainer
+    from eagle_dist.data.stream import DataError
+    from eagle_dist.engine.trainer import Trainer
 
     original = Trainer._segment_batches
 
@@ -334,7 +334,7 @@ def test_stop_signal_saves_and_exits_0_and_only_sigusr1_requeues(run, tmp_path, 
 
 
 def test_requeue_without_scontrol_is_reported_not_raised(tmp_path):
-    from eagle_dist.trainer import requeue_slurm_job
+    from eagle_dist.engine.trainer import requeue_slurm_job
 
     problem = requeue_slurm_job("17", scontrol=str(tmp_path / "no-scontrol"))
     assert problem is not None and "FileNotFoundError" in problem
@@ -377,7 +377,7 @@ def mlflow_server(tmp_path):
 def test_mlflow_server_going_away_mid_run_loses_no_metric(run, tmp_path, monkeypatch, mlflow_server):
     from mlflow.tracking import MlflowClient
 
-    from eagle_dist.tracking import TrackingWarning
+    from eagle_dist.engine.tracking import TrackingWarning
 
     uri, db_uri, server = mlflow_server
 
@@ -407,7 +407,7 @@ def test_mlflow_server_going_away_mid_run_loses_no_metric(run, tmp_path, monkeyp
 @pytest.fixture(scope="module")
 def one_shard(tmp_path_factory):
     """A training set of ONE shard: fewer shards than 2 ranks x 1 worker."""
-    from eagle_dist import shard
+    from eagle_dist.cli import shard
 
     out = tmp_path_factory.mktemp("one-shard") / "train"
     shard.main(["--source", "synthetic", "--split", "train", "--out", str(out), "--synthetic-count", "4",
@@ -480,7 +480,7 @@ def test_every_torch_load_uses_weights_only_true():
 
 def test_reading_shards_never_writes_outside_the_work_folders(tmp_path, monkeypatch):
     """A shard whose member names try to climb out (../, absolute paths) is read in memory only."""
-    from eagle_dist import data
+    from eagle_dist.data import stream as data
 
     def png(mode: str, color) -> bytes:
         from PIL import Image

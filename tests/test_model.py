@@ -5,9 +5,9 @@ import warnings
 import pytest
 import torch
 
-from eagle_dist.backbone import FrozenViT
+from eagle_dist.method.backbone import FrozenViT
 from eagle_dist.config import load_config
-from eagle_dist.model import EagleHeads, build_optimizer, momentum, param_groups, training_step_losses
+from eagle_dist.method.eagle import EagleHeads, build_optimizer, momentum, param_groups, training_step_losses
 
 
 @pytest.fixture(scope="module")

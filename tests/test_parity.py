@@ -144,7 +144,7 @@ def _regime(name: str) -> str:
 
 
 def check_color_affinity(z, ck: Checks) -> None:
-    from eagle_dist.eicue import color_affinity, resize_for_color
+    from eagle_dist.method.eicue import color_affinity, resize_for_color
 
     sigma = float(cfg_value(z, "cfg__sigma"))
     img224 = t32(z["in__img224_normalized"])
@@ -185,7 +185,7 @@ def _check_eigvecs(ck: Checks, name: str, ours, ref) -> None:
 
 
 def check_laplacian_eigen(z, ck: Checks) -> None:
-    from eagle_dist.eicue import (apply_sign_rule, color_affinity, eigen_vectors, normalized_laplacian,
+    from eagle_dist.method.eicue import (apply_sign_rule, color_affinity, eigen_vectors, normalized_laplacian,
                                   resize_for_color, semantic_affinity, smallest_eigenpairs)
 
     K = int(cfg_value(z, "cfg__K"))
@@ -269,7 +269,7 @@ def _parse_lookup_tag(tag: str):
 
 
 def check_cluster_lookup(z, ck: Checks) -> None:
-    from eagle_dist.probes import ClusterLookup
+    from eagle_dist.method.probes import ClusterLookup
 
     probes = sorted(m.group(1) for k in z.files if (m := re.fullmatch(r"in__(.+)_clusters", k)))
     assert probes, "no in__<probe>_clusters arrays in the file"
@@ -296,7 +296,7 @@ def check_cluster_lookup(z, ck: Checks) -> None:
 
 
 def check_infonce(z, ck: Checks) -> None:
-    from eagle_dist.losses import object_centric_nce
+    from eagle_dist.method.losses import object_centric_nce
 
     datasets = sorted(m.group(1) for k in z.files if (m := re.fullmatch(r"cfg__(.+)_dataset_name", k)))
     assert datasets, "no cfg__<ds>_dataset_name in the file"
@@ -349,7 +349,7 @@ def _corr_flags(z, ds: str) -> dict:
 
 
 def check_correspondence(z, ck: Checks) -> None:
-    from eagle_dist.losses import (correspondence_helper, correspondence_loss, draw_correspondence_randomness,
+    from eagle_dist.method.losses import (correspondence_helper, correspondence_loss, draw_correspondence_randomness,
                                    near_derangement)
 
     datasets = sorted(m.group(1) for k in z.files if (m := re.fullmatch(r"cfg__(.+)_pointwise", k)))
@@ -400,7 +400,7 @@ def check_correspondence(z, ck: Checks) -> None:
 
 
 def _check_hungarian(ck: Checks, z, prefix: str, preds: np.ndarray, n: int, e: int, with_t: bool) -> None:
-    from eagle_dist.metrics import ConfusionMatrix, hungarian_metrics
+    from eagle_dist.evaluation.metrics import ConfusionMatrix, hungarian_metrics
 
     target = torch.from_numpy(z["in__target"])
     cm = ConfusionMatrix(n, e)
@@ -425,7 +425,7 @@ def _check_hungarian(ck: Checks, z, prefix: str, preds: np.ndarray, n: int, e: i
 
 
 def _check_linear(ck: Checks, z, prefix: str, preds: np.ndarray, n: int) -> None:
-    from eagle_dist.metrics import ConfusionMatrix, linear_metrics
+    from eagle_dist.evaluation.metrics import ConfusionMatrix, linear_metrics
 
     cm = ConfusionMatrix(n, 0)
     cm.update(torch.from_numpy(preds), torch.from_numpy(z["in__target"]))
@@ -463,7 +463,7 @@ def _dequantised(z, group: str, keys) -> dict:
 
 
 def check_dino_featurizer(z, ck: Checks) -> None:
-    from eagle_dist.backbone import build_featurizer_from_state_dicts
+    from eagle_dist.method.backbone import build_featurizer_from_state_dicts
 
     vit_sd = _dequantised(z, "vit", z["aux__vit_keys"])
     head_sd = _dequantised(z, "head", z["aux__head_keys"])
@@ -497,7 +497,7 @@ def check_dino_featurizer(z, ck: Checks) -> None:
 
 
 def check_five_crop(z, ck: Checks) -> None:
-    from eagle_dist.sources import five_crop_boxes
+    from eagle_dist.data.sources import five_crop_boxes
 
     # Stored as float32; the reference used the YAML's decimal (0.5, 0.6, ...): take the shortest
     # decimal that rounds to the stored value so that int(H * ratio) truncates like the reference.

@@ -27,9 +27,9 @@ def run(tmp_path_factory) -> Path:
     from safetensors.torch import save_file
 
     from eagle_dist import checkpoint as ckpt
-    from eagle_dist.backbone import FrozenViT
+    from eagle_dist.method.backbone import FrozenViT
     from eagle_dist.config import load_config, to_dict
-    from eagle_dist.model import EagleHeads
+    from eagle_dist.method.eagle import EagleHeads
 
     cfg = load_config(None, OVERRIDES)
     with warnings.catch_warnings():
@@ -64,7 +64,7 @@ SIZES = {"wide": (90, 37), "tall": (61, 130)}
 
 
 def _predict(*args: str) -> int:
-    from eagle_dist import predict
+    from eagle_dist.cli import predict
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the random-backbone warning
@@ -119,21 +119,21 @@ def test_predict_linear_probe_and_nothing_readable(run, images, tmp_path, capsys
 
 
 def test_same_stems_get_separate_outputs():
-    from eagle_dist.predict import output_stems
+    from eagle_dist.cli.predict import output_stems
 
     assert output_stems([Path("a/x.jpg"), Path("b/x.png"), Path("c/y.png"), Path("d/x.jpg")]) == [
         "x_jpg", "x_png", "y", "x_jpg_1"]
 
 
 def test_model_input_keeps_aspect_on_the_patch_grid():
-    from eagle_dist.predict import model_input
+    from eagle_dist.evaluation.inference import model_input
 
     x = model_input(Image.new("RGB", (300, 97)), short_side=64, patch=16)
     assert x.shape == (1, 3, 64, 192)  # 300 * 64 / 97 = 197.9 -> nearest multiple of 16
 
 
 def test_visualize_eigen_writes_one_png(run, images, tmp_path):
-    from eagle_dist import visualize
+    from eagle_dist.cli import visualize
 
     out = tmp_path / "eig.png"
     with warnings.catch_warnings():
@@ -143,7 +143,7 @@ def test_visualize_eigen_writes_one_png(run, images, tmp_path):
     with Image.open(out) as im:
         # image + (eigen_k - 1 = 3) heat maps + EiCue + k-means panels side by side
         assert im.width > 6 * im.height / 2 and im.mode == "RGB"
-    from eagle_dist.evaluate import load_model, resolve_checkpoint
+    from eagle_dist.evaluation.inference import load_model, resolve_checkpoint
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -18,15 +18,18 @@ import pytest
 from PIL import Image
 from test_sources import (H, W, make_cityscapes_tree, make_coco_tree, make_potsdam_tree, make_potsdamraw_tree)
 
-from eagle_dist import shard, sources
-from eagle_dist.shard import ShardError
-from eagle_dist.sources import five_crop_boxes
+from eagle_dist.cli import shard as shard_cli
+from eagle_dist.data import shards as shard
+
+from eagle_dist.data import sources
+from eagle_dist.data.shards import ShardError
+from eagle_dist.data.sources import five_crop_boxes
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def build(*args: str) -> dict:
-    return shard.run(["--workers", "1", "--quiet", *args])
+    return shard_cli.run(["--workers", "1", "--quiet", *args])
 
 
 def read_tar(path: Path) -> dict[str, dict[str, bytes]]:
@@ -203,7 +206,7 @@ def _shard_hashes(out: Path) -> list[tuple[str, str]]:
 def test_output_is_identical_for_any_worker_count_or_part_split(tmp_path):
     one = tmp_path / "one"
     build(*SYN, "--out", str(one))
-    shard.run([*SYN, "--out", str(tmp_path / "two"), "--workers", "2", "--quiet"])
+    shard_cli.run([*SYN, "--out", str(tmp_path / "two"), "--workers", "2", "--quiet"])
     assert len(_shard_hashes(one)) == 6
     assert _shard_hashes(one) == _shard_hashes(tmp_path / "two")
 
@@ -224,11 +227,11 @@ def test_slurm_array_variables_give_the_part(monkeypatch, tmp_path):
     monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "4")
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "7")
     monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "5")
-    opts = shard.parse_args([*SYN, "--out", str(tmp_path)])
+    opts = shard_cli.parse_args([*SYN, "--out", str(tmp_path)])
     assert (opts.num_parts, opts.part) == (4, 2)
-    assert shard.parse_args([*SYN, "--out", str(tmp_path), "--part", "0"]).part == 0
+    assert shard_cli.parse_args([*SYN, "--out", str(tmp_path), "--part", "0"]).part == 0
     with pytest.raises(ShardError, match="--part"):
-        shard.build(shard.parse_args([*SYN, "--out", str(tmp_path), "--num-parts", "2", "--part", "2"]))
+        shard.build(shard_cli.parse_args([*SYN, "--out", str(tmp_path), "--num-parts", "2", "--part", "2"]))
 
 
 # --------------------------------------------------------------------------- bad input
@@ -245,7 +248,7 @@ def test_bad_inputs_are_skipped_counted_and_named(tmp_path, capsys):
     ids = make_coco_tree(tmp_path / "coco", n_train=5)["train2017"]
     _damage_coco(tmp_path / "coco", ids)
     out = tmp_path / "train"
-    assert shard.main(["--source", "cocostuff", "--root", str(tmp_path / "coco"), "--split", "train",
+    assert shard_cli.main(["--source", "cocostuff", "--root", str(tmp_path / "coco"), "--split", "train",
                        "--out", str(out), "--workers", "1", "--no-progress"]) == 0
     printed = capsys.readouterr().out
     manifest = json.loads((out / "manifest.json").read_text())
@@ -265,7 +268,7 @@ def test_strict_stops_at_the_first_bad_input(tmp_path, capsys):
     ids = make_coco_tree(tmp_path / "coco", n_train=5)["train2017"]
     _damage_coco(tmp_path / "coco", ids)
     out = tmp_path / "train"
-    rc = shard.main(["--source", "cocostuff", "--root", str(tmp_path / "coco"), "--split", "train",
+    rc = shard_cli.main(["--source", "cocostuff", "--root", str(tmp_path / "coco"), "--split", "train",
                      "--out", str(out), "--workers", "1", "--quiet", "--strict"])
     err = capsys.readouterr().err
     assert rc == 2 and f"images/train2017/{ids[0]}.jpg" in err and "--strict" in err
@@ -274,16 +277,16 @@ def test_strict_stops_at_the_first_bad_input(tmp_path, capsys):
 
 
 def test_missing_root_or_list_is_one_clear_error(tmp_path, capsys):
-    rc = shard.main(["--source", "cocostuff", "--root", str(tmp_path / "nope"), "--split", "train",
+    rc = shard_cli.main(["--source", "cocostuff", "--root", str(tmp_path / "nope"), "--split", "train",
                      "--out", str(tmp_path / "o"), "--quiet"])
     err = capsys.readouterr().err
     assert rc == 2 and str(tmp_path / "nope") in err and "Traceback" not in err
     (tmp_path / "coco").mkdir()
-    rc = shard.main(["--source", "cocostuff", "--root", str(tmp_path / "coco"), "--split", "val",
+    rc = shard_cli.main(["--source", "cocostuff", "--root", str(tmp_path / "coco"), "--split", "val",
                      "--out", str(tmp_path / "o"), "--quiet"])
     err = capsys.readouterr().err
     assert rc == 2 and str(tmp_path / "coco" / "curated" / "val2017" / "Coco164kFull_Stuff_Coarse_7.txt") in err
-    assert shard.main(["--source", "synthetic", "--split", "val", "--out", str(tmp_path / "o"), "--quiet",
+    assert shard_cli.main(["--source", "synthetic", "--split", "val", "--out", str(tmp_path / "o"), "--quiet",
                        "--synthetic-classes", "1"]) == 2
     assert "num_classes" in capsys.readouterr().err
 
@@ -345,13 +348,13 @@ def test_builder_resumes_after_sigkill_mid_shard(tmp_path):
                 if (out / "_build" / f"{p.stem}.json").exists()}
     assert recorded, "no shard finished before the kill"
 
-    summary = shard.run([*args, "--out", str(out)])
+    summary = shard_cli.run([*args, "--out", str(out)])
     assert summary["shards_kept"] >= len(recorded) and summary["shards"] == 10
     assert not list(out.glob(".val-*.partial-*"))
     for name, mtime in recorded.items():  # verified and kept, not rewritten
         assert (out / name).stat().st_mtime_ns == mtime
     fresh = tmp_path / "fresh"
-    shard.run([*args, "--out", str(fresh)])
+    shard_cli.run([*args, "--out", str(fresh)])
     assert [(p.name, sha(p)) for p in sorted(out.glob("val-*.tar"))] == \
            [(p.name, sha(p)) for p in sorted(fresh.glob("val-*.tar"))]
     assert (out / "manifest.json").read_bytes() == (fresh / "manifest.json").read_bytes()

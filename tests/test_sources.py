@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 from scipy.io import savemat
 
-from eagle_dist import sources
-from eagle_dist.sources import BadInput, SourceLayoutError, SyntheticSpec, five_crop_boxes, open_source
+from eagle_dist.data import sources
+from eagle_dist.data.sources import BadInput, SourceLayoutError, SyntheticSpec, five_crop_boxes, open_source
 
 H, W = 40, 56
 

@@ -1,4 +1,4 @@
-"""eagle_dist.tracking: MLflow runs read back with MlflowClient, resume, unreachable servers.
+"""eagle_dist.engine.tracking: MLflow runs read back with MlflowClient, resume, unreachable servers.
 
     .venv/bin/python -m pytest -q tests/test_tracking.py
 """
@@ -13,8 +13,8 @@ import pytest
 from mlflow import MlflowClient
 
 import toy_train
-from eagle_dist import tracking
-from eagle_dist.tracking import MlflowTracker, NullTracker, TrackingWarning, make_tracker
+from eagle_dist.engine import tracking
+from eagle_dist.engine.tracking import MlflowTracker, NullTracker, TrackingWarning, make_tracker
 
 
 @pytest.fixture(autouse=True)

@@ -61,7 +61,7 @@ def _accelerate(config: str, *args: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    from eagle_dist import shard
+    from eagle_dist.cli import shard
 
     root = tmp_path_factory.mktemp("synthetic")
     for split, count in (("train", 24), ("val", 10)):

@@ -1,4 +1,4 @@
-"""A tiny training run on eagle_dist.dist / checkpoint / tracking, for the multi-process tests.
+"""A tiny training run on eagle_dist.distributed / checkpoint / tracking, for the multi-process tests.
 
     torchrun --nproc_per_node 2 tests/toy_train.py --out /tmp/toy --steps 6 --ckpt-every 2
     python -m accelerate.commands.launch --config_file launch/accelerate/cpu_2proc.yaml \\
@@ -35,9 +35,9 @@ if str(REPO) not in sys.path:
 import eagle_dist  # noqa: E402,F401  (torchvision shim first)
 import torch  # noqa: E402
 
-from eagle_dist import dist as dist_mod  # noqa: E402
+from eagle_dist import distributed as dist_mod  # noqa: E402
 from eagle_dist.checkpoint import CheckpointManager, CheckpointSaveError  # noqa: E402
-from eagle_dist.tracking import NullTracker, make_tracker  # noqa: E402
+from eagle_dist.engine.tracking import NullTracker, make_tracker  # noqa: E402
 
 IN_DIM, HIDDEN, OUT_DIM, BATCH = 8, 16, 4, 16
 SCRIPT = Path(__file__).resolve()

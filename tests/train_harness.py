@@ -20,7 +20,7 @@ import eagle_dist  # noqa: E402,F401
 import torch  # noqa: E402
 
 from eagle_dist.config import load_config  # noqa: E402
-from eagle_dist.trainer import Trainer  # noqa: E402
+from eagle_dist.engine.trainer import Trainer  # noqa: E402
 
 
 def main() -> int:

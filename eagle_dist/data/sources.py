@@ -2,7 +2,7 @@
 
 The shard builder (``python -m eagle_dist.shard``) is the main user.  Direct use::
 
-    from eagle_dist.sources import open_source
+    from eagle_dist.data.sources import open_source
     src = open_source("cocostuff", root="/data/cocostuff", split="val")
     for item in src.items():
         key, image, label, meta = src.load(item)[:4]   # PIL RGB, int64 HxW (-1 = ignore), dict
@@ -41,13 +41,15 @@ from typing import Any, ClassVar, Iterator, NamedTuple
 import numpy as np
 from PIL import Image
 
+from eagle_dist.errors import EagleError
+
 IGNORE = -1
 
 # Sentinel in fine->coarse lookup tables for ids the dataset does not define.
 _INVALID = -2
 
 
-class SourceLayoutError(FileNotFoundError):
+class SourceLayoutError(EagleError, FileNotFoundError):
     """The dataset root or one of its list files is not where the layout says it must be."""
 
 

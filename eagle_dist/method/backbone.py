@@ -1,6 +1,6 @@
 """The frozen DINO ViT: attention keys of the last three blocks ("KK" features).
 
-    from eagle_dist.backbone import FrozenViT
+    from eagle_dist.method.backbone import FrozenViT
     vit = FrozenViT("vit_small_patch8_224", weights="dino_deitsmall8_300ep_pretrain.pth")
     kk = vit(img)            # [B, 3 * embed_dim, H / patch, W / patch]
 
@@ -27,12 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from eagle_dist.errors import EagleError
 import eagle_dist  # noqa: F401  (installs the torchvision shim before timm is imported)
 import timm
 from timm.models.vision_transformer import Block as VitBlock
 
 
-class WeightsError(RuntimeError):
+class WeightsError(EagleError, RuntimeError):
     """A weights file that is missing, unreadable or does not fit the architecture."""
 
 
@@ -262,7 +263,7 @@ def build_featurizer_from_state_dicts(
     vit_sd: dict, head_sd: dict, arch: str = "vit_small_patch8_224", fused_attn: bool = True
 ) -> ParityFeaturizer:
     """Backbone + segmentation head from in-memory state dicts (official key names)."""
-    from eagle_dist.heads import SegHead
+    from eagle_dist.method.heads import SegHead
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # no file on purpose: the weights come next

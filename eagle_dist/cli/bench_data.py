@@ -1,15 +1,15 @@
 """Data benchmark: shard build rate and stream throughput, beside a plain per-file PIL pipeline.
 
     python -m eagle_dist.bench data                       # (the bench dispatcher calls main)
-    python -m eagle_dist.bench_data --count 200 --size 480x640 --workers 1,2 --json bench_data.json
+    python -m eagle_dist.cli.bench_data --count 200 --size 480x640 --workers 1,2 --json bench_data.json
 
 What it measures, on a synthetic set written to a temporary folder as JPEG images + PNG labels
 (COCO-like originals):
 
-* build: ``eagle_dist.shard`` (folder source, official five-crop, tar shards) against writing the
+* build: ``eagle_dist.data.shards`` (folder source, official five-crop, tar shards) against writing the
   same crops as individual files the way the official crop script does (``img/<n>.jpg``,
   ``label/<n>.png`` with label + 1), both with the same number of processes.
-* stream: ``eagle_dist.data.build_train_loader`` against a map-style ``DataLoader`` that opens one
+* stream: ``eagle_dist.data.stream.build_train_loader`` against a map-style ``DataLoader`` that opens one
   JPEG and one PNG per sample with PIL (the official loader), both doing the same decode, nearest
   resize, centre crop, normalisation and blur.  Reported as images/s and images/s per worker,
   after one warm-up batch (worker start-up is not counted).
@@ -32,8 +32,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from eagle_dist import data, shard, sources
-from eagle_dist.sources import SyntheticSpec, five_crop_boxes
+from eagle_dist.data import stream as data
+
+from eagle_dist.cli import shard as shard_cli
+from eagle_dist.data import shards as shard
+
+from eagle_dist.data import sources
+from eagle_dist.data.sources import SyntheticSpec, five_crop_boxes
 
 
 def _write_originals(folder: Path, spec: SyntheticSpec) -> None:
@@ -206,7 +211,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m eagle_dist.bench data", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--count", type=int, default=160, help="synthetic source images")
-    p.add_argument("--size", type=shard.parse_size, default=(480, 640), help="HEIGHTxWIDTH of the source images")
+    p.add_argument("--size", type=shard_cli.parse_size, default=(480, 640), help="HEIGHTxWIDTH of the source images")
     p.add_argument("--classes", type=int, default=6)
     p.add_argument("--workers", default=",".join(str(n) for n in sorted({1, min(4, os.cpu_count() or 1)})),
                    help="comma-separated worker counts to measure")

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from eagle_dist import metrics
+from eagle_dist.evaluation import metrics
 
 
 @torch.no_grad()
@@ -137,7 +137,7 @@ class EvalResult:
         return "\n".join(lines)
 
     def write_figures(self, folder: Path) -> list[Path]:
-        from eagle_dist import figures
+        from eagle_dist.evaluation import figures
 
         folder.mkdir(parents=True, exist_ok=True)
         stats = self.cluster.counts.cpu().numpy()
@@ -164,13 +164,13 @@ def evaluate_stream(
 ) -> EvalResult:
     """Evaluate `heads` on the validation shards; collective: every rank must call it.
 
-    With ``crf_pool`` (an :class:`eagle_dist.crf.CRFPool`) both probes go through DenseCRF: the
+    With ``crf_pool`` (an :class:`eagle_dist.evaluation.crf.CRFPool`) both probes go through DenseCRF: the
     linear probe as log-softmax of its logits, the cluster probe as log-softmax of
     ``cluster_alpha`` x cosine (the official final protocol; the temperature changes nothing
     without the CRF, since the argmax is the same).  ``eicue_samples`` adds the EiCue map of
     the first images to ``samples`` (the trainer's figure).
     """
-    from eagle_dist import data
+    from eagle_dist.data import stream as data
 
     shards = shards or cfg.data.val_shards
     manifest = data.read_manifest(shards)
@@ -199,7 +199,7 @@ def evaluate_stream(
         code = head_code(backbone, heads, img, flip)
         scores, logits = probe_predictions(heads, code, label.shape[-2:])
         if crf_pool is not None:
-            from eagle_dist.crf import to_uint8
+            from eagle_dist.evaluation.crf import to_uint8
 
             alpha = cfg.eval.cluster_alpha if cluster_alpha is None else cluster_alpha
             linear_pred, cluster_pred = crf_pool.refine(

@@ -13,7 +13,7 @@ which is why a few steps suffice.
 
 Use it through EiCue (``eicue.solver=krylov`` in the config) or directly::
 
-    from eagle_dist.eigensolvers import block_krylov_smallest
+    from eagle_dist.method.eigensolvers import block_krylov_smallest
     vals_BK, vecs_BNK = block_krylov_smallest(lap_BNN, k=4)
 
 Accuracy, speed and EiCue-map agreement against ``eigh`` are measured by

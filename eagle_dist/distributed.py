@@ -3,7 +3,7 @@
 Everything else asks a `Dist` object (rank, world size, is_main, device, collectives);
 nothing else reads RANK / WORLD_SIZE / SLURM_* from the environment.
 
-    from eagle_dist import dist as distmod
+    from eagle_dist import distributed as distmod
     d = distmod.setup(strategy="auto", expected_world_size=None, seed=0)
     model, optimizer = d.prepare(model, optimizer)
     d.backward(loss); d.clip_grad(model); optimizer.step()
@@ -85,6 +85,8 @@ from typing import Any
 import torch
 import torch.distributed as tdist
 
+from eagle_dist.errors import EagleError
+
 STRATEGIES = ("auto", "ddp", "deepspeed")
 ZERO_STAGES = (1, 2)
 MIXED_PRECISIONS = ("auto", "no", "bf16")
@@ -102,7 +104,7 @@ CPU_PITFALL = (
 )
 
 
-class DistributedSetupError(RuntimeError):
+class DistributedSetupError(EagleError, RuntimeError):
     """The launch or the distributed settings are wrong; the message says how to fix them."""
 
 

@@ -1,7 +1,7 @@
 """The training loop: config in, checkpoints, metrics and an evaluation table out.
 
     from eagle_dist.config import load_config
-    from eagle_dist.trainer import Trainer
+    from eagle_dist.engine.trainer import Trainer
     trainer = Trainer(load_config("configs/default.yaml"))
     try:
         trainer.train()
@@ -43,17 +43,18 @@ from pathlib import Path
 
 import torch
 
+from eagle_dist.errors import EagleError
 from eagle_dist import config as config_mod
 from eagle_dist.config import Config
-from eagle_dist.dist import slurm_job_id
-from eagle_dist.model import EagleHeads, build_optimizer, training_step_losses
+from eagle_dist.distributed import slurm_job_id
+from eagle_dist.method.eagle import EagleHeads, build_optimizer, training_step_losses
 
 
-class TrainingError(RuntimeError):
+class TrainingError(EagleError, RuntimeError):
     """A failure the user must act on (bad data, diverged loss, ...)."""
 
 
-# Stream counters (eagle_dist.data.STAT_FIELDS) that mean a sample was skipped.
+# Stream counters (eagle_dist.data.stream.STAT_FIELDS) that mean a sample was skipped.
 SKIP_FIELDS = ("corrupt_samples", "incomplete_samples", "missing_samples", "read_errors")
 
 
@@ -79,7 +80,7 @@ def requeue_slurm_job(job_id: str, scontrol: str = "scontrol", timeout_s: float 
 
 class Trainer:
     def __init__(self, cfg: Config):
-        from eagle_dist import dist as dist_mod
+        from eagle_dist import distributed as dist_mod
 
         self.cfg = cfg
         self.dist = dist_mod.setup(
@@ -144,7 +145,7 @@ class Trainer:
                 pass
 
     def _prepare_data(self) -> None:
-        from eagle_dist import data
+        from eagle_dist.data import stream as data
 
         cfg = self.cfg
         if cfg.dataset == "synthetic":
@@ -165,7 +166,8 @@ class Trainer:
             )
 
     def _ensure_synthetic_shards(self) -> None:
-        from eagle_dist import shard
+        from eagle_dist.data.shards import ShardOptions, build
+        from eagle_dist.data.sources import SyntheticSpec
 
         cfg = self.cfg
         missing = [s for s, f in (("train", cfg.data.train_shards), ("val", cfg.data.val_shards))
@@ -174,14 +176,13 @@ class Trainer:
             for split in missing:
                 folder = cfg.data.train_shards if split == "train" else cfg.data.val_shards
                 self.dist.print(f"building synthetic {split} shards in {folder} (first run only)")
-                shard.run([
-                    "--source", "synthetic", "--split", split, "--out", folder,
-                    "--synthetic-classes", str(cfg.model.n_classes), "--samples-per-shard", "64", "--quiet",
-                ])
+                spec = SyntheticSpec(num_classes=cfg.model.n_classes)
+                build(ShardOptions(source="synthetic", split=split, out=folder, samples_per_shard=64,
+                                   workers=1, progress=False, quiet=True, source_options={"spec": spec}))
         self.dist.barrier()
 
     def _build_model(self) -> None:
-        from eagle_dist.backbone import FrozenViT
+        from eagle_dist.method.backbone import FrozenViT
 
         cfg = self.cfg
         torch.manual_seed(cfg.train.seed)  # identical head initialisation on every rank
@@ -202,7 +203,7 @@ class Trainer:
 
     def _resume_or_start(self) -> None:
         from eagle_dist.checkpoint import CheckpointManager
-        from eagle_dist.tracking import make_tracker
+        from eagle_dist.engine.tracking import make_tracker
 
         cfg = self.cfg
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.train.keep_last, self.dist)
@@ -231,7 +232,7 @@ class Trainer:
         """The resolved config with credentials in tracking.uri masked: it goes to MLflow, to
         config.yaml and into checkpoints (pass credentials as MLFLOW_TRACKING_USERNAME /
         MLFLOW_TRACKING_PASSWORD instead of in the URI)."""
-        from eagle_dist.tracking import mask_uri
+        from eagle_dist.engine.tracking import mask_uri
 
         data = config_mod.to_dict(self.cfg)
         if data["tracking"].get("uri"):
@@ -259,7 +260,7 @@ class Trainer:
 
     def _segment_batches(self, start_step: int):
         """Batches from `start_step` on, segment by segment (see the module docstring)."""
-        from eagle_dist import data
+        from eagle_dist.data import stream as data
 
         cfg = self.cfg
         seg_len = max(1, cfg.train.ckpt_interval)
@@ -323,7 +324,7 @@ class Trainer:
     # ------------------------------------------------------------------ loop
 
     def train(self) -> dict:
-        from eagle_dist.data import DataError
+        from eagle_dist.data.stream import DataError
 
         cfg = self.cfg
         d = self.dist
@@ -449,7 +450,7 @@ class Trainer:
         The final one also scores k-means on the raw backbone keys of the same images, so the
         table shows what training added over the frozen features.
         """
-        from eagle_dist.evaluation import evaluate_stream
+        from eagle_dist.evaluation.loop import evaluate_stream
 
         cfg = self.cfg
         # Evaluation must not shift the training randomness (dropout, correspondence samples;

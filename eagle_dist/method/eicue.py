@@ -12,7 +12,7 @@ Run the parity checks of this module with
 
 Quick use::
 
-    from eagle_dist.eicue import EiCue
+    from eagle_dist.method.eicue import EiCue
     spectral_BKhw = EiCue(k=4)(img_B3HW, code_BDhw)        # [B, 3, h, w]
 """
 
@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from eagle_dist import profiling
-from eagle_dist.eigensolvers import block_krylov_smallest
+from eagle_dist.method.eigensolvers import block_krylov_smallest
 
 __all__ = [
     "COLOR_MODES",
@@ -161,7 +161,7 @@ def smallest_eigenpairs(lap_BNN: torch.Tensor, k: int, solver: str = "eigh") -> 
     mixed-precision context. ``solver="eigh"`` is the reference's float32 ``torch.linalg.eigh``
     (upper triangle); ``"eigh64"`` decomposes in float64 and casts back to float32 (more accurate;
     column signs may differ from float32, which the sign rule and parity alignment absorb).
-    ``"krylov"`` is the fast float32 block Krylov solver of :mod:`eagle_dist.eigensolvers`, which
+    ``"krylov"`` is the fast float32 block Krylov solver of :mod:`eagle_dist.method.eigensolvers`, which
     computes only the ``k`` wanted pairs (accuracy and speed: ``python -m eagle_dist.bench eigen``).
     The signs of the columns are whatever the solver returns; apply :func:`apply_sign_rule` next.
     """
@@ -255,7 +255,7 @@ class EiCue(nn.Module):
     ``k`` is the number of eigenvectors kept before dropping the trivial one (``eigen_cluster``,
     4 in the official configs). ``color_mode`` selects quirk 7 (see :func:`resize_for_color`),
     ``solver`` the eigensolver (see :func:`smallest_eigenpairs`). The eigen cluster probe
-    (:class:`eagle_dist.probes.ClusterLookup`) then turns the map into EiCue segment ids.
+    (:class:`eagle_dist.method.probes.ClusterLookup`) then turns the map into EiCue segment ids.
     """
 
     def __init__(self, k: int = 4, color_mode: str = "official", solver: str = "eigh", sigma: float = 0.1):

@@ -1,6 +1,6 @@
 """DenseCRF refinement of the final evaluation (ALGORITHM.md section 9, step 4), on CPU workers.
 
-    from eagle_dist import crf
+    from eagle_dist.evaluation import crf
     crf.require()                                   # one clear error if the extra is missing
     with crf.CRFPool(workers=4) as pool:
         preds_BHW = pool.refine(images_BHW3_uint8, log_probs_BCHW)   # argmax of the marginals
@@ -30,6 +30,8 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 import torch
 
+from eagle_dist.errors import EagleError
+
 INSTALL_HINT = "pip install 'eagle-dist[crf]'"
 GAUSSIAN_SXY = 1
 GAUSSIAN_COMPAT = 3
@@ -47,7 +49,7 @@ PARAMS = {
 }
 
 
-class CRFUnavailableError(RuntimeError):
+class CRFUnavailableError(EagleError, RuntimeError):
     """DenseCRF was asked for but its package is not installed."""
 
 
@@ -67,7 +69,7 @@ def require():
 
 def to_uint8(img_B3HW: torch.Tensor) -> np.ndarray:
     """ImageNet-normalised images -> ``[B, H, W, 3]`` uint8 RGB, truncating like ``to_pil_image``."""
-    from eagle_dist.data import IMAGENET_MEAN, IMAGENET_STD
+    from eagle_dist.data.stream import IMAGENET_MEAN, IMAGENET_STD
 
     mean = torch.tensor(IMAGENET_MEAN, device=img_B3HW.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=img_B3HW.device).view(1, 3, 1, 1)

@@ -1,6 +1,6 @@
 """The WebDataset stream: training batches with equal steps on every rank, validation exactly once.
 
-    from eagle_dist.data import build_train_loader, build_val_loader, read_manifest
+    from eagle_dist.data.stream import build_train_loader, build_val_loader, read_manifest
     train = build_train_loader("shards/cocostuff27/train", batch_size=32, rank=r, world_size=w,
                                num_workers=4, seed=0)
     for batch in train:          # exactly len(train) batches on every rank
@@ -57,6 +57,8 @@ import torch.nn.functional as F
 import webdataset as wds
 from PIL import Image
 
+from eagle_dist.errors import EagleError
+
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -69,7 +71,7 @@ _MAX_ERRORS_IN_A_ROW = 200
 _LOGGED_PER_PROCESS = 20
 
 
-class DataError(RuntimeError):
+class DataError(EagleError, RuntimeError):
     """The shards cannot be streamed; the message says what to do."""
 
 
@@ -92,7 +94,7 @@ def read_manifest(shard_dir: str | Path) -> dict:
         raise DataError(f"{path} is not valid JSON ({exc}); rebuild the shards") from None
     for key in ("shards", "classes", "ignore_value"):
         if key not in manifest:
-            raise DataError(f"{path} has no '{key}' entry; it was not written by eagle_dist.shard")
+            raise DataError(f"{path} has no '{key}' entry; it was not written by eagle_dist.data.shards")
     if not manifest["shards"] or sum(s["samples"] for s in manifest["shards"]) == 0:
         raise DataError(f"{path} lists no samples; {hint}")
     missing = [s["name"] for s in manifest["shards"] if not (folder / s["name"]).is_file()]

@@ -21,10 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eagle_dist import eicue, losses, profiling
+from eagle_dist import profiling
+
+from eagle_dist.method import eicue
+
+from eagle_dist.method import losses
 from eagle_dist.config import Config, batches
-from eagle_dist.heads import ProjectionHead, SegHead
-from eagle_dist.probes import ClusterLookup, LinearProbe
+from eagle_dist.method.heads import ProjectionHead, SegHead
+from eagle_dist.method.probes import ClusterLookup, LinearProbe
 
 
 # Rows per chunk of the medoid search (see EagleHeads._nce).

@@ -1,0 +1,182 @@
+"""Load a trained model from any checkpoint and run it on images: what evaluate, predict and
+visualize share (a command-line tool never imports another one).
+
+    from eagle_dist.evaluation.inference import load_model, resolve_checkpoint, segment
+    step_dir, how = resolve_checkpoint("runs/NAME")          # newest complete checkpoint
+    loaded = load_model(step_dir, device="cpu")
+    ids_HW = segment(loaded, PIL.Image.open("photo.jpg").convert("RGB"), 320, probe="cluster")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from eagle_dist.errors import EagleError
+from eagle_dist import checkpoint as ckpt_mod
+from eagle_dist import config as config_mod
+from eagle_dist.checkpoint import CheckpointError
+from eagle_dist.config import Config
+
+_STEP_DIR = re.compile(r"step-(\d{8,})")
+
+
+class EvaluateError(EagleError, RuntimeError):
+    """Bad arguments for evaluation or prediction; the message says what to do."""
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def resolve_checkpoint(path: str | os.PathLike, step: int | None = None) -> tuple[Path, str]:
+    """The step folder to evaluate and how it was chosen ("last" or "step N").
+
+    ``path`` is a run folder (``runs/NAME``), its ``checkpoints`` folder, or one step folder.
+    Only complete checkpoints are taken; nothing is ever chosen by a score.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint path {path} does not exist; pass a run folder (runs/NAME) "
+                              "or a step folder (runs/NAME/checkpoints/step-00000400)")
+    named = _STEP_DIR.fullmatch(path.name)
+    if named or (path / ckpt_mod.STATE_FILE).is_file():
+        if step is not None and ckpt_mod.step_dir_name(step) != path.name:
+            raise EvaluateError(f"--step {step} contradicts the step folder {path}; give one of the two")
+        state = ckpt_mod.read_state(path)  # refuses a folder without its COMPLETE marker
+        return path, f"step {int(named.group(1)) if named else int(state['step'])}"
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    found = ckpt_mod.complete_checkpoints(root)
+    if step is not None:
+        target = root / ckpt_mod.step_dir_name(step)
+        if not target.is_dir():
+            have = ", ".join(str(s) for s, _ in found) or "none"
+            raise CheckpointError(f"no checkpoint for step {step} in {root} (complete steps: {have})")
+        ckpt_mod.read_state(target)
+        return target, f"step {step}"
+    if not found:
+        partial = sorted(p.name for p in root.glob("*step-*")) if root.is_dir() else []
+        hint = f" (only incomplete folders: {', '.join(partial)})" if partial else ""
+        raise CheckpointError(f"no complete checkpoint in {root}{hint}; train first or pass a step folder")
+    return found[-1][1], "last"
+
+
+def run_dir_of(step_dir: Path) -> Path:
+    """``runs/NAME`` for ``runs/NAME/checkpoints/step-XXXXXXXX``."""
+    return step_dir.parent.parent if step_dir.parent.name == "checkpoints" else step_dir.parent
+
+
+def _set(data: dict, dotted: str, value) -> None:
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        data = data.setdefault(part, {})
+    data[parts[-1]] = value
+
+
+def checkpoint_config(step_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[Config, dict]:
+    """The resolved training config stored in the checkpoint, with ``key=value`` overrides."""
+    state = ckpt_mod.read_state(step_dir)
+    data = (state.get("extra") or {}).get("config")
+    if data is None:
+        saved = run_dir_of(step_dir) / "config.yaml"
+        if not saved.is_file():
+            raise CheckpointError(f"{step_dir} carries no config and {saved} is missing; "
+                                  "the model cannot be rebuilt")
+        import yaml
+
+        data = yaml.safe_load(saved.read_text())
+    for text in overrides:
+        key, value = config_mod.parse_override(text)
+        _set(data, key, value)
+    return config_mod.from_dict(data), state
+
+
+@dataclass
+class LoadedModel:
+    cfg: Config
+    backbone: torch.nn.Module
+    heads: torch.nn.Module
+    step_dir: Path
+    step: int
+    state: dict
+
+    @property
+    def run_dir(self) -> Path:
+        return run_dir_of(self.step_dir)
+
+
+def load_model(step_dir: Path, overrides=(), device: torch.device | str = "cpu", quiet: bool = False) -> LoadedModel:
+    """Backbone + heads of a complete checkpoint, in eval mode on `device`.
+
+    The backbone is not in the checkpoint (it is frozen): it is rebuilt from ``model.backbone``
+    and ``model.weights``.  Without a weights file the trainer's random initialisation is
+    reproduced by seeding exactly as the trainer does before building it.
+    """
+    from safetensors.torch import load_file
+
+    from eagle_dist.method.backbone import FrozenViT
+    from eagle_dist.method.eagle import EagleHeads
+
+    cfg, state = checkpoint_config(step_dir, overrides)
+    torch.manual_seed(cfg.train.seed)  # same draw as Trainer._build_model for a random backbone
+    with warnings.catch_warnings():
+        if quiet:
+            warnings.simplefilter("ignore")
+        backbone = FrozenViT(cfg.model.backbone, cfg.model.weights, fused_attn=cfg.model.fused_attn)
+    heads = EagleHeads(cfg, backbone.out_channels)
+    weights = step_dir / ckpt_mod.MODEL_FILE
+    try:
+        heads.load_state_dict(load_file(str(weights), device="cpu"), strict=True)
+    except (RuntimeError, FileNotFoundError) as err:
+        raise CheckpointError(f"the weights in {weights} do not fit the model of its config ({err}); "
+                              "did a model.* override change the architecture?") from None
+    backbone.to(device).eval()
+    heads.to(device).eval()
+    return LoadedModel(cfg, backbone, heads, step_dir, int(state["step"]), state)
+
+
+# --------------------------------------------------------------------------- images
+
+
+def load_assignment(path: Path, n_clusters: int, step: int | None) -> list[int]:
+    data = json.loads(path.read_text())
+    table = data.get("strict")
+    if not isinstance(table, list) or len(table) != n_clusters:
+        raise ValueError(f"{path} holds no strict cluster table for {n_clusters} clusters")
+    saved_step = (data.get("checkpoint") or {}).get("step")
+    if step is not None and saved_step is not None and int(saved_step) != step:
+        raise ValueError(f"{path} was computed for step {saved_step}, not step {step}")
+    return [int(c) for c in table]
+
+
+def model_input(image: Image.Image, short_side: int, patch: int) -> torch.Tensor:
+    """``[1, 3, h, w]`` ImageNet-normalised, shorter side ~ `short_side`, sides multiples of `patch`."""
+    from eagle_dist.data.stream import IMAGENET_MEAN, IMAGENET_STD
+
+    w, h = image.size
+    scale = short_side / min(w, h)
+    new_w = max(patch, int(round(w * scale / patch)) * patch)
+    new_h = max(patch, int(round(h * scale / patch)) * patch)
+    arr = np.asarray(image.resize((new_w, new_h), Image.NEAREST), dtype=np.float32) / 255.0
+    arr = (arr - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
+    return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0).contiguous()
+
+
+@torch.no_grad()
+def segment(loaded, image: Image.Image, short_side: int, probe: str) -> np.ndarray:
+    """Predicted ids ``[H, W]`` (input size) of the cluster or linear probe."""
+    device = next(loaded.heads.parameters()).device
+    x = model_input(image, short_side, loaded.backbone.patch).to(device)
+    code = loaded.heads.seg_head(loaded.backbone(x))
+    size = (image.size[1], image.size[0])
+    up = F.interpolate(code, size=size, mode="bilinear", align_corners=False)
+    scores = loaded.heads.cluster_probe.inner_products(up) if probe == "cluster" else loaded.heads.linear_probe(up)
+    return scores.argmax(1)[0].cpu().numpy()
