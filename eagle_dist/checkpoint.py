@@ -267,12 +267,18 @@ class CheckpointManager:
     """Save / find / load checkpoints under `root` with keep-last-K pruning.
 
     `dist` is an `eagle_dist.distributed.Dist` (rank, world size, strategy, collectives, unwrap).
+    `interval`: save every this many steps (`should_save`); None: only when asked.
     """
 
-    def __init__(self, root: str | os.PathLike, keep_last: int, dist: Any):
+    def __init__(self, root: str | os.PathLike, keep_last: int, dist: Any, interval: int | None = None):
         self.root = Path(root)
         self.keep_last = int(keep_last)
         self.dist = dist
+        self.interval = interval
+
+    def should_save(self, step: int) -> bool:
+        """Whether `step` is an interval checkpoint (the loop saves the final step by itself)."""
+        return bool(self.interval) and step % self.interval == 0
 
     # -- queries
 

@@ -192,6 +192,18 @@ def test_torchrun_two_processes(tmp_path):
 
 
 @pytest.mark.multiproc
+def test_one_rank_nan_or_missing_batch_is_agreed_on_by_every_rank(tmp_path):
+    # Rank 1's loss is NaN at step 1 and it has no batch at step 3: the step's one all-reduce
+    # makes both ranks skip step 1's update and stop at step 3 (a rank acting alone would
+    # leave the other hanging in its gradient all-reduce, or the weights apart).
+    _ok(toy_train.run_launch(toy_train.torchrun_cmd(
+        "--out", str(tmp_path), "--steps", "5", "--nan-step", "1", "--no-batch-step", "3", "--fault-rank", "1")))
+    r = toy_train.result(tmp_path)
+    assert r["skipped_by_rank"] == [[1], [1]] and r["stopped_at_by_rank"] == [3, 3]
+    assert r["final_step"] == 3 and r["params_identical"]
+
+
+@pytest.mark.multiproc
 @pytest.mark.parametrize("launch_args", [
     ["--multi_gpu", "--num_processes", "2", "--main_process_port", "0"],
     ["--config_file", str(toy_train.ACCELERATE_CONFIGS / "cpu_2proc.yaml")],

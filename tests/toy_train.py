@@ -12,8 +12,11 @@ needs model, optimizer, scheduler AND the RNG states restored. On start it resum
 newest complete checkpoint in <out>/checkpoints. Rank 0 writes <out>/result.json: final
 weights as every rank sees them, the MLflow run id, collective self-checks, save errors.
 
-Fault switches: --kill-after-step S (SIGKILL every rank after step S), --enospc-step S with
---enospc-rank R (torch.save raises ENOSPC on rank R during the save at step S).
+Each step is eagle_dist.engine.step.run_step, the trainer's own step.  Fault switches:
+--kill-after-step S (SIGKILL every rank after step S), --enospc-step S with --enospc-rank R
+(torch.save raises ENOSPC on rank R during the save at step S), --nan-step S / --no-batch-step S
+with --fault-rank R (rank R's loss is NaN at step S / rank R has no batch at step S: every rank
+skips that update / every rank stops there; result.json says what each rank saw).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import torch  # noqa: E402
 
 from eagle_dist import distributed as dist_mod  # noqa: E402
 from eagle_dist.checkpoint import CheckpointManager, CheckpointSaveError  # noqa: E402
+from eagle_dist.engine.step import run_step  # noqa: E402
 from eagle_dist.engine.tracking import NullTracker, make_tracker  # noqa: E402
 
 IN_DIM, HIDDEN, OUT_DIM, BATCH = 8, 16, 4, 16
@@ -115,6 +119,9 @@ def main() -> int:
     p.add_argument("--kill-after-step", type=int, default=None)
     p.add_argument("--enospc-step", type=int, default=None)
     p.add_argument("--enospc-rank", type=int, default=1)
+    p.add_argument("--nan-step", type=int, default=None)
+    p.add_argument("--no-batch-step", type=int, default=None)
+    p.add_argument("--fault-rank", type=int, default=1)
     args = p.parse_args()
 
     out = Path(args.out)
@@ -158,19 +165,28 @@ def run(d: dist_mod.Dist, args: argparse.Namespace, out: Path) -> int:
                   run_id=run_id)
 
     true_w = torch.linspace(-1, 1, IN_DIM * OUT_DIM).reshape(OUT_DIM, IN_DIM)
-    save_errors = []
+
+    def forward(batch, step_):
+        loss = torch.nn.functional.mse_loss(model(batch["x"]), batch["y"])
+        if step_ == args.nan_step and d.rank == args.fault_rank:
+            loss = loss * float("nan")
+        return {"loss": loss}
+
+    save_errors, skipped, stopped_at = [], [], None
     model.train()
     while step < args.steps:
         x = torch.randn(BATCH, IN_DIM)
-        y = x @ true_w.T + 0.1 * torch.randn(BATCH, OUT_DIM)
-        loss = torch.nn.functional.mse_loss(model(x.to(d.device)), y.to(d.device))
-        d.backward(loss)
-        d.clip_grad(model)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        batch = {"x": x.to(d.device), "y": (x @ true_w.T + 0.1 * torch.randn(BATCH, OUT_DIM)).to(d.device)}
+        if step == args.no_batch_step and d.rank == args.fault_rank:
+            batch = None
+        done = run_step(d, model, optimizer, forward, batch, step=step, metric_names=["loss"], scheduler=scheduler)
+        if done.missing_batch:
+            stopped_at = step
+            break
+        if done.nonfinite:
+            skipped.append(step)
         step += 1
-        tracker.log_metrics({"loss": d.mean_scalar(loss.detach()), "lr": scheduler.get_last_lr()[0]}, step=step)
+        tracker.log_metrics({"loss": done.metrics["loss"], "lr": scheduler.get_last_lr()[0]}, step=step)
 
         if step % args.ckpt_every == 0 or step == args.steps:
             real_save = torch.save
@@ -193,6 +209,7 @@ def run(d: dist_mod.Dist, args: argparse.Namespace, out: Path) -> int:
 
     weights = torch.cat([t.detach().reshape(-1).cpu() for t in d.unwrap(model).parameters()])
     everyone = d.gather_object(weights.tolist())
+    skipped_by_rank, stopped_at_by_rank = d.gather_object(skipped), d.gather_object(stopped_at)
     tracker.close()
     if d.is_main:
         result = {
@@ -208,6 +225,8 @@ def run(d: dist_mod.Dist, args: argparse.Namespace, out: Path) -> int:
             "run_id": tracker.run_id,
             "checks": checks,
             "save_errors": save_errors,
+            "skipped_by_rank": skipped_by_rank,
+            "stopped_at_by_rank": stopped_at_by_rank,
         }
         (out / "result.json").write_text(json.dumps(result, indent=1))
     return 0

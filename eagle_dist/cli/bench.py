@@ -29,6 +29,7 @@ Numbers depend on what else runs on the machine: both commands record the load a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import math
@@ -142,72 +143,73 @@ def _peak_memory(device: torch.device) -> tuple[int, str]:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "cpu_rss_high_water"
 
 
-def run_step_bench(args: argparse.Namespace) -> dict | None:
+def _step_setup(args: argparse.Namespace, cfg):
+    """(dist, backbone, heads, optimizer, batch): the trainer's model on one synthetic batch."""
     from eagle_dist import distributed as dist_mod
-    from eagle_dist.method.eagle import EagleHeads, autocast_context, build_optimizer, training_step_losses
+    from eagle_dist.method.eagle import EagleHeads, build_optimizer
 
-    try:
-        cfg = load_config(None, [f"data.batch_size={DEFAULT_STEP_BATCH}", *args.overrides])
-    except ConfigError as err:
-        raise SystemExit(f"bench step: {err}") from None
-
-    launch = dist_mod.detect_launch()
-    d = None
-    if launch.world_size > 1:
-        d = dist_mod.setup(strategy="ddp", mixed_precision=cfg.dist.mixed_precision, grad_clip=cfg.optim.grad_clip,
-                           seed=cfg.train.seed, cpu_threads=args.threads or cfg.dist.cpu_threads or None)
-        device = d.device
-        world, is_main = d.world_size, d.is_main
-    else:
+    if args.device != "auto" and dist_mod.detect_launch().world_size == 1:
         device = _pick_device(args.device)
-        torch.set_num_threads(dist_mod.cpu_threads_for(1, args.threads or cfg.dist.cpu_threads or None))
-        world, is_main = 1, True
-
+        if device.type == "cpu":
+            os.environ["ACCELERATE_USE_CPU"] = "1"  # setup() then stays off the GPU
+    # A lone process gets a world of one: the step below is the trainer's, collectives included.
+    d = dist_mod.setup(strategy="ddp", mixed_precision=cfg.dist.mixed_precision, grad_clip=cfg.optim.grad_clip,
+                       seed=cfg.train.seed, cpu_threads=args.threads or cfg.dist.cpu_threads or None)
     torch.manual_seed(cfg.train.seed)
-    batch_size = cfg.data.batch_size
+    batch_size, device = cfg.data.batch_size, d.device
     backbone = _quiet_backbone(cfg, device)
     heads = EagleHeads(cfg, backbone.out_channels).to(device)
     if args.channels_last:
         heads = heads.to(memory_format=torch.channels_last)
     if args.compile:
         heads.seg_head = torch.compile(heads.seg_head)
-    optimizer = build_optimizer(heads, cfg, global_batch=batch_size * world)
-    if d is not None:
-        heads, optimizer = d.prepare(heads, optimizer)
+    optimizer = build_optimizer(heads, cfg, global_batch=batch_size * d.world_size)
+    heads, optimizer = d.prepare(heads, optimizer)
     heads.train()
 
-    gen = torch.Generator().manual_seed(cfg.train.seed + (d.rank if d is not None else 0))
+    gen = torch.Generator().manual_seed(cfg.train.seed + d.rank)
     img = synthetic_images(batch_size, cfg.data.resolution, generator=gen)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     batch = {
-        "img": img.to(device),
-        "img_aug": _blurred(img).to(device),
+        "img": img.to(device).contiguous(memory_format=memory_format),
+        "img_aug": _blurred(img).to(device).contiguous(memory_format=memory_format),
         "label": torch.randint(-1, cfg.model.n_classes, (batch_size, cfg.data.resolution, cfg.data.resolution),
                                generator=gen).to(device),
     }
-    if args.channels_last:
-        batch["img"] = batch["img"].contiguous(memory_format=torch.channels_last)
-        batch["img_aug"] = batch["img_aug"].contiguous(memory_format=torch.channels_last)
-    grad_clip = cfg.optim.grad_clip
+    return d, backbone, heads, optimizer, batch
 
-    def one_step(rec, sync_grads: bool = True) -> None:
-        out = training_step_losses(backbone, heads, batch, args.train_step, cfg)
-        loss = out["loss"]
-        if d is not None:
-            with rec.section("comm"):  # the trainer's skip-on-NaN vote is one all-reduce per step
-                d.any_flag(not bool(torch.isfinite(loss.detach())))
-        with rec.section("backward"):
-            if d is not None and not sync_grads:
-                with heads.no_sync():
-                    loss.backward()
-            elif d is not None:
-                d.backward(loss)
-            else:
-                loss.backward()
-        with rec.section("optimizer"):
-            if grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(heads.parameters(), grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+
+def _breakdown(step_parts: list[dict], step_median: float, local_parts: list[dict] | None) -> dict:
+    """Median seconds per part, parents in step order, each followed by its sub-sections."""
+    seen = list(dict.fromkeys(name for parts in step_parts for name in parts))
+    parents = [p for p in STEP_PARTS if p in seen] + [s for s in seen if "." not in s and s not in STEP_PARTS]
+    ordered = [s for p in parents for s in [p, *(c for c in seen if c.startswith(p + "."))]]
+    ordered += [s for s in seen if s not in ordered]
+    breakdown = {name: _median([parts.get(name, 0.0) for parts in step_parts]) for name in ordered}
+    if local_parts is not None:
+        # DDP overlaps the gradient all-reduce with backward: what it costs is the backward time
+        # with synchronisation minus the same backward under no_sync().
+        backward_local = _median([p["backward"] for p in local_parts])
+        breakdown["comm.grad_allreduce"] = max(0.0, breakdown["backward"] - backward_local)
+        breakdown["comm"] = breakdown.get("comm", 0.0) + breakdown["comm.grad_allreduce"]
+        breakdown["backward"] = backward_local
+    breakdown["other"] = step_median - sum(breakdown.get(p, 0.0) for p in STEP_PARTS)
+    return breakdown
+
+
+def run_step_bench(args: argparse.Namespace) -> dict | None:
+    from eagle_dist.engine.step import run_step
+    from eagle_dist.method.eagle import LOSS_NAMES, autocast_context, training_step_losses
+
+    try:
+        cfg = load_config(None, [f"data.batch_size={DEFAULT_STEP_BATCH}", *args.overrides])
+    except ConfigError as err:
+        raise SystemExit(f"bench step: {err}") from None
+    d, backbone, heads, optimizer, batch = _step_setup(args, cfg)
+    device = d.device
+
+    def forward(batch_, _step):  # the step index stays at --train-step (the u switch on)
+        return training_step_losses(backbone, heads, batch_, args.train_step, cfg)
 
     def timed_steps(count: int, sync_grads: bool = True) -> tuple[list[float], list[dict]]:
         times, parts = [], []
@@ -215,46 +217,39 @@ def run_step_bench(args: argparse.Namespace) -> dict | None:
             with profiling.recording(device) as rec:
                 _sync(device)
                 t0 = time.perf_counter()
-                one_step(rec, sync_grads)
+                with contextlib.nullcontext() if sync_grads else heads.no_sync():
+                    run_step(d, heads, optimizer, forward, batch, step=args.train_step, metric_names=LOSS_NAMES,
+                             grad_clip=cfg.optim.grad_clip)
                 _sync(device)
                 times.append(time.perf_counter() - t0)
                 parts.append(rec.totals())
         return times, parts
 
-    load_before = list(os.getloadavg())
-    timed_steps(args.warmup)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    step_times, step_parts = timed_steps(args.steps)
-    peak_bytes, peak_kind = _peak_memory(device)
+    try:
+        load_before = list(os.getloadavg())
+        timed_steps(args.warmup)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        step_times, step_parts = timed_steps(args.steps)
+        peak_bytes, peak_kind = _peak_memory(device)
+        step_median = _median(step_times)
+        local_parts = timed_steps(max(2, args.steps // 2), sync_grads=False)[1] if d.distributed else None
+        breakdown = _breakdown(step_parts, step_median, local_parts)
 
-    # Parts in step order, each followed by its sub-sections in the order they ran.
-    seen = list(dict.fromkeys(name for parts in step_parts for name in parts))
-    parents = [p for p in STEP_PARTS if p in seen] + [s for s in seen if "." not in s and s not in STEP_PARTS]
-    ordered = [s for p in parents for s in [p, *(c for c in seen if c.startswith(p + "."))]]
-    ordered += [s for s in seen if s not in ordered]
-    breakdown = {name: _median([parts.get(name, 0.0) for parts in step_parts]) for name in ordered}
-    step_median = _median(step_times)
-    if d is not None:
-        # DDP overlaps the gradient all-reduce with backward: what it costs is the backward time
-        # with synchronisation minus the same backward under no_sync().
-        _, local_parts = timed_steps(max(2, args.steps // 2), sync_grads=False)
-        backward_local = _median([p["backward"] for p in local_parts])
-        breakdown["comm.grad_allreduce"] = max(0.0, breakdown["backward"] - backward_local)
-        breakdown["comm"] = breakdown.get("comm", 0.0) + breakdown["comm.grad_allreduce"]
-        breakdown["backward"] = backward_local
-    breakdown["other"] = step_median - sum(breakdown.get(p, 0.0) for p in STEP_PARTS)
-
-    backbone_times = []
-    for _ in range(args.warmup + args.steps):
-        _sync(device)
-        t0 = time.perf_counter()
-        with autocast_context(cfg, device):
-            backbone(batch["img"])
-            backbone(batch["img_aug"])
-        _sync(device)
-        backbone_times.append(time.perf_counter() - t0)
-    backbone_only = _median(backbone_times[args.warmup:])
+        backbone_times = []
+        for _ in range(args.warmup + args.steps):
+            _sync(device)
+            t0 = time.perf_counter()
+            with autocast_context(cfg, device):
+                backbone(batch["img"])
+                backbone(batch["img_aug"])
+            _sync(device)
+            backbone_times.append(time.perf_counter() - t0)
+        backbone_only = _median(backbone_times[args.warmup:])
+        # Every rank measured its own step; the slowest rank's median sets the pace.
+        slowest = float(d.all_reduce_max(torch.tensor(step_median, dtype=torch.float64, device=device)))
+    finally:
+        d.cleanup()
 
     result = {
         "command": "step",
@@ -262,13 +257,13 @@ def run_step_bench(args: argparse.Namespace) -> dict | None:
         "step_times_s": step_times,
         "backbone_only_s": backbone_only,
         "ratio": step_median / backbone_only,
-        "images_per_s": batch_size * world / step_median,
-        "images_per_s_per_process": batch_size / step_median,
+        "images_per_s": cfg.data.batch_size * d.world_size / step_median,
+        "images_per_s_per_process": cfg.data.batch_size / step_median,
         "peak_memory_bytes": peak_bytes,
         "peak_memory_kind": peak_kind,
         "breakdown": breakdown,
-        "world_size": world,
-        "batch_size_per_process": batch_size,
+        "world_size": d.world_size,
+        "batch_size_per_process": cfg.data.batch_size,
         "warmup": args.warmup,
         "steps": args.steps,
         "train_step": args.train_step,
@@ -277,12 +272,9 @@ def run_step_bench(args: argparse.Namespace) -> dict | None:
         "config": to_dict(cfg),
         "machine": {**_machine(device), "loadavg_before": load_before},
     }
-    if d is not None:
-        # Every rank measured its own step; report the slowest rank's median (it sets the pace).
-        slowest = d.all_reduce_max(torch.tensor(step_median, dtype=torch.float64, device=device))
-        result["step_median_slowest_rank_s"] = float(slowest)
-        d.cleanup()
-    if not is_main:
+    if d.world_size > 1:
+        result["step_median_slowest_rank_s"] = slowest
+    if not d.is_main:
         return None
     print(format_step(result))
     _write_json(args.json, result)

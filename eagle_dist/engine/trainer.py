@@ -47,7 +47,8 @@ from eagle_dist.errors import EagleError
 from eagle_dist import config as config_mod
 from eagle_dist.config import Config
 from eagle_dist.distributed import slurm_job_id
-from eagle_dist.method.eagle import EagleHeads, build_optimizer, training_step_losses
+from eagle_dist.engine.step import run_step
+from eagle_dist.method.eagle import LOSS_NAMES, EagleHeads, build_optimizer, training_step_losses
 
 
 class TrainingError(EagleError, RuntimeError):
@@ -100,7 +101,8 @@ class Trainer:
         self.step = 0
         self.bad_steps = 0
         self.skipped_steps = 0
-        self.stop_requested = False
+        self.stop_signal: str | None = None  # "SIGUSR1" / "SIGTERM" once the ranks agreed to stop
+        self._start_step = 0
         self._loader = None  # the current segment's loader (its skip counters)
         self._skips_done = dict.fromkeys(SKIP_FIELDS, 0)  # this rank, finished segments
         self._skips_before = dict.fromkeys(SKIP_FIELDS, 0)  # all ranks, runs before a resume
@@ -134,7 +136,6 @@ class Trainer:
         # Preemption (SLURM's pre-timeout signal) and SIGTERM only set a flag; all ranks agree on
         # it at the next step boundary, save, and exit cleanly.
         def handler(signum, _frame):
-            self.stop_requested = True
             self.stop_signals.add(signum)
 
         self.stop_signals: set[int] = set()
@@ -206,7 +207,8 @@ class Trainer:
         from eagle_dist.engine.tracking import make_tracker
 
         cfg = self.cfg
-        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.train.keep_last, self.dist)
+        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.train.keep_last, self.dist,
+                                      interval=cfg.train.ckpt_interval)
         run_id = None
         latest = self.ckpt.latest() if cfg.train.resume else None
         if cfg.train.resume:
@@ -313,115 +315,132 @@ class Trainer:
                 "them with `python -m eagle_dist.shard` (it resumes)."
             )
 
-    def _agree_on_stop(self, data_failed: bool) -> tuple[bool, bool, bool]:
-        """(SIGUSR1 seen, SIGTERM seen, data failed) on ANY rank; the same answer on every rank."""
-        seen = set(self.stop_signals)
-        flags = torch.tensor([signal.SIGUSR1 in seen, signal.SIGTERM in seen, data_failed],
-                             dtype=torch.int32, device=self.device)
-        usr1, term, data = (bool(v) for v in self.dist.all_reduce_max(flags).tolist())
-        return usr1, term, data
+    # ------------------------------------------------------------------ one step
+
+    def _forward(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
+        # Looked up at call time: the fault tests wrap training_step_losses.
+        return training_step_losses(self.backbone, self.heads, batch, step, self.cfg)
+
+    def train_step(self, batch: dict | None, data_error: Exception | None = None) -> dict[str, float]:
+        """One optimizer step on this rank's `batch`; returns the metrics averaged over ranks.
+
+        batch=None (with the `data_error`): this rank's stream failed; every rank stops, with a
+        checkpoint if this run trained, and raises TrainingError.  A NaN/Inf loss on any rank
+        skips the update; `train.max_bad_steps` of them in a row raise TrainingError (after a
+        checkpoint).  A stop signal seen on any rank sets `self.stop_signal` once the step is done.
+        """
+        if batch is not None:
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
+        result = run_step(
+            self.dist, self.heads, self.optimizer, self._forward, batch, step=self.step, metric_names=LOSS_NAMES,
+            grad_clip=self.cfg.optim.grad_clip,
+            flags=lambda: {"SIGUSR1": signal.SIGUSR1 in self.stop_signals, "SIGTERM": signal.SIGTERM in self.stop_signals},
+        )
+        if result.missing_batch:
+            self._stop_for_data_error(data_error)
+        if result.nonfinite:
+            self._count_bad_step()
+        else:
+            self.bad_steps = 0
+        self.step += 1
+        # SIGTERM wins: it must never requeue (see the module docstring).
+        self.stop_signal = next((name for name in ("SIGTERM", "SIGUSR1") if result.flags[name]), None)
+        return {**result.metrics, "skipped_steps": self.skipped_steps}
+
+    def _stop_for_data_error(self, data_error: Exception | None) -> None:
+        saved = ""
+        if self.step > self._start_step:  # keep what this run trained
+            self._save(reason="data error")
+            saved = f"; saved a checkpoint in {self.ckpt.root}"
+        reason = str(data_error) if data_error is not None else "the data stream failed on another rank"
+        raise TrainingError(f"{reason}\nStopped at step {self.step}{saved}.")
+
+    def _count_bad_step(self) -> None:
+        self.skipped_steps += 1
+        self.bad_steps += 1
+        self.dist.print(f"step {self.step}: non-finite loss on some rank, update skipped ({self.bad_steps} in a row)")
+        if self.bad_steps >= self.cfg.train.max_bad_steps:
+            self._save(reason="diverged")
+            raise TrainingError(
+                f"the loss was NaN/Inf for {self.bad_steps} steps in a row (at step {self.step}); "
+                f"saved a checkpoint in {self.ckpt.root}. Lower the learning rates or check the data."
+            )
 
     # ------------------------------------------------------------------ loop
 
     def train(self) -> dict:
+        """Steps until `train.max_steps` (or a stop signal); the final evaluation and checkpoint."""
         from eagle_dist.data.stream import DataError
 
-        cfg = self.cfg
         d = self.dist
         d.print(
             f"world size {d.world_size} ({d.strategy}, {d.backend}, {self.device}); batch "
-            f"{cfg.data.batch_size} per rank, global batch {self.global_batch}; "
+            f"{self.cfg.data.batch_size} per rank, global batch {self.global_batch}; "
             f"{self.max_steps} steps; run folder {self.run_dir}"
         )
         batches = self._segment_batches(self.step)
         self.heads.train()
-        t_last, steps_since, t_start = time.perf_counter(), 0, time.perf_counter()
-        start_step = self.step
-        last_eval: dict = {}
+        self._start_step = self.step
+        self._clock = (time.perf_counter(), self.step)  # (time, step) of the last log line
+        t_start = time.perf_counter()
         while self.step < self.max_steps:
             batch, data_error = None, None
-            if not self.stop_requested:
-                try:
-                    batch = next(batches)
-                except DataError as err:
-                    data_error = err
-            usr1, term, data_failed = self._agree_on_stop(data_error is not None)
-            if usr1 or term:
+            try:
+                batch = next(batches)
+            except DataError as err:
+                data_error = err
+            metrics = self.train_step(batch, data_error)
+            if self.stop_signal is not None:
                 # Stop the DataLoader workers now: Slurm's end-of-job SIGTERM after the requeue
                 # would kill them and torch would turn that into an error during shutdown.
                 batches.close()
-                self._stop_for_signal(requeue=usr1 and not term)
+                self._stop_for_signal(requeue=self.stop_signal == "SIGUSR1")
                 return {}
-            if data_failed:
-                saved = ""
-                if self.step > start_step:  # keep what this run trained
-                    self._save(reason="data error")
-                    saved = f"; saved a checkpoint in {self.ckpt.root}"
-                reason = str(data_error) if data_error is not None else "the data stream failed on another rank"
-                raise TrainingError(f"{reason}\nStopped at step {self.step}{saved}.")
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
-            out = training_step_losses(self.backbone, self.heads, batch, self.step, cfg)
-            loss = out["loss"]
-            if not d.any_flag(not bool(torch.isfinite(loss.detach()))):
-                d.backward(loss)
-                d.clip_grad(self.heads, cfg.optim.grad_clip)
-                self.optimizer.step()
-                self.bad_steps = 0
-            else:
-                self.skipped_steps += 1
-                self.bad_steps += 1
-                d.print(f"step {self.step}: non-finite loss on some rank, update skipped ({self.bad_steps} in a row)")
-                if self.bad_steps >= cfg.train.max_bad_steps:
-                    self.optimizer.zero_grad(set_to_none=True)
-                    self._save(reason="diverged")
-                    raise TrainingError(
-                        f"the loss was NaN/Inf for {self.bad_steps} steps in a row (at step {self.step}); "
-                        f"saved a checkpoint in {self.ckpt.root}. Lower the learning rates or check the data."
-                    )
-            self.optimizer.zero_grad(set_to_none=True)
-            self.step += 1
-            steps_since += 1
-
-            if self.step % cfg.train.log_interval == 0 or self.step == self.max_steps:
-                now = time.perf_counter()
-                step_time = (now - t_last) / steps_since
-                metrics = {k: d.mean_scalar(v) for k, v in out.items() if k != "u"}
-                metrics.update(
-                    u=float(out["u"]),
-                    step_time_s=step_time,
-                    images_per_s=self.global_batch / step_time,
-                    lr_seg_head=self.optimizer.param_groups[0]["lr"],
-                    skipped_steps=self.skipped_steps,
-                )
-                skips = self._data_skips()
-                metrics.update({f"data/{key}": value for key, value in skips.items()})
-                self.tracker.log_metrics(metrics, step=self.step)
-                eta = (self.max_steps - self.step) * step_time
-                d.print(
-                    f"step {self.step:>7}/{self.max_steps}  loss {metrics['loss']:.4f}  "
-                    f"{metrics['images_per_s']:.1f} img/s  eta {eta / 60:.1f} min"
-                )
-                t_last, steps_since = now, 0
-                self._report_data_skips(skips)
-            if self.step % cfg.train.eval_interval == 0 and self.step < self.max_steps:
-                last_eval = self.evaluate()
-                self.heads.train()
-            if self.step % cfg.train.ckpt_interval == 0 and self.step < self.max_steps:
-                self._save(reason="interval")
+            self._after_step(metrics)
 
         wall = time.perf_counter() - t_start
         last_eval = self.evaluate(final=True)
         self._save(reason="final")
         summary = {
             "steps": self.step,
-            "trained_steps_this_run": self.step - start_step,
+            "trained_steps_this_run": self.step - self._start_step,
             "wall_s": wall,
-            "images_per_s": (self.step - start_step) * self.global_batch / max(wall, 1e-9),
+            "images_per_s": (self.step - self._start_step) * self.global_batch / max(wall, 1e-9),
             **last_eval,
         }
         self.tracker.log_metrics({"final/wall_s": wall}, step=self.step)
         self._final_artifacts()
         return summary
+
+    def _after_step(self, metrics: dict[str, float]) -> None:
+        """Logging, evaluation and interval checkpoints, each at its own interval."""
+        if self.step % self.cfg.train.log_interval == 0 or self.step == self.max_steps:
+            self._log(metrics)
+        if self.step % self.cfg.train.eval_interval == 0 and self.step < self.max_steps:
+            self.evaluate()
+            self.heads.train()
+        if self.ckpt.should_save(self.step) and self.step < self.max_steps:
+            self._save(reason="interval")
+
+    def _log(self, metrics: dict[str, float]) -> None:
+        now, (t_last, step_last) = time.perf_counter(), self._clock
+        step_time = (now - t_last) / max(1, self.step - step_last)
+        metrics = {
+            **metrics,
+            "step_time_s": step_time,
+            "images_per_s": self.global_batch / step_time,
+            "lr_seg_head": self.optimizer.param_groups[0]["lr"],
+        }
+        skips = self._data_skips()
+        metrics.update({f"data/{key}": value for key, value in skips.items()})
+        self.tracker.log_metrics(metrics, step=self.step)
+        eta = (self.max_steps - self.step) * step_time
+        self.dist.print(
+            f"step {self.step:>7}/{self.max_steps}  loss {metrics['loss']:.4f}  "
+            f"{metrics['images_per_s']:.1f} img/s  eta {eta / 60:.1f} min"
+        )
+        self._clock = (now, self.step)
+        self._report_data_skips(skips)
 
     def _stop_for_signal(self, requeue: bool) -> None:
         """Every rank: checkpoint, then (SIGUSR1 under Slurm) rank 0 requeues the job."""

@@ -33,6 +33,9 @@ from eagle_dist.method.probes import ClusterLookup, LinearProbe
 
 # Rows per chunk of the medoid search (see EagleHeads._nce).
 MEDOID_CHUNK_ROWS = 512
+# The scalars EagleHeads.forward returns (training_step_losses too), in logging order.
+LOSS_NAMES = ("loss", "loss_eigen", "loss_corr", "loss_pos_inter", "loss_neg_inter", "loss_nce", "loss_linear",
+              "loss_cluster", "u")
 
 
 def _no_autocast(device_type: str):
