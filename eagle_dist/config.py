@@ -18,6 +18,7 @@ optimizer steps, one per global batch, unless ``train.step_unit`` says otherwise
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -36,9 +37,12 @@ class ConfigError(EagleError, ValueError):
 @dataclass
 class ModelConfig:
     # Any timm ViT name; the official runs use vit_small_patch8_224 (COCO) / vit_base_patch8_224.
+    # DINOv2: vit_{small,base,large,giant}_patch14[_reg4]_dinov2 or the official stem
+    # (dinov2_vits14, dinov2_vitb14_reg4, ...); each family gets its official pos-embed resize.
     backbone: str = "vit_small_patch8_224"
-    # Local weights file: official DINO .pth (plain, teacher/student, module./backbone. prefixes)
-    # or a timm checkpoint.  None = random init (a loud warning; only for tests and the demo).
+    # Local weights file: official DINO .pth (plain, teacher/student, module./backbone. prefixes),
+    # official DINOv2 .pth, or a timm checkpoint.  None = random init (a loud warning; only for
+    # tests and the demo).
     weights: Optional[str] = None
     # timm's fused (SDPA) attention: same keys within ~1e-5; the keys are taken before attention.
     fused_attn: bool = True
@@ -313,9 +317,24 @@ def validate(cfg: Config) -> None:
         (cfg.dist.zero_stage in (0, 1, 2), "dist.zero_stage must be 0 (from the launcher), 1 or 2"),
         (cfg.train.keep_last >= 1, "train.keep_last must be >= 1"),
     ]
+    patch = patch_size(cfg.model.backbone)
+    for key in ("resolution", "val_resolution"):
+        side = getattr(cfg.data, key)
+        # The patch embedding would silently drop the last side % patch pixels of every row and
+        # column, and the upsampled predictions would no longer line up with the labels.
+        checks.append((patch is None or side % patch == 0,
+                       f"data.{key}={side} is not a multiple of the patch size {patch} of "
+                       f"{cfg.model.backbone}; use {side // patch * patch or patch} or {(side // patch + 1) * patch}"
+                       if patch else ""))
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+
+
+def patch_size(backbone: str) -> int | None:
+    """The patch size spelled in a timm ViT name or an official DINOv2 stem (None if not spelled)."""
+    m = re.search(r"patch(\d+)", backbone) or re.match(r"dinov2_vit[sblg](\d+)", backbone)
+    return int(m.group(1)) if m else None
 
 
 def to_dict(cfg: Any) -> dict:

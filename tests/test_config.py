@@ -7,7 +7,8 @@ from eagle_dist.config import ConfigError, flatten, from_dict, load_config, pars
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", ["cocostuff27", "cityscapes27", "potsdam3", "default"])
+@pytest.mark.parametrize("name", ["cocostuff27", "cityscapes27", "potsdam3", "default", "cocostuff27_dinov2_vits14",
+                                  "cocostuff27_dinov2_vitb14", "cityscapes27_dinov2_vitb14"])
 def test_presets_load(name):
     cfg = load_config(REPO / "configs" / f"{name}.yaml")
     assert cfg.model.n_classes >= 1
@@ -65,3 +66,20 @@ def test_round_trip(tmp_path):
     assert to_dict(again) == to_dict(cfg)
     assert from_dict(to_dict(cfg)) == cfg
     assert flatten(to_dict(cfg))["train.max_steps"] == 7
+
+
+def test_dinov2_presets_keep_the_official_grid():
+    for name in ("cocostuff27_dinov2_vits14", "cocostuff27_dinov2_vitb14", "cityscapes27_dinov2_vitb14"):
+        cfg = load_config(REPO / "configs" / f"{name}.yaml")
+        official = load_config(REPO / "configs" / f"{name.split('_')[0]}.yaml")
+        # Same token grid in training as the official /8 ViT at its resolution.
+        assert cfg.data.resolution // 14 == official.data.resolution // 8, name
+        assert "dinov2" in cfg.model.backbone and cfg.loss == official.loss, name
+
+
+@pytest.mark.faults
+def test_resolution_must_be_a_multiple_of_the_patch():
+    with pytest.raises(ConfigError, match=r"data.val_resolution=320 is not a multiple of the patch size 14.*use 308 or 322"):
+        load_config(REPO / "configs" / "cocostuff27_dinov2_vits14.yaml", ["data.val_resolution=320"])
+    with pytest.raises(ConfigError, match="data.resolution=100 is not a multiple of the patch size 8"):
+        load_config(None, ["data.resolution=100"])

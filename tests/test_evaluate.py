@@ -109,11 +109,12 @@ def test_no_flip_no_crf_reproduces_training_validation_and_writes_outputs(traine
     assert report["pixels"]["dropped_official_cluster"] == int(np.asarray(report["confusion"]["cluster"])[4:].sum())
     assignment = json.loads((out / "assignment.json").read_text())
     assert len(assignment["strict"]) == 5 and set(assignment["strict"]) <= {-1, 0, 1, 2, 3}
-    for png in ("confusion_cluster.png", "confusion_linear.png", "samples.png"):
+    for png in ("confusion_cluster.png", "confusion_linear.png", "samples.png", "iou_per_class.png"):
         with Image.open(out / png) as im:
             assert im.width > 20 and im.height > 20
-    with Image.open(out / "samples.png") as im:  # 3 rows of 64 px plus the title strip
-        assert im.height >= 3 * 64 and im.width == 4 * 64
+    with Image.open(out / "samples.png") as im:  # 3 rows of 64 px tiles (enlarged), titles, legend
+        tile = 64 * -(-160 // 64)
+        assert im.height > 3 * tile and im.width == 4 * tile + 3 * 4
     assert "official protocol dropped" in res.stdout and names[0] in res.stdout
 
 

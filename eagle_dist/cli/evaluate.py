@@ -139,8 +139,6 @@ def format_report(report: dict) -> str:
 
 def write_outputs(result, report: dict, out: Path) -> list[Path]:
     """metrics.json, assignment.json and the PNG figures in `out`."""
-    import numpy as np
-
     from eagle_dist.evaluation import figures
 
     out.mkdir(parents=True, exist_ok=True)
@@ -154,28 +152,17 @@ def write_outputs(result, report: dict, out: Path) -> list[Path]:
     written.append(path)
 
     names = list(result.class_names)
-    strict_map = np.asarray(report["assignment"]["strict"])
-    # Rows in class order (the cluster matched to class k first), then unmatched clusters, so a
-    # good model shows a diagonal.
-    order = [int(np.flatnonzero(strict_map == k)[0]) for k in range(len(names)) if (strict_map == k).any()]
-    order += [c for c in range(len(strict_map)) if c not in order]
+    strict_map = report["assignment"]["strict"]
+    order, pred_names = figures.cluster_order(strict_map, names)
     counts = result.cluster.counts.cpu().numpy()
-    row_names = [f"c{c}->{names[strict_map[c]]}" if strict_map[c] >= 0 else f"c{c} (unmatched)" for c in order]
-    written.append(figures.confusion_png(counts[order], names, out / "confusion_cluster.png", cell=22,
-                                         row_names=row_names))
+    written.append(figures.confusion_png(counts[order], names, out / "confusion_cluster.png", pred_names=pred_names,
+                                         title="cluster probe (clusters matched to classes, strict)"))
     written.append(figures.confusion_png(result.linear.counts.cpu().numpy(), names, out / "confusion_linear.png",
-                                         cell=22, row_names=names))
+                                         title="linear probe"))
+    written.append(figures.iou_bars_png(report["per_class_iou"], out / "iou_per_class.png"))
     if result.samples:
-        lookup = torch.as_tensor(strict_map)
-        samples = []
-        for s in result.samples:
-            mapped = lookup[s["cluster"].clamp(0, len(strict_map) - 1)]
-            samples.append(dict(s, cluster_class=torch.where(s["cluster"] < len(strict_map), mapped, -1)))
-        written.append(figures.sample_grid_png(
-            samples, out / "samples.png", n_colors=len(names),
-            columns=("image", "label", "linear", "cluster_class"),
-            titles=["image", "ground truth", "linear", "cluster (Hungarian)"],
-        ))
+        samples = [dict(s, cluster_class=figures.clusters_to_classes(s["cluster"], strict_map)) for s in result.samples]
+        written.append(figures.sample_grid_png(samples, out / "samples.png", names))
     return written
 
 

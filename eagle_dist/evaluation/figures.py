@@ -1,4 +1,9 @@
-"""PNG figures drawn with Pillow (no plotting library needed): confusion matrix, sample grids.
+"""PNG figures drawn with Pillow (no plotting library needed): confusion matrix, per-class IoU
+bars, sample grids, eigenvector rows.
+
+    from eagle_dist.evaluation import figures
+    figures.confusion_png(result.cluster.counts.numpy(), names, Path("confusion.png"), pred_names=...)
+
 
 Colours for label maps come from a fixed palette so that the same id has the same colour in
 every figure of a run.
@@ -6,11 +11,12 @@ every figure of a run.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -39,65 +45,204 @@ def denormalize(img_3HW: torch.Tensor) -> np.ndarray:
     return (np.clip(arr * IMAGENET_STD + IMAGENET_MEAN, 0, 1) * 255).astype(np.uint8)
 
 
-def confusion_png(stats: np.ndarray, class_names: list[str], path: Path, cell: int = 14,
-                  row_names: list[str] | None = None) -> Path:
-    """Column-normalised confusion (rows = predictions, columns = classes) with class names.
+def font(size: int = 13) -> ImageFont.ImageFont:
+    """Pillow's built-in scalable font (needs FreeType; otherwise its small fixed bitmap font)."""
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has only the bitmap font
+        return ImageFont.load_default()
 
-    Rows are named ``c0, c1, ...`` (cluster ids) unless ``row_names`` are given.
+
+def _text_width(text: str, fnt) -> int:
+    return int(math.ceil(fnt.getlength(text)))
+
+
+def cluster_order(strict_map, class_names: list[str]) -> tuple[list[int], list[str]]:
+    """Cluster ids in class order (the cluster matched to class k first), unmatched ones last.
+
+    With the names "class (cK)" / "cK (unmatched)", so that a good model shows a diagonal.
     """
-    stats = np.asarray(stats, dtype=np.float64)
-    norm = stats / np.maximum(stats.sum(axis=0, keepdims=True), 1)
-    rows, cols = norm.shape
-    row_names = row_names or [f"c{r}" for r in range(rows)]
-    margin = 8 + 6 * max((len(n) for n in list(class_names) + list(row_names)), default=4)
-    img = Image.new("RGB", (margin + cols * cell + 4, margin + rows * cell + 4), "white")
+    strict_map = np.asarray(strict_map)
+    order = [int(np.flatnonzero(strict_map == k)[0]) for k in range(len(class_names)) if (strict_map == k).any()]
+    order += [c for c in range(len(strict_map)) if c not in order]
+    names = [f"{class_names[strict_map[c]]} (c{c})" if strict_map[c] >= 0 else f"c{c} (unmatched)" for c in order]
+    return order, names
+
+
+def clusters_to_classes(cluster_ids: torch.Tensor, strict_map) -> torch.Tensor:
+    """Cluster ids mapped to their Hungarian class (-1 where a cluster has no class)."""
+    lookup = torch.as_tensor(np.asarray(strict_map), dtype=torch.long)
+    valid = (cluster_ids >= 0) & (cluster_ids < len(lookup))
+    return torch.where(valid, lookup[cluster_ids.clamp(0, len(lookup) - 1)], torch.full_like(cluster_ids, -1))
+
+
+def confusion_png(counts_PC: np.ndarray, class_names: list[str], path: Path, pred_names: list[str] | None = None,
+                  title: str = "", cell: int = 28) -> Path:
+    """Confusion matrix: rows = ground-truth classes (each row normalised), columns = predictions.
+
+    ``counts_PC`` is [predictions, classes] as :class:`metrics.ConfusionMatrix` counts it;
+    predictions are named ``pred_names`` (default: the class names, for the linear probe).  A
+    cell shows the percentage of the row's pixels; the last column is the row's pixel count.
+    """
+    counts = np.asarray(counts_PC, dtype=np.float64).T  # [classes, predictions]
+    rows, cols = counts.shape
+    totals = counts.sum(axis=1)
+    share = counts / np.maximum(totals[:, None], 1)
+    pred_names = list(pred_names) if pred_names is not None else list(class_names[:cols])
+    fnt, small, big = font(13), font(max(9, cell // 3 + 1)), font(15)
+    pad = 8
+    left = pad + max(_text_width(n, fnt) for n in class_names[:rows]) + pad
+    bottom = pad + max(_text_width(n, fnt) for n in pred_names) + pad + 18
+    top = pad + (22 if title else 0) + 22
+    count_w = max(_text_width(f"{int(t):,}", small) for t in totals) + 2 * pad
+    width = max(left + cols * cell + count_w + pad, _text_width(title, big) + 2 * pad)
+    img = Image.new("RGB", (width, top + rows * cell + bottom), "white")
     draw = ImageDraw.Draw(img)
+    if title:
+        draw.text((pad, pad), title, fill="black", font=big)
     for r in range(rows):
-        draw.text((2, margin + r * cell), row_names[r], fill="black")
+        y = top + r * cell
+        draw.text((left - pad, y + cell // 2), class_names[r], fill="black", font=fnt, anchor="rm")
         for c in range(cols):
-            v = int(255 * (1 - norm[r, c]))
-            x0, y0 = margin + c * cell, margin + r * cell
-            draw.rectangle([x0, y0, x0 + cell - 1, y0 + cell - 1], fill=(v, v, 255))
-    # Column names, written vertically by rotating a strip.
-    strip = Image.new("RGB", (margin, cols * cell), "white")
+            v = share[r, c]
+            x = left + c * cell
+            shade = (int(255 - 215 * v), int(255 - 175 * v), 255) if totals[r] else (235, 235, 235)
+            draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=shade, outline=(225, 225, 225))
+            if totals[r] and round(100 * v) >= 1 and cell >= 18:
+                draw.text((x + cell // 2, y + cell // 2), f"{100 * v:.0f}", font=small, anchor="mm",
+                          fill="white" if v > 0.55 else "black")
+        draw.text((left + cols * cell + pad, y + cell // 2), f"{int(totals[r]):,}", fill=(90, 90, 90), font=small,
+                  anchor="lm")
+    draw.text((left + cols * cell + pad, top - 2), "pixels", fill=(90, 90, 90), font=small, anchor="lb")
+    # Prediction names written vertically under their columns: drawn on a strip, then rotated.
+    strip = Image.new("RGB", (bottom - 18, cols * cell), "white")
     sdraw = ImageDraw.Draw(strip)
-    for c, name in enumerate(class_names[:cols]):
-        sdraw.text((2, c * cell), name, fill="black")
-    img.paste(strip.rotate(90, expand=True), (margin, 0))
+    for c, name in enumerate(pred_names):
+        sdraw.text((bottom - 18 - pad, c * cell + cell // 2), name, fill="black", font=fnt, anchor="rm")
+    img.paste(strip.rotate(90, expand=True), (left, top + rows * cell))
+    draw.text((left + cols * cell // 2, img.height - 4), "prediction", fill="black", font=fnt, anchor="md")
+    draw.text((pad, top - 4), "rows: ground truth (% of the row's pixels)", fill=(90, 90, 90), font=fnt, anchor="lb")
     img.save(path)
     return path
 
 
-def sample_grid_png(samples: list[dict], path: Path, n_colors: int | None = None,
-                    columns: tuple[str, ...] = ("image", "label", "cluster", "eicue"),
-                    titles: list[str] | None = None) -> Path:
-    """One row per sample: the image, then one colour-coded map per key of `columns` (resized).
+def iou_bars_png(per_class: dict[str, dict[str, float | None]], path: Path,
+                 series: tuple[tuple[str, str], ...] = (("cluster_strict", "cluster, strict"),
+                                                        ("cluster_official", "cluster, official")),
+                 title: str = "IoU per class (%)") -> Path:
+    """Horizontal bars: one row per class, one bar per (key of ``per_class``, label) in ``series``.
 
-    ``titles`` (one per column) are written in a strip above the grid.
+    Missing values (a class absent from the labels) are written as "n/a"; the legend carries
+    each series' mean over the classes that have a value (its mIoU).
     """
-    cols = list(columns)
-    tiles = []
-    for s in samples:
-        h, w = s["image"].shape[-2:]
-        n = n_colors or int(max(int(s[key].max()) for key in cols[1:]) + 1)
-        row = [denormalize(s["image"])]
-        for key in cols[1:]:
-            lab = s[key].numpy()
-            tile = Image.fromarray(colorize(lab, n)).resize((w, h), Image.NEAREST)
-            row.append(np.asarray(tile))
-        tiles.append(np.concatenate(row, axis=1))
-    grid = Image.fromarray(np.concatenate(tiles, axis=0))
-    if titles:
-        grid = _with_header(grid, list(titles), grid.width // len(cols))
-    grid.save(path)
+    series = tuple((key, label) for key, label in series if key in per_class)
+    classes = list(per_class[series[0][0]])
+    colours = [(52, 101, 164), (237, 148, 42), (95, 160, 80), (150, 80, 160)]
+    fnt, small, big = font(13), font(11), font(15)
+    pad, bar, gap, scale = 8, 9, 6, 4  # scale: pixels per IoU percent
+    left = pad + max(_text_width(c, fnt) for c in classes) + pad
+    row_h = len(series) * bar + gap
+    top = pad + 22 + 20 * len(series) + 6
+    width = left + 100 * scale + 60
+    img = Image.new("RGB", (width, top + len(classes) * row_h + 30), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((pad, pad), title, fill="black", font=big)
+    for i, (key, label) in enumerate(series):
+        values = [v for v in per_class[key].values() if v is not None]
+        mean = f"mIoU {np.mean(values):.1f}" if values else "no labelled class"
+        y = pad + 24 + 20 * i
+        draw.rectangle([pad, y + 3, pad + 12, y + 13], fill=colours[i % len(colours)])
+        draw.text((pad + 18, y + 8), f"{label} ({mean})", fill="black", font=fnt, anchor="lm")
+    for t in range(0, 101, 20):
+        x = left + t * scale
+        draw.line([x, top - 4, x, top + len(classes) * row_h], fill=(225, 225, 225))
+        draw.text((x, top + len(classes) * row_h + 4), str(t), fill=(90, 90, 90), font=small, anchor="mt")
+    for r, name in enumerate(classes):
+        y = top + r * row_h
+        draw.text((left - pad, y + row_h // 2 - gap // 2), name, fill="black", font=fnt, anchor="rm")
+        for i, (key, _) in enumerate(series):
+            v = per_class[key].get(name)
+            yb = y + i * bar
+            if v is None:
+                draw.text((left + 2, yb + bar // 2), "n/a", fill=(120, 120, 120), font=small, anchor="lm")
+                continue
+            draw.rectangle([left, yb, left + max(1, round(v * scale)), yb + bar - 2], fill=colours[i % len(colours)])
+            draw.text((left + round(v * scale) + 3, yb + bar // 2 - 1), f"{v:.0f}", fill=(60, 60, 60), font=small,
+                      anchor="lm")
+    img.save(path)
     return path
 
 
-def _with_header(img: Image.Image, titles: list[str], tile_w: int, height: int = 14) -> Image.Image:
+SAMPLE_TITLES = {"label": "ground truth", "cluster_class": "cluster prediction", "linear": "linear prediction",
+                 "eicue": "EiCue segments"}
+
+
+def sample_grid_png(samples: list[dict], path: Path, class_names: list[str],
+                    columns: tuple[str, ...] | None = None, min_tile: int = 160) -> Path:
+    """One row per sample: the image, then the maps in ``columns``, with titles and a class legend.
+
+    Keys: ``label`` (ground truth), ``cluster_class`` (cluster ids mapped to classes, see
+    :func:`clusters_to_classes`), ``linear`` and ``eicue``; ``columns`` defaults to those the
+    first sample has, in that order.  Class maps share the legend's colours; EiCue ids are
+    segments, not classes, so they are drawn over the image in their own colours.  Tiles smaller
+    than ``min_tile`` pixels are enlarged (nearest) so the titles fit.
+    """
+    cols = list(columns) if columns else [k for k in SAMPLE_TITLES if k in samples[0]]
+    n = len(class_names)
+    h, w = samples[0]["image"].shape[-2:]
+    factor = max(1, -(-min_tile // min(h, w)))
+    th, tw, gap = h * factor, w * factor, 4
+    fnt, big = font(13), font(14)
+
+    def up(arr: np.ndarray) -> np.ndarray:
+        return np.asarray(Image.fromarray(arr).resize((tw, th), Image.NEAREST))
+
+    rows = []
+    for s in samples:
+        image = up(denormalize(s["image"]))
+        tiles = [image]
+        for key in cols:
+            lab = s[key].numpy()
+            if key == "eicue":
+                # Blended with the image, segment colours do not read as the legend's classes.
+                ids = np.asarray(Image.fromarray(lab.astype(np.int32)).resize((tw, th), Image.NEAREST))
+                tiles.append(overlay(image, ids, int(lab.max()) + 1, 0.6))
+            else:
+                tiles.append(up(colorize(lab, n)))
+        rows.append(tiles)
+    header = 24
+    titles = ["image"] + [SAMPLE_TITLES.get(k, k) for k in cols]
+    grid_w = len(titles) * (tw + gap) - gap
+    # Legend: a swatch and the name of every class, in as many columns as fit the grid's width.
+    entry_w = 22 + max(_text_width(c, fnt) for c in class_names) + 16
+    per_row = max(1, grid_w // entry_w)
+    legend_h = 30 + 20 * -(-n // per_row)
+    img = Image.new("RGB", (grid_w, header + len(rows) * (th + gap) + legend_h), "white")
+    draw = ImageDraw.Draw(img)
+    for i, title in enumerate(titles):
+        draw.text((i * (tw + gap) + tw // 2, header // 2), title, fill="black", font=big, anchor="mm")
+    for r, tiles in enumerate(rows):
+        for i, tile in enumerate(tiles):
+            img.paste(Image.fromarray(tile), (i * (tw + gap), header + r * (th + gap)))
+    pal = palette(n)
+    y0 = header + len(rows) * (th + gap) + 8
+    draw.text((2, y0), "classes (ground truth, cluster and linear predictions; black: unlabelled, or a cluster "
+              "without a class)",
+              fill=(60, 60, 60), font=fnt)
+    for c, name in enumerate(class_names):
+        x, y = (c % per_row) * entry_w + 2, y0 + 22 + (c // per_row) * 20
+        draw.rectangle([x, y, x + 14, y + 14], fill=tuple(int(v) for v in pal[c]), outline=(80, 80, 80))
+        draw.text((x + 20, y + 7), name, fill="black", font=fnt, anchor="lm")
+    img.save(path)
+    return path
+
+
+def _with_header(img: Image.Image, titles: list[str], tile_w: int, height: int = 20) -> Image.Image:
     out = Image.new("RGB", (img.width, img.height + height), "white")
     draw = ImageDraw.Draw(out)
+    fnt = font(13)
     for i, title in enumerate(titles):
-        draw.text((i * tile_w + 2, 1), title, fill="black")
+        draw.text((i * tile_w + tile_w // 2, height // 2), title, fill="black", font=fnt, anchor="mm")
     out.paste(img, (0, height))
     return out
 

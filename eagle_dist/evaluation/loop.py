@@ -137,13 +137,23 @@ class EvalResult:
         return "\n".join(lines)
 
     def write_figures(self, folder: Path) -> list[Path]:
+        """Confusion matrices, per-class IoU bars and the sample grid (clusters as their strict class)."""
         from eagle_dist.evaluation import figures
 
         folder.mkdir(parents=True, exist_ok=True)
-        stats = self.cluster.counts.cpu().numpy()
-        written = [figures.confusion_png(stats, self.class_names, folder / "confusion_cluster.png")]
+        names = list(self.class_names)
+        strict_map = self.assignment()["strict"]
+        order, pred_names = figures.cluster_order(strict_map, names)
+        written = [
+            figures.confusion_png(self.cluster.counts.cpu().numpy()[order], names, folder / "confusion_cluster.png",
+                                  pred_names=pred_names, title="cluster probe (clusters matched to classes, strict)"),
+            figures.confusion_png(self.linear.counts.cpu().numpy(), names, folder / "confusion_linear.png",
+                                  title="linear probe"),
+            figures.iou_bars_png(self.per_class_iou(), folder / "iou_per_class.png"),
+        ]
         if self.samples:
-            written.append(figures.sample_grid_png(self.samples, folder / "samples.png"))
+            samples = [dict(s, cluster_class=figures.clusters_to_classes(s["cluster"], strict_map)) for s in self.samples]
+            written.append(figures.sample_grid_png(samples, folder / "samples.png", names))
         return written
 
 

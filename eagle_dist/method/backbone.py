@@ -9,12 +9,14 @@ the key slice of that projection (pre-attention LayerNorm input, qkv bias includ
 and softmax; ALGORITHM.md 3.1) and nothing else, so no attention maps or other block outputs are
 held in memory.  Channel order is block-major, then ``head * head_dim + d``.
 
-Non-224 inputs use DINO's own position-embedding interpolation (bicubic with
-``scale_factor = ((h + 0.1) / g, (w + 0.1) / g)``), which is not what timm's dynamic image size
-does, so we run the token preparation ourselves and reuse timm's blocks.
+Inputs of another size than the position table use the official interpolation of the model's
+family: DINO and plain DINOv2 resize bicubically with ``scale_factor = ((h + 0.1) / g, (w + 0.1)
+/ g)``, which is not what timm's dynamic image size does; DINOv2 with registers resizes to the
+size with antialiasing (eagle_dist/method/dinov2.py).  So we run the token preparation ourselves
+and reuse timm's blocks.
 
-Weights come from a local file (official DINO ``.pth`` or a timm checkpoint), loaded with
-``weights_only=True``.  Without a file the ViT is randomly initialised with a loud warning.
+Weights come from a local file (official DINO or DINOv2 ``.pth``, or a timm checkpoint), loaded
+with ``weights_only=True``.  Without a file the ViT is randomly initialised with a loud warning.
 """
 
 from __future__ import annotations
@@ -70,8 +72,13 @@ def _unwrap_state_dict(obj, path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def load_vit_weights(vit: nn.Module, path: str | Path) -> None:
-    """Load a DINO/timm ViT checkpoint strictly (classifier / DINO heads aside)."""
+def load_vit_weights(vit: nn.Module, path: str | Path, arch: str) -> None:
+    """Load a DINO / DINOv2 / timm ViT checkpoint into the timm model ``arch`` strictly.
+
+    Classifier and DINO heads are left out; official DINOv2 files are renamed to timm's layout.
+    """
+    from eagle_dist.method import dinov2  # (it imports WeightsError from here)
+
     path = Path(path)
     if not path.is_file():
         raise WeightsError(
@@ -84,6 +91,9 @@ def load_vit_weights(vit: nn.Module, path: str | Path) -> None:
         raise WeightsError(f"could not read {path} as a PyTorch checkpoint: {err}") from None
     sd = _unwrap_state_dict(obj, path)
     own = vit.state_dict()
+    dinov2.check_family(sd, arch, path)
+    if dinov2.is_official_layout(sd):
+        sd = dinov2.to_timm_layout(sd, own)
     # DINO teacher/student checkpoints carry their projection head ("head.*"); timm checkpoints
     # may carry a classifier.  The backbone has neither.
     sd = {k: v for k, v in sd.items() if k in own or not k.startswith(("head.", "fc_norm.", "head_drop."))}
@@ -106,26 +116,37 @@ def load_vit_weights(vit: nn.Module, path: str | Path) -> None:
         raise WeightsError(
             f"{path} does not fit the backbone architecture; " + "; ".join(parts)
             + ". Check model.backbone matches the checkpoint (e.g. vit_small_patch8_224 for "
-            "dino_deitsmall8, vit_base_patch8_224 for dino_vitbase8)."
+            "dino_deitsmall8, vit_base_patch8_224 for dino_vitbase8, vit_small_patch14_reg4_dinov2 "
+            "for dinov2_vits14_reg4)."
         )
     vit.load_state_dict(sd, strict=True)
 
 
-def dino_interpolate_pos_embed(pos_patch: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """DINO's interpolation of the [1, g*g, C] patch position table to an h x w grid."""
+def dino_interpolate_pos_embed(pos_patch: torch.Tensor, h: int, w: int, offset: float = 0.1,
+                               antialias: bool = False) -> torch.Tensor:
+    """The official bicubic resize of the [1, g*g, C] patch position table to an h x w grid.
+
+    The defaults are DINO's (and plain DINOv2's) rule; ``offset=0, antialias=True`` is the rule
+    of DINOv2 with registers (:mod:`eagle_dist.method.dinov2`).
+    """
     n = pos_patch.shape[1]
     g = int(math.sqrt(n))
     if g * g != n:
         raise ValueError(f"position table of {n} entries is not a square grid")
     if h == g and w == g:
         return pos_patch
-    grid = pos_patch.reshape(1, g, g, -1).permute(0, 3, 1, 2)
-    # The +0.1 and the use of a scale factor (not a target size) are DINO's; both change the
-    # sampling positions, so parity needs them.
-    grid = F.interpolate(grid, scale_factor=((h + 0.1) / g, (w + 0.1) / g), mode="bicubic", align_corners=False)
+    # The official models resize in float32 whatever the table's dtype.
+    grid = pos_patch.float().reshape(1, g, g, -1).permute(0, 3, 1, 2)
+    if offset:
+        # The +0.1 and the use of a scale factor (not a target size) are DINO's; both change the
+        # sampling positions, so parity needs them.
+        size = dict(scale_factor=((h + offset) / g, (w + offset) / g))
+    else:
+        size = dict(size=(h, w))
+    grid = F.interpolate(grid, mode="bicubic", align_corners=False, antialias=antialias, **size)
     if grid.shape[-2:] != (h, w):
         raise ValueError(f"position embedding interpolation gave {tuple(grid.shape[-2:])}, expected {(h, w)}")
-    return grid.permute(0, 2, 3, 1).reshape(1, h * w, -1)
+    return grid.permute(0, 2, 3, 1).reshape(1, h * w, -1).to(pos_patch.dtype)
 
 
 class FrozenViT(nn.Module):
@@ -138,7 +159,10 @@ class FrozenViT(nn.Module):
         n_blocks: int = 3,
         fused_attn: bool = True,
     ):
+        from eagle_dist.method import dinov2  # (it imports WeightsError from here)
+
         super().__init__()
+        arch = dinov2.timm_name(arch)  # official DINOv2 stems are accepted too
         try:
             vit = timm.create_model(arch, pretrained=False, num_classes=0)
         except RuntimeError as err:
@@ -146,7 +170,7 @@ class FrozenViT(nn.Module):
         if not hasattr(vit, "blocks") or not hasattr(vit, "patch_embed") or not hasattr(vit, "pos_embed"):
             raise WeightsError(f"'{arch}' is not a timm VisionTransformer (no blocks/patch_embed/pos_embed)")
         if weights:
-            load_vit_weights(vit, weights)
+            load_vit_weights(vit, weights, arch)
         else:
             warnings.warn(
                 f"\n{'!' * 78}\n  NO BACKBONE WEIGHTS GIVEN: {arch} is RANDOMLY INITIALISED.\n"
@@ -159,6 +183,7 @@ class FrozenViT(nn.Module):
         vit.eval().requires_grad_(False)
         self.vit = vit
         self.arch = arch
+        self.pos_rule = dinov2.pos_embed_rule(arch)
         self.embed_dim = vit.embed_dim
         self.patch = vit.patch_embed.patch_size[0]
         self.n_prefix = getattr(vit, "num_prefix_tokens", 1)
@@ -187,7 +212,8 @@ class FrozenViT(nn.Module):
         x = vit.patch_embed.norm(x.flatten(2).transpose(1, 2))
         pos = vit.pos_embed
         n_pos_prefix = 0 if getattr(vit, "no_embed_class", False) else self.n_prefix
-        pos_patch = dino_interpolate_pos_embed(pos[:, n_pos_prefix:], h, w)
+        pos_patch = dino_interpolate_pos_embed(pos[:, n_pos_prefix:], h, w, self.pos_rule.offset,
+                                               self.pos_rule.antialias)
         prefix = [t.expand(x.shape[0], -1, -1) for t in (vit.cls_token, getattr(vit, "reg_token", None)) if t is not None]
         if n_pos_prefix:
             x = torch.cat(prefix + [x], dim=1) + torch.cat([pos[:, :n_pos_prefix], pos_patch], dim=1)
