@@ -148,7 +148,8 @@ class DistConfig:
     # "auto": DeepSpeed when the accelerate config selects it, else DDP.
     strategy: Literal["auto", "ddp", "deepspeed"] = "auto"
     zero_stage: int = 0  # 1 or 2; 0 = the accelerate config's stage, else 2
-    # "auto": bf16 autocast on GPU, fp32 on CPU.  Eigendecompositions are always fp32.
+    # "auto": bf16 autocast on a GPU with native bf16, fp32 elsewhere; "bf16": bf16 autocast
+    # wherever asked, CPU included (distributed.resolve_precision).  Eigendecompositions are fp32.
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"
     # Refuse to start unless this many processes are running (0 = no check beyond the launcher's).
     expected_world_size: int = 0

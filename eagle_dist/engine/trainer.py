@@ -277,6 +277,7 @@ class Trainer:
                 blur_p=cfg.data.blur_p,
                 shuffle_buffer=cfg.data.shuffle_buffer,
                 steps_per_epoch=seg_len,
+                pin_memory=self.dist.pin_memory,
             )
             self._loader = loader
             for i, batch in enumerate(loader):
@@ -329,7 +330,8 @@ class Trainer:
         cfg = self.cfg
         d = self.dist
         d.print(
-            f"world size {d.world_size} ({d.strategy}, {d.backend}, {self.device}); batch "
+            f"world size {d.world_size} ({d.strategy}, {d.backend}, {self.device}); mixed precision "
+            f"{d.precision}; batch "
             f"{cfg.data.batch_size} per rank, global batch {self.global_batch}; "
             f"{self.max_steps} steps; run folder {self.run_dir}"
         )
@@ -359,8 +361,8 @@ class Trainer:
                     saved = f"; saved a checkpoint in {self.ckpt.root}"
                 reason = str(data_error) if data_error is not None else "the data stream failed on another rank"
                 raise TrainingError(f"{reason}\nStopped at step {self.step}{saved}.")
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
-            out = training_step_losses(self.backbone, self.heads, batch, self.step, cfg)
+            batch = d.to_device(batch)
+            out = training_step_losses(self.backbone, self.heads, batch, self.step, cfg, precision=d.precision)
             loss = out["loss"]
             if not d.any_flag(not bool(torch.isfinite(loss.detach()))):
                 d.backward(loss)
