@@ -364,7 +364,9 @@ class Trainer:
             batch = d.to_device(batch)
             out = training_step_losses(self.backbone, self.heads, batch, self.step, cfg, precision=d.precision)
             loss = out["loss"]
-            if not d.any_flag(not bool(torch.isfinite(loss.detach()))):
+            # The finiteness test goes into the vote as a device tensor: the vote's answer is the
+            # step's only host read (bool() of the loss would be a second one).
+            if not d.any_flag(~torch.isfinite(loss.detach())):
                 d.backward(loss)
                 d.clip_grad(self.heads, cfg.optim.grad_clip)
                 self.optimizer.step()
