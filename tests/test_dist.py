@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 
 import pytest
@@ -317,3 +318,35 @@ def test_simulated_two_node_run(tmp_path, launcher):
     assert all(p.returncode == 0 for p in procs), "\n".join(o[1][-3000:] for o in outputs)
     r = _assert_two_rank_run(tmp_path, launcher)
     assert r["world_size"] == 2
+
+
+@pytest.mark.slow  # DeepSpeed's import and engine set-up: seconds, a minute on a loaded machine
+def test_deepspeed_in_one_process_trains_torch_adam_in_fp32_without_building_an_op(clean_env):
+    """The same test on a GPU machine checks the CUDA path (NCCL, CUDA accelerator)."""
+    from deepspeed.ops.op_builder.builder import OpBuilder
+
+    def no_build(self, *args, **kwargs):
+        raise AssertionError(f"DeepSpeed tried to JIT-build {self.name}")
+
+    clean_env.setattr(OpBuilder, "jit_load", no_build)
+    saved_env = dict(os.environ)  # setup() exports RANK etc. for a lone DeepSpeed process
+    try:
+        d = dist_mod.setup(strategy="deepspeed", zero_stage=2, mixed_precision="bf16", cpu_threads=1,
+                           micro_batch_size=2)
+        try:
+            torch.manual_seed(0)
+            model = torch.nn.Linear(3, 2).to(d.device)
+            engine, optimizer = d.prepare(model, torch.optim.Adam(model.parameters(), lr=0.1))
+            assert isinstance(engine.optimizer.optimizer, torch.optim.Adam)  # ours, not FusedAdam
+            assert not engine.config["bf16"]["enabled"]  # bf16 is our autocast, not DeepSpeed's
+            before = model.weight.detach().clone()
+            with d.precision.context():
+                loss = engine(torch.ones(2, 3, device=d.device)).float().square().mean()
+            d.backward(loss)
+            optimizer.step()
+            assert model.weight.dtype == torch.float32 and not torch.equal(model.weight.detach(), before)
+        finally:
+            d.cleanup()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)

@@ -34,11 +34,20 @@ class PatchKeys(nn.Module):
         return self.proj(img)
 
 
-def _step_dtypes(precision: Precision, solver: str, monkeypatch) -> dict:
-    """Run one real training step under `precision`; record what ran in which dtype."""
+def _batch(device="cpu") -> dict:
+    g = torch.Generator().manual_seed(1)
+    return {"img": torch.randn(2, 3, 32, 32, generator=g).to(device),
+            "img_aug": torch.randn(2, 3, 32, 32, generator=g).to(device),
+            "label": torch.randint(-1, 3, (2, 32, 32), generator=g).to(device)}
+
+
+def _step_dtypes(precision: Precision, solver: str, monkeypatch, batch: dict | None = None) -> dict:
+    """Run one real training step under `precision`; record what ran in which dtype and where."""
     cfg = load_config(None, [*SMALL, f"eicue.solver={solver}"])
+    batch = _batch() if batch is None else batch
+    device = batch["img"].device
     torch.manual_seed(0)
-    backbone, heads = PatchKeys(), EagleHeads(cfg, PatchKeys.out_channels)
+    backbone, heads = PatchKeys().to(device), EagleHeads(cfg, PatchKeys.out_channels).to(device)
     seen: dict = {"solver_calls": []}
     def dtype_of(name):
         def hook(module, inputs, out):
@@ -51,15 +60,16 @@ def _step_dtypes(precision: Precision, solver: str, monkeypatch) -> dict:
 
     def solver_spy(lap_BNN, k, solver="eigh"):
         vals, vecs = original(lap_BNN, k, solver)
-        seen["solver_calls"].append((solver, lap_BNN.dtype, torch.is_autocast_enabled("cpu"), vecs.dtype))
+        seen["solver_calls"].append((solver, lap_BNN.dtype, torch.is_autocast_enabled(lap_BNN.device.type),
+                                     vecs.dtype))
+        seen["solver_device"] = vecs.device
         return vals, vecs
 
     monkeypatch.setattr(eicue, "smallest_eigenpairs", solver_spy)
-    batch = {"img": torch.randn(2, 3, 32, 32), "img_aug": torch.randn(2, 3, 32, 32),
-             "label": torch.randint(-1, 3, (2, 32, 32))}
     out = training_step_losses(backbone, heads, batch, 1000, cfg, precision=precision)  # NCE on
     out["loss"].backward()
     seen["loss_finite"] = bool(torch.isfinite(out["loss"]))
+    seen["loss_device"] = out["loss"].device
     seen["grads_fp32"] = all(p.grad is None or p.grad.dtype == torch.float32 for p in heads.parameters())
     return seen
 
@@ -133,4 +143,24 @@ def test_eigensolvers_run_in_fp32_inside_the_bf16_step(monkeypatch, solver):
     assert seen["seg_head"] == torch.bfloat16  # the step did run under bf16 autocast
     # Both views' graphs: fp32 in, autocast off inside the solver, fp32 out.
     assert seen["solver_calls"] == [(solver, torch.float32, False, torch.float32)] * 2
+    assert seen["loss_finite"] and seen["grads_fp32"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("solver", ["eigh", "krylov"])
+def test_on_a_gpu_auto_is_bf16_and_a_pinned_batch_steps_on_the_device(monkeypatch, solver):
+    from eagle_dist.distributed import Dist
+
+    precision = resolve_precision("auto", "cuda")
+    assert precision.mode == "bf16", "auto picked fp32: this GPU has no native bf16 (pre-Ampere)"
+    d = Dist(accelerator=None, rank=0, world_size=1, local_rank=0, local_world_size=1,
+             device=torch.device("cuda", torch.cuda.current_device()), backend=None, strategy="ddp",
+             zero_stage=None, precision=precision, grad_clip=1.0, launcher="none", cpu_threads=1)
+    pinned = {k: v.pin_memory() for k, v in _batch().items()}  # what a pin_memory loader yields
+    batch = d.to_device({**pinned, "key": ["not a tensor"]})
+    assert set(batch) == {"img", "img_aug", "label"} and all(v.is_cuda for v in batch.values())
+    seen = _step_dtypes(precision, solver, monkeypatch, batch)
+    assert seen["backbone"] == seen["seg_head"] == torch.bfloat16
+    assert seen["solver_calls"] == [(solver, torch.float32, False, torch.float32)] * 2
+    assert seen["solver_device"].type == seen["loss_device"].type == "cuda"
     assert seen["loss_finite"] and seen["grads_fp32"]
