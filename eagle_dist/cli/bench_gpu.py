@@ -22,6 +22,9 @@ rendezvous) is killed and reported, and the other parts still run. The parts:
                  eagle_dist that makes the host wait for the GPU, counted per solver.
 
 Without CUDA (and without ``--dry-run``) it prints one line and exits 0, so CI can call it.
+It installs nothing. On a bare CUDA image, eagle_dist's own imports need ``webdataset`` (and its
+``braceexpand``), the DeepSpeed tests ``deepspeed``; without ``mlflow`` training logs to
+metrics.jsonl only. The JSON's ``preflight`` lists what is missing.
 ``--dry-run`` runs every part on the CPU with tiny sizes: it checks the plan, the commands and
 the JSON, not the GPU. The JSON holds, per part, its status (ok, failed, timeout, skipped), its
 wall time, the commands, the figures and the tail of its log; ``summary`` gathers the figures a
@@ -222,7 +225,10 @@ def _collect_syncs(folder: Path, log: str) -> dict:
 
 
 def build_parts(plan: Plan, workdir: Path) -> list[Part]:
-    parts = [Part("tests", [_module_cmd("pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", str(REPO / "tests"))],
+    # A test module that cannot be imported there (a package missing on the GPU image) must not
+    # stop the GPU tests of the other modules.
+    parts = [Part("tests", [_module_cmd("pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
+                                        "--continue-on-collection-errors", str(REPO / "tests"))],
                   _collect_tests)]
     for solver in ("eigh", "krylov"):
         folder = workdir / f"step_{solver}"
