@@ -203,7 +203,13 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Return `value` as type `tp`, or raise ConfigError naming `key`."""
     origin = typing.get_origin(tp)
     if origin is Literal:
-        if value in typing.get_args(tp):
+        choices = typing.get_args(tp)
+        if isinstance(value, bool):
+            # YAML 1.1 reads a bare no/off/false (yes/on/true) as a bool: `dist.mixed_precision=no`
+            # means the word, whichever of them the Literal allows.
+            words = ("yes", "on", "true") if value else ("no", "off", "false")
+            value = next((w for w in words if w in choices), value)
+        if value in choices and not isinstance(value, bool):
             return value
     elif origin in (typing.Union, types.UnionType):
         for arg in typing.get_args(tp):

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from eagle_dist import distributed as dist_mod
-from eagle_dist.config import load_config
+from eagle_dist.config import ConfigError, load_config
 from eagle_dist.distributed import DistributedSetupError, Precision, resolve_precision
 from eagle_dist.method import eicue
 from eagle_dist.method.eagle import EagleHeads, training_step_losses
@@ -82,6 +82,14 @@ def test_resolution_table():
     assert resolve_precision("no", "cuda").mode == "no" and resolve_precision("bf16", "cpu").mode == "bf16"
     with pytest.raises(DistributedSetupError, match="loss scaling"):
         resolve_precision("fp16", "cpu")
+
+
+def test_no_on_the_command_line_and_in_yaml_is_the_word_not_a_bool(tmp_path):
+    assert load_config(None, ["dist.mixed_precision=no"]).dist.mixed_precision == "no"
+    (tmp_path / "run.yaml").write_text("dist:\n  mixed_precision: no\n")
+    assert load_config(tmp_path / "run.yaml", []).dist.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="mixed_precision"):
+        load_config(None, ["dist.mixed_precision=yes"])  # not an allowed word
 
 
 @pytest.mark.parametrize("native, mode", [(True, "bf16"), (False, "no")])
