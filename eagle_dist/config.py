@@ -152,7 +152,8 @@ class DistConfig:
     # "auto": DeepSpeed when the accelerate config selects it, else DDP.
     strategy: Literal["auto", "ddp", "deepspeed"] = "auto"
     zero_stage: int = 0  # 1 or 2; 0 = the accelerate config's stage, else 2
-    # "auto": bf16 autocast on GPU, fp32 on CPU.  Eigendecompositions are always fp32.
+    # "auto": bf16 autocast on a GPU with native bf16, fp32 elsewhere; "bf16": bf16 autocast
+    # wherever asked, CPU included (distributed.resolve_precision).  Eigendecompositions are fp32.
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"
     # Refuse to start unless this many processes are running (0 = no check beyond the launcher's).
     expected_world_size: int = 0
@@ -206,7 +207,13 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Return `value` as type `tp`, or raise ConfigError naming `key`."""
     origin = typing.get_origin(tp)
     if origin is Literal:
-        if value in typing.get_args(tp):
+        choices = typing.get_args(tp)
+        if isinstance(value, bool):
+            # YAML 1.1 reads a bare no/off/false (yes/on/true) as a bool: `dist.mixed_precision=no`
+            # means the word, whichever of them the Literal allows.
+            words = ("yes", "on", "true") if value else ("no", "off", "false")
+            value = next((w for w in words if w in choices), value)
+        if value in choices and not isinstance(value, bool):
             return value
     elif origin in (typing.Union, types.UnionType):
         for arg in typing.get_args(tp):

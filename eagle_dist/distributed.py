@@ -68,16 +68,24 @@ accelerate + DeepSpeed on CPU (findings, accelerate 1.15.0, deepspeed 0.19.8, to
   (torch's cpp_extension cache; a rebuild is skipped when sources are unchanged).
 * DeepSpeed needs `train_micro_batch_size_per_gpu`; accelerate fills it from a prepared
   DataLoader, which we do not pass (streaming loaders), so setup() takes `micro_batch_size`.
+
+DeepSpeed on GPU builds no C++/CUDA op at run time (a JIT build takes minutes and needs nvcc):
+the optimizer is our torch.optim.Adam passed as a client optimizer, so the DeepSpeed config has
+no "optimizer" section (DeepSpeed would build FusedAdam for one, and `torch_adam` only applies
+inside one; accelerate refuses both a config optimizer and a client one). Optimizer offload
+stays "none": with offload accelerate swaps the Adam for DeepSpeedCPUAdam, another JIT op.
+The CUDA accelerator has no shared-memory comm op. bf16 stays off in the DeepSpeed config
+(see `Precision`). `tests/test_dist.py` checks the config dict.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import re
 import socket
 import sys
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -125,6 +133,68 @@ class LaunchInfo:
     promised_min_world_size: int  # at least this many (accelerate --cpu leaves only this)
     promise_source: str  # for error messages: where the promise came from
     env_updates: dict[str, str] = field(default_factory=dict)  # to export before init
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How the training forward runs, decided once by `resolve_precision` (setup() keeps it on
+    `Dist.precision`). The model and the benchmark enter `precision.context()`; nothing else
+    looks at `dist.mixed_precision` of the config again.
+
+    Autocast is the only mechanism: accelerate and DeepSpeed are always built with
+    mixed_precision="no", so the trainable heads keep fp32 weights, gradients and optimizer
+    state under DDP and DeepSpeed alike (DeepSpeed's own bf16 mode would turn the weights
+    into bf16; the heads are a few MB, so that would save nothing and change the numerics).
+    Eigendecompositions and the losses switch autocast off inside and run in fp32.
+    """
+
+    device_type: str  # the autocast device: "cuda" or "cpu"
+    dtype: torch.dtype  # compute dtype inside the autocast region; float32 when off
+    autocast: bool
+
+    @property
+    def mode(self) -> str:
+        """The resolved config value: "bf16" or "no" (never "auto")."""
+        return "bf16" if self.autocast else "no"
+
+    def context(self) -> Any:
+        """The autocast region of the forward pass (a no-op context when off).
+
+        Off is `nullcontext`, not `autocast(enabled=False)`: it must not switch off an
+        autocast region a caller opened around us.
+        """
+        if not self.autocast:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
+
+    def __str__(self) -> str:
+        if self.autocast:
+            return f"bf16 (autocast {self.dtype} on {self.device_type}, fp32 weights)"
+        return "no (fp32, no autocast)"
+
+
+def resolve_precision(requested: str, device: torch.device | str) -> Precision:
+    """`dist.mixed_precision` -> what runs on `device`.
+
+    "auto": bf16 autocast on a GPU with native bf16 (Ampere and newer), fp32 elsewhere.
+    "bf16": bf16 autocast wherever it was asked for, CPU included. On CPU this is slow on most
+        processors, but it was asked for by name ("auto" is the CPU default), and it is the
+        only way to run the GPU's bf16 code path (dtypes of heads, losses, eigensolvers) on a
+        machine without one. GPUs without native bf16 emulate it (slowly), likewise.
+    "no": fp32 without autocast.
+    """
+    if requested not in MIXED_PRECISIONS:
+        raise DistributedSetupError(
+            f"mixed_precision must be one of {MIXED_PRECISIONS}, got {requested!r} "
+            "(fp16 needs loss scaling, which this trainer does not do; use bf16 on GPUs)."
+        )
+    device_type = torch.device(device).type
+    if requested == "auto":
+        native_bf16 = device_type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+        requested = "bf16" if native_bf16 else "no"
+    if requested == "bf16":
+        return Precision(device_type=device_type, dtype=torch.bfloat16, autocast=True)
+    return Precision(device_type=device_type, dtype=torch.float32, autocast=False)
 
 
 def _int(env: Mapping[str, str], key: str, default: int) -> int:
@@ -328,6 +398,8 @@ def _deepspeed_plugin(zero_stage: int, grad_clip: float, micro_batch_size: int) 
         offload_optimizer_device="none",
         offload_param_device="none",
     )
+    # No "optimizer" section and no offload: DeepSpeed runs our torch Adam and builds no op
+    # (see the module docstring).
     plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = micro_batch_size
     plugin.deepspeed_config.pop("train_batch_size", None)
     # Our optimizer is plain torch AdamW with named groups, which DeepSpeed calls "untested".
@@ -348,10 +420,29 @@ class Dist:
     backend: str | None
     strategy: str  # "ddp" or "deepspeed"
     zero_stage: int | None
-    mixed_precision: str
+    precision: Precision
     grad_clip: float
     launcher: str
     cpu_threads: int
+
+    @property
+    def mixed_precision(self) -> str:
+        """The resolved `dist.mixed_precision`: "bf16" or "no" (see `Precision`)."""
+        return self.precision.mode
+
+    @property
+    def pin_memory(self) -> bool:
+        """Loaders pin their batches when they go to a GPU: the host-to-device copy can then run
+        asynchronously (`.to(device, non_blocking=True)`); on CPU pinning only costs a copy."""
+        return self.device.type == "cuda"
+
+    def to_device(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """The tensors of a loader batch on this rank's device; other entries are dropped.
+
+        From pinned memory the copies are asynchronous and ordered before the step's kernels on
+        the same stream, so the step does not wait for them on the host.
+        """
+        return {k: v.to(self.device, non_blocking=self.pin_memory) for k, v in batch.items() if torch.is_tensor(v)}
 
     @property
     def is_main(self) -> bool:
@@ -381,9 +472,17 @@ class Dist:
             tdist.all_reduce(tensor, op=tdist.ReduceOp.MAX)
         return tensor
 
-    def any_flag(self, flag: bool) -> bool:
-        """True on every rank if `flag` is True on any rank (preemption, NaN, save failure)."""
-        value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self.device)
+    def any_flag(self, flag: bool | torch.Tensor) -> bool:
+        """True on every rank if `flag` is True on any rank (preemption, NaN, save failure).
+
+        `flag` may be a one-element tensor on `device` (e.g. `~torch.isfinite(loss)`): it then
+        goes into the all-reduce without a host read first, and the reduced answer is the only
+        host sync.
+        """
+        if torch.is_tensor(flag):
+            value = flag.detach().reshape(1).to(device=self.device, dtype=torch.int32)
+        else:
+            value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self.device)
         return bool(self.all_reduce_max(value).item())
 
     def gather_object(self, obj: Any) -> list[Any]:
@@ -420,12 +519,14 @@ class Dist:
     def backward(self, loss: torch.Tensor) -> None:
         self.accelerator.backward(loss)
 
-    def clip_grad(self, model_or_params: Any, max_norm: float | None = None) -> float | None:
+    def clip_grad(self, model_or_params: Any, max_norm: float | None = None) -> torch.Tensor | float | None:
         """Clip gradients to `max_norm` (default: setup's grad_clip) and return the total norm.
 
-        Under DeepSpeed the engine clips inside `optimizer.step()` to setup's grad_clip (it is
-        part of the DeepSpeed config); this then returns the engine's last global norm, None
-        before the first step.
+        The norm stays a tensor on the device (reading it would stall the step on the GPU);
+        callers read it at logging intervals. Under DeepSpeed the engine clips inside
+        `optimizer.step()` to setup's grad_clip (it is part of the DeepSpeed config); this then
+        returns the engine's last global norm (DeepSpeed keeps it as a float), None before the
+        first step.
         """
         params = (
             model_or_params.parameters()
@@ -434,11 +535,10 @@ class Dist:
         )
         limit = self.grad_clip if max_norm is None else max_norm
         if self.strategy == "deepspeed":
-            norm = self.accelerator.clip_grad_norm_(params, limit)
-            return None if norm is None else float(norm)
+            return self.accelerator.clip_grad_norm_(params, limit)
         if limit <= 0:
             return None
-        return float(self.accelerator.clip_grad_norm_(params, limit))
+        return self.accelerator.clip_grad_norm_(params, limit)
 
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """The plain module inside DDP / DeepSpeed wrappers."""
@@ -500,11 +600,7 @@ def _resolve(
                 f"zero_stage must be one of {ZERO_STAGES}, got {stage}: ZeRO-3 shards the "
                 "parameters themselves, which the trainer's evaluation and frozen backbone do not support."
             )
-    if mixed_precision not in MIXED_PRECISIONS:
-        raise DistributedSetupError(
-            f"mixed_precision must be one of {MIXED_PRECISIONS}, got {mixed_precision!r} "
-            "(fp16 needs loss scaling, which this trainer does not do; use bf16 on GPUs)."
-        )
+    resolve_precision(mixed_precision, "cpu")  # refuse a bad value before anything starts
     return strategy, stage, mixed_precision
 
 
@@ -524,9 +620,9 @@ def setup(
 
     strategy: "ddp", "deepspeed", or "auto" (DeepSpeed iff the accelerate config selects it).
     zero_stage: 1 or 2; None or 0 takes the accelerate config's stage, else 2.
-    mixed_precision: "auto" (bf16 on GPU, fp32 on CPU), "no" or "bf16". The run config
-        decides; the launcher's --mixed_precision is ignored. bf16 falls back to "no" on CPU
-        with a warning (bf16 autocast on CPU is slow and not what a GPU config meant).
+    mixed_precision: "auto" (bf16 on GPU, fp32 on CPU), "no" or "bf16" (honoured on CPU too);
+        resolved once by `resolve_precision` into `Dist.precision`, which the model's forward
+        enters. The run config decides; the launcher's --mixed_precision is ignored.
     grad_clip: max grad norm (<= 0 disables); DeepSpeed applies it inside its step.
     expected_world_size: refuse to run unless exactly this many processes exist (None: trust
         the launcher, whose promise is checked anyway).
@@ -547,11 +643,7 @@ def setup(
     info = detect_launch(os.environ)
     os.environ.update(info.env_updates)
     on_gpu = torch.cuda.is_available() and not _truthy(os.environ.get("ACCELERATE_USE_CPU"))
-    if mp == "auto":
-        mp = "bf16" if on_gpu else "no"
-    if mp == "bf16" and not on_gpu:
-        warnings.warn("mixed_precision='bf16' requested but running on CPU: using fp32.", stacklevel=2)
-        mp = "no"
+    precision = resolve_precision(mp, "cuda" if on_gpu else "cpu")
 
     threads = cpu_threads_for(info.local_world_size, cpu_threads)
     torch.set_num_threads(threads)
@@ -578,13 +670,13 @@ def setup(
             _skip_deepspeed_shm_op()
         accelerator = Accelerator(
             deepspeed_plugin=_deepspeed_plugin(stage, grad_clip, micro_batch_size),
-            mixed_precision=mp,
+            mixed_precision="no",  # precision is Dist.precision's autocast (see Precision)
             kwargs_handlers=handlers,
         )
     else:
         accelerator = Accelerator(
             cpu=not on_gpu,
-            mixed_precision=mp,
+            mixed_precision="no",  # precision is Dist.precision's autocast (see Precision)
             kwargs_handlers=[
                 *handlers,
                 DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters),
@@ -602,7 +694,7 @@ def setup(
         backend=tdist.get_backend() if tdist.is_available() and tdist.is_initialized() else None,
         strategy=strategy,
         zero_stage=stage,
-        mixed_precision=mp,
+        precision=precision,
         grad_clip=grad_clip,
         launcher=info.launcher,
         cpu_threads=threads,
@@ -622,6 +714,6 @@ def describe(d: Dist) -> str:
         f"launcher={d.launcher} strategy={d.strategy}"
         + (f"(zero{d.zero_stage})" if d.zero_stage else "")
         + f" world_size={d.world_size} local_world_size={d.local_world_size} "
-        f"backend={d.backend} device={d.device} mixed_precision={d.mixed_precision} "
+        f"backend={d.backend} device={d.device} mixed_precision={d.precision} "
         f"cpu_threads={d.cpu_threads} python={sys.version.split()[0]} torch={torch.__version__}"
     )

@@ -58,10 +58,10 @@ def _inject(kind: str, step: int) -> None:
     if kind == "step":
         original_step = trainer_mod.training_step_losses
 
-        def step_losses(backbone, heads, batch, at_step, cfg):
+        def step_losses(backbone, heads, batch, at_step, cfg, **kwargs):
             if at_step == step:
                 _die()
-            return original_step(backbone, heads, batch, at_step, cfg)
+            return original_step(backbone, heads, batch, at_step, cfg, **kwargs)
 
         trainer_mod.training_step_losses = step_losses
     else:

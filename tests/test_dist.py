@@ -6,8 +6,8 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
-import warnings
 
 import pytest
 import torch
@@ -142,21 +142,73 @@ def clean_env(monkeypatch):
 
 
 def test_single_process_setup_and_helpers(clean_env):
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        d = dist_mod.setup(mixed_precision="bf16", cpu_threads=1)
+    d = dist_mod.setup(mixed_precision="bf16", cpu_threads=1)
     try:
-        assert any("bf16" in str(w.message) for w in caught)  # no GPU: told, and fp32 used
-        assert (d.rank, d.world_size, d.is_main, d.strategy, d.mixed_precision) == (0, 1, True, "ddp", "no")
+        # bf16 asked for by name is honoured on CPU too (tests/test_precision.py runs the step).
+        assert (d.rank, d.world_size, d.is_main, d.strategy, d.mixed_precision) == (0, 1, True, "ddp", "bf16")
         assert d.device == torch.device("cpu") and torch.get_num_threads() == 1
         assert d.any_flag(True) and not d.any_flag(False)
+        # A device tensor goes into the vote without a host read first (the NaN check).
+        assert d.any_flag(~torch.isfinite(torch.tensor(float("nan")))) and not d.any_flag(torch.tensor(False))
+        # The clipped norm stays a tensor: reading it every step would stall a GPU.
+        model = torch.nn.Linear(2, 1)
+        model(torch.ones(1, 2)).sum().backward()
+        assert torch.is_tensor(d.clip_grad(model, 0.5))
         assert d.gather_object({"a": 1}) == [{"a": 1}] and d.broadcast_object("x") == "x"
         assert d.mean_scalar(torch.tensor(3.0)) == 3.0
         assert d.all_reduce_sum(torch.ones(2)).tolist() == [1.0, 1.0]
         assert "world_size=1" in dist_mod.describe(d)
+        assert not d.pin_memory and d.to_device({"x": torch.ones(1), "key": "a"}) == {"x": torch.ones(1)}
     finally:
         d.cleanup()
         d.cleanup()  # entry points call it in `finally`; twice must be harmless
+
+
+def test_loaders_pin_memory_and_copy_asynchronously_only_for_a_gpu(monkeypatch):
+    from eagle_dist.data import stream
+    from eagle_dist.engine.trainer import Trainer
+    from eagle_dist.config import load_config
+
+    fields = dict(accelerator=None, rank=0, world_size=1, local_rank=0, local_world_size=1, backend=None,
+                  strategy="ddp", zero_stage=None, grad_clip=1.0, launcher="none", cpu_threads=1)
+    on_gpu = dist_mod.Dist(device=torch.device("cuda", 0), precision=dist_mod.resolve_precision("bf16", "cuda"),
+                           **fields)
+    on_cpu = dist_mod.Dist(device=torch.device("cpu"), precision=dist_mod.resolve_precision("no", "cpu"), **fields)
+    assert on_gpu.pin_memory and not on_cpu.pin_memory
+
+    # The trainer's loader takes the flag from its Dist (the real segment iterator, loader faked).
+    for d in (on_gpu, on_cpu):
+        seen = {}
+
+        def fake_loader(*args, **kwargs):
+            seen.update(kwargs)
+            return _OneBatchLoader()
+
+        monkeypatch.setattr(stream, "build_train_loader", fake_loader)
+        trainer = Trainer.__new__(Trainer)
+        trainer.cfg, trainer.dist = load_config(None, []), d
+        trainer._skips_done = dict.fromkeys(("corrupt_samples", "incomplete_samples", "missing_samples",
+                                             "read_errors"), 0)
+        assert next(trainer._segment_batches(0)) == {"x": 1}
+        assert seen["pin_memory"] is d.pin_memory
+
+
+class _OneBatchLoader:
+    stats = {"corrupt_samples": 0, "incomplete_samples": 0, "missing_samples": 0, "read_errors": 0}
+
+    def __iter__(self):
+        yield {"x": 1}
+
+
+def test_deepspeed_runs_torch_adam_and_builds_no_op():
+    """What keeps DeepSpeed from JIT-compiling C++/CUDA ops at start-up (see distributed's docstring)."""
+    config = dist_mod._deepspeed_plugin(2, 1.0, 4).deepspeed_config
+    # No optimizer section: DeepSpeed uses our client torch.optim.Adam, never FusedAdam.
+    assert "optimizer" not in config and config["zero_allow_untested_optimizer"] is True
+    # No offload: accelerate would swap the Adam for DeepSpeedCPUAdam, a JIT-built op.
+    assert config["zero_optimization"]["offload_optimizer"]["device"] == "none"
+    assert config["zero_optimization"]["offload_param"]["device"] == "none"
+    assert config["zero_optimization"]["stage"] == 2 and config["train_micro_batch_size_per_gpu"] == 4
 
 
 def test_setup_refuses_accelerate_cpu_flag_before_starting_anything(clean_env):
@@ -278,3 +330,35 @@ def test_simulated_two_node_run(tmp_path, launcher):
     assert all(p.returncode == 0 for p in procs), "\n".join(o[1][-3000:] for o in outputs)
     r = _assert_two_rank_run(tmp_path, launcher)
     assert r["world_size"] == 2
+
+
+@pytest.mark.slow  # DeepSpeed's import and engine set-up: seconds, a minute on a loaded machine
+def test_deepspeed_in_one_process_trains_torch_adam_in_fp32_without_building_an_op(clean_env):
+    """The same test on a GPU machine checks the CUDA path (NCCL, CUDA accelerator)."""
+    from deepspeed.ops.op_builder.builder import OpBuilder
+
+    def no_build(self, *args, **kwargs):
+        raise AssertionError(f"DeepSpeed tried to JIT-build {self.name}")
+
+    clean_env.setattr(OpBuilder, "jit_load", no_build)
+    saved_env = dict(os.environ)  # setup() exports RANK etc. for a lone DeepSpeed process
+    try:
+        d = dist_mod.setup(strategy="deepspeed", zero_stage=2, mixed_precision="bf16", cpu_threads=1,
+                           micro_batch_size=2)
+        try:
+            torch.manual_seed(0)
+            model = torch.nn.Linear(3, 2).to(d.device)
+            engine, optimizer = d.prepare(model, torch.optim.Adam(model.parameters(), lr=0.1))
+            assert isinstance(engine.optimizer.optimizer, torch.optim.Adam)  # ours, not FusedAdam
+            assert not engine.config["bf16"]["enabled"]  # bf16 is our autocast, not DeepSpeed's
+            before = model.weight.detach().clone()
+            with d.precision.context():
+                loss = engine(torch.ones(2, 3, device=d.device)).float().square().mean()
+            d.backward(loss)
+            optimizer.step()
+            assert model.weight.dtype == torch.float32 and not torch.equal(model.weight.detach(), before)
+        finally:
+            d.cleanup()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)

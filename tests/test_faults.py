@@ -99,8 +99,8 @@ def _wrap_step(monkeypatch, at_step):
 
     original = trainer_mod.training_step_losses
 
-    def step_losses(backbone, heads, batch, step, cfg):
-        return at_step(step, original(backbone, heads, batch, step, cfg))
+    def step_losses(backbone, heads, batch, step, cfg, **kwargs):
+        return at_step(step, original(backbone, heads, batch, step, cfg, **kwargs))
 
     monkeypatch.setattr(trainer_mod, "training_step_losses", step_losses)
 

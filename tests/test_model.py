@@ -7,6 +7,7 @@ import torch
 
 from eagle_dist.method.backbone import FrozenViT
 from eagle_dist.config import load_config
+from eagle_dist.distributed import resolve_precision
 from eagle_dist.method.eagle import EagleHeads, build_optimizer, momentum, param_groups, training_step_losses
 
 
@@ -33,7 +34,7 @@ def test_full_step_updates_only_trainable_parameters(setup, step):
     vit_before = {k: v.clone() for k, v in backbone.state_dict().items()}
     heads_before = {k: v.clone() for k, v in heads.named_parameters()}
     heads.train()
-    out = training_step_losses(backbone, heads, batch, step, cfg)
+    out = training_step_losses(backbone, heads, batch, step, cfg, precision=resolve_precision("no", "cpu"))
     assert torch.isfinite(out["loss"])
     assert float(out["u"]) == pytest.approx(momentum(cfg, step))
     out["loss"].backward()

@@ -3,7 +3,9 @@
     python -m eagle_dist.bench step [key=value ...] [--warmup 2] [--steps 5] [--json step.json]
     python -m eagle_dist.bench step eicue.solver=krylov --json step_krylov.json
     python -m eagle_dist.bench eigen [--batch 16] [--side 28] [--repeats 7] [--json eigen.json]
+    python -m eagle_dist.bench eigen --device cuda --batch 64 --cases model --solvers eigh,krylov
     python -m eagle_dist.bench data [...]            # delegates to eagle_dist.cli.bench_data
+    python -m eagle_dist.bench gpu --json gpu.json   # the prepared GPU check (eagle_dist.cli.bench_gpu)
     torchrun --nproc_per_node 2 -m eagle_dist.bench step ...   # adds the communication share
 
 ``step`` builds the model from the config (defaults: the official COCO-Stuff-27 config,
@@ -199,7 +201,7 @@ def _breakdown(step_parts: list[dict], step_median: float, local_parts: list[dic
 
 def run_step_bench(args: argparse.Namespace) -> dict | None:
     from eagle_dist.engine.step import run_step
-    from eagle_dist.method.eagle import LOSS_NAMES, autocast_context, training_step_losses
+    from eagle_dist.method.eagle import LOSS_NAMES, training_step_losses
 
     try:
         cfg = load_config(None, [f"data.batch_size={DEFAULT_STEP_BATCH}", *args.overrides])
@@ -209,7 +211,7 @@ def run_step_bench(args: argparse.Namespace) -> dict | None:
     device = d.device
 
     def forward(batch_, _step):  # the step index stays at --train-step (the u switch on)
-        return training_step_losses(backbone, heads, batch_, args.train_step, cfg)
+        return training_step_losses(backbone, heads, batch_, args.train_step, cfg, precision=d.precision)
 
     def timed_steps(count: int, sync_grads: bool = True) -> tuple[list[float], list[dict]]:
         times, parts = [], []
@@ -240,7 +242,7 @@ def run_step_bench(args: argparse.Namespace) -> dict | None:
         for _ in range(args.warmup + args.steps):
             _sync(device)
             t0 = time.perf_counter()
-            with autocast_context(cfg, device):
+            with d.precision.context():
                 backbone(batch["img"])
                 backbone(batch["img_aug"])
             _sync(device)
@@ -263,6 +265,7 @@ def run_step_bench(args: argparse.Namespace) -> dict | None:
         "peak_memory_kind": peak_kind,
         "breakdown": breakdown,
         "world_size": d.world_size,
+        "mixed_precision": d.precision.mode,
         "batch_size_per_process": cfg.data.batch_size,
         "warmup": args.warmup,
         "steps": args.steps,
@@ -286,6 +289,7 @@ def format_step(r: dict) -> str:
     lines = [
         f"step benchmark: {cfg['model']['backbone']} {cfg['data']['resolution']}px, batch "
         f"{r['batch_size_per_process']} x {r['world_size']} process(es), solver={cfg['eicue']['solver']}, "
+        f"mixed_precision={r['mixed_precision']}, "
         f"device={r['machine']['device']}, threads={r['machine']['torch_threads']}, "
         f"load {r['machine']['loadavg_before'][0]:.2f} -> {r['machine']['loadavg_1_5_15'][0]:.2f}",
         f"  step median      {r['step_median_s']:8.3f} s   ({r['images_per_s']:.2f} images/s, "
@@ -306,13 +310,15 @@ def format_step(r: dict) -> str:
 
 
 def model_laplacians(batch: int, side: int, color_mode: str = "official", seed: int = 0,
-                     backbone: str = "vit_small_patch8_224", views: bool = False):
+                     backbone: str = "vit_small_patch8_224", views: bool = False,
+                     device: torch.device | str = "cpu"):
     """Laplacians built the way training builds them, from a random ViT and a random seg head.
 
     Synthetic images (flat coloured regions plus noise) at ``side * patch`` pixels -> frozen ViT
     keys -> segmentation head (eval mode) -> ``normalized_laplacian(A_seg, A_color)``.
     Returns ``[B, side^2, side^2]``; with ``views=True`` also the Laplacians of the blurred images
-    (the augmented view of the same pictures), as ``(lap_P, lap_A)``.
+    (the augmented view of the same pictures), as ``(lap_P, lap_A)``. The images are drawn on the
+    CPU (the same pictures on every device); the ViT and the graph run on ``device``.
     """
     from eagle_dist.method.backbone import FrozenViT
     from eagle_dist.method.heads import SegHead
@@ -321,9 +327,9 @@ def model_laplacians(batch: int, side: int, color_mode: str = "official", seed: 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.manual_seed(seed)
-        vit = FrozenViT(backbone)
-        head = SegHead(vit.out_channels).eval()
-    img = synthetic_images(batch, side * vit.patch, generator=gen)
+        vit = FrozenViT(backbone).to(device)
+        head = SegHead(vit.out_channels).eval().to(device)
+    img = synthetic_images(batch, side * vit.patch, generator=gen).to(device)
 
     @torch.no_grad()
     def laplacian(pixels):
@@ -334,7 +340,7 @@ def model_laplacians(batch: int, side: int, color_mode: str = "official", seed: 
         return eicue.normalized_laplacian(eicue.semantic_affinity(code_BND), color_BNN)
 
     lap_P = laplacian(img)
-    return (lap_P, laplacian(_blurred(img))) if views else lap_P
+    return (lap_P, laplacian(_blurred(img.cpu()).to(device))) if views else lap_P
 
 
 def block_model_laplacians(batch: int, n: int, blocks: int, p_in: float, p_out: float, seed: int = 0) -> torch.Tensor:
@@ -417,8 +423,10 @@ def _compare_case(lap: torch.Tensor, solvers: dict, repeats: int, centroids: tor
         outputs[s] = fn(lap, init if s.endswith("warm") else None)
     for _ in range(repeats):
         for s, fn in solvers.items():
+            _sync(lap.device)  # on CUDA a solver's time is its kernels' time, not the launches'
             t0 = time.perf_counter()
             fn(lap, init if s.endswith("warm") else None)
+            _sync(lap.device)
             runs[s].append(time.perf_counter() - t0)
 
     case = {
@@ -455,10 +463,11 @@ def run_eigen_bench(args: argparse.Namespace) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = _pick_device(args.device)
     k = args.k
     n = args.side * args.side
     gen = torch.Generator().manual_seed(args.seed)
-    centroids = torch.randn(args.clusters, k - 1, generator=gen)  # a fixed random eigen probe
+    centroids = torch.randn(args.clusters, k - 1, generator=gen).to(device)  # a fixed random eigen probe
     block = args.block or DEFAULT_BLOCK
     max_steps = args.max_steps if args.max_steps is not None else DEFAULT_MAX_STEPS
     tol = args.tol if args.tol is not None else DEFAULT_TOL
@@ -475,7 +484,7 @@ def run_eigen_bench(args: argparse.Namespace) -> dict:
     for case in args.cases.split(","):
         t0 = time.perf_counter()
         if case == "model":
-            lap_P, lap_A = model_laplacians(args.batch, args.side, "official", args.seed, views=True)
+            lap_P, lap_A = model_laplacians(args.batch, args.side, "official", args.seed, views=True, device=device)
             cases["model"] = _compare_case(lap_P, chosen, args.repeats, centroids, k)
             # Warm start: the augmented view's graph solved from the plain view's vectors, as a
             # training step could (both views' graphs are built in the same step).
@@ -483,15 +492,15 @@ def run_eigen_bench(args: argparse.Namespace) -> dict:
             init = solvers["eigh"](lap_P)[1]
             cases["model_aug_view"] = _compare_case(lap_A, warm, args.repeats, centroids, k, init)
         elif case == "model_rgb01":
-            lap = model_laplacians(args.batch, args.side, "rgb01", args.seed)
+            lap = model_laplacians(args.batch, args.side, "rgb01", args.seed, device=device)
             cases[case] = _compare_case(lap, chosen, args.repeats, centroids, k)
         elif case == "sbm":
             # k - 1 equal communities: the wanted eigenvalues 2..k form one near-degenerate cluster.
-            lap = block_model_laplacians(args.batch, n, k, 0.5, 0.3, args.seed)
+            lap = block_model_laplacians(args.batch, n, k, 0.5, 0.3, args.seed).to(device)
             cases[case] = _compare_case(lap, chosen, args.repeats, centroids, k)
         elif case == "sbm_gap":
             # k communities: eigenvalue k sits next to k+1 (a small gap at the edge of the subspace).
-            lap = block_model_laplacians(args.batch, n, k + 1, 0.5, 0.3, args.seed)
+            lap = block_model_laplacians(args.batch, n, k + 1, 0.5, 0.3, args.seed).to(device)
             cases[case] = _compare_case(lap, chosen, args.repeats, centroids, k)
         else:
             raise SystemExit(f"bench eigen: unknown case {case!r}; choose from model, model_rgb01, sbm, sbm_gap")
@@ -514,8 +523,10 @@ def run_eigen_bench(args: argparse.Namespace) -> dict:
         "solvers": primary["solvers"],
         "cases": cases,
         "targets_on_model_case": targets,
-        "machine": {**_machine(torch.device("cpu")), "loadavg_before": load_before},
+        "machine": {**_machine(device), "loadavg_before": load_before},
     }
+    if device.type == "cuda":
+        result["peak_memory_bytes"], result["peak_memory_kind"] = _peak_memory(device)
     print(format_eigen(result))
     _write_json(args.json, result)
     return result
@@ -585,16 +596,18 @@ def _eigen_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=None, help="Krylov step cap (default: the solver default)")
     p.add_argument("--tol", type=float, default=None, help="Krylov tolerance (default: the solver default)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto: where the Laplacians are built and solved")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the result to this JSON file")
     return p
 
 
-USAGE = """usage: python -m eagle_dist.bench {step,eigen,data} [options]
+USAGE = """usage: python -m eagle_dist.bench {step,eigen,data,gpu} [options]
 
   step    time the full training step with a breakdown      (python -m eagle_dist.bench step --help)
   eigen   compare EiCue eigensolvers (speed and accuracy)   (python -m eagle_dist.bench eigen --help)
-  data    shard build and stream throughput                 (python -m eagle_dist.bench data --help)"""
+  data    shard build and stream throughput                 (python -m eagle_dist.bench data --help)
+  gpu     the prepared GPU check, one JSON                   (python -m eagle_dist.bench gpu --help)"""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -615,6 +628,10 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("bench eigen: need --k >= 2, --repeats >= 1 and --batch >= 1")
         run_eigen_bench(args)
         return 0
+    if command == "gpu":
+        from eagle_dist.cli import bench_gpu
+
+        return bench_gpu.main(rest)
     if command == "data":
         try:
             bench_data = importlib.import_module("eagle_dist.cli.bench_data")

@@ -279,6 +279,7 @@ class Trainer:
                 blur_p=cfg.data.blur_p,
                 shuffle_buffer=cfg.data.shuffle_buffer,
                 steps_per_epoch=seg_len,
+                pin_memory=self.dist.pin_memory,
             )
             self._loader = loader
             for i, batch in enumerate(loader):
@@ -319,7 +320,8 @@ class Trainer:
 
     def _forward(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
         # Looked up at call time: the fault tests wrap training_step_losses.
-        return training_step_losses(self.backbone, self.heads, batch, step, self.cfg)
+        return training_step_losses(self.backbone, self.heads, batch, step, self.cfg,
+                                    precision=self.dist.precision)
 
     def train_step(self, batch: dict | None, data_error: Exception | None = None) -> dict[str, float]:
         """One optimizer step on this rank's `batch`; returns the metrics averaged over ranks.
@@ -330,7 +332,7 @@ class Trainer:
         checkpoint).  A stop signal seen on any rank sets `self.stop_signal` once the step is done.
         """
         if batch is not None:
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
+            batch = self.dist.to_device(batch)
         result = run_step(
             self.dist, self.heads, self.optimizer, self._forward, batch, step=self.step, metric_names=LOSS_NAMES,
             grad_clip=self.cfg.optim.grad_clip,
@@ -374,7 +376,8 @@ class Trainer:
 
         d = self.dist
         d.print(
-            f"world size {d.world_size} ({d.strategy}, {d.backend}, {self.device}); batch "
+            f"world size {d.world_size} ({d.strategy}, {d.backend}, {self.device}); mixed precision "
+            f"{d.precision}; batch "
             f"{self.cfg.data.batch_size} per rank, global batch {self.global_batch}; "
             f"{self.max_steps} steps; run folder {self.run_dir}"
         )

@@ -195,6 +195,7 @@ def evaluate_stream(
         world_size=dist.world_size,
         num_workers=cfg.data.num_workers,
         resolution=cfg.data.val_resolution,
+        pin_memory=dist.pin_memory,
     )
     cluster = metrics.ConfusionMatrix(n, e, device=device)
     linear = metrics.ConfusionMatrix(n, 0, device=device)
@@ -204,8 +205,8 @@ def evaluate_stream(
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
-        img = batch["img"].to(device)
-        label = batch["label"].to(device)
+        img = batch["img"].to(device, non_blocking=dist.pin_memory)
+        label = batch["label"].to(device, non_blocking=dist.pin_memory)
         code = head_code(backbone, heads, img, flip)
         scores, logits = probe_predictions(heads, code, label.shape[-2:])
         if crf_pool is not None:

@@ -3,7 +3,8 @@
     backbone = FrozenViT(cfg.model.backbone, cfg.model.weights)
     heads = EagleHeads(cfg, backbone.out_channels)
     optimizer = build_optimizer(heads, cfg, world_size=1)
-    out = training_step_losses(backbone, heads, batch, step=0, cfg=cfg)   # dict of losses
+    precision = resolve_precision(cfg.dist.mixed_precision, "cpu")   # or Dist.precision in a run
+    out = training_step_losses(backbone, heads, batch, step=0, cfg=cfg, precision=precision)
     out["loss"].backward(); optimizer.step()
 
 The frozen backbone is not part of ``EagleHeads``: it stays outside DDP / the DeepSpeed engine
@@ -15,8 +16,6 @@ official third backbone pass).
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,6 +26,7 @@ from eagle_dist.method import eicue
 
 from eagle_dist.method import losses
 from eagle_dist.config import Config, batches
+from eagle_dist.distributed import Precision
 from eagle_dist.method.heads import ProjectionHead, SegHead
 from eagle_dist.method.probes import ClusterLookup, LinearProbe
 
@@ -214,20 +214,15 @@ def build_optimizer(heads: EagleHeads, cfg: Config, global_batch: int) -> torch.
     return torch.optim.Adam(param_groups(heads, cfg, global_batch))
 
 
-def autocast_context(cfg: Config, device: torch.device):
-    """bf16 autocast on GPU when asked (or 'auto'); plain fp32 on CPU."""
-    mp = cfg.dist.mixed_precision
-    if device.type == "cuda" and mp in ("auto", "bf16"):
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    if mp == "bf16" and device.type == "cpu":
-        return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def training_step_losses(backbone, heads, batch: dict, step: int, cfg: Config, *,
+                         precision: Precision) -> dict[str, torch.Tensor]:
+    """Backbone twice (img, img_aug), then every head and loss, inside `precision`'s autocast.
 
-
-def training_step_losses(backbone, heads, batch: dict, step: int, cfg: Config) -> dict[str, torch.Tensor]:
-    """Backbone twice (img, img_aug), then every head and loss."""
+    `precision` is the resolved value (`Dist.precision`, or `distributed.resolve_precision`
+    outside a run): the model never decides mixed precision itself.
+    """
     img, img_aug = batch["img"], batch["img_aug"]
-    with autocast_context(cfg, img.device):
+    with precision.context():
         with profiling.section("backbone"):
             kk_img = backbone(img)
             kk_aug = backbone(img_aug)
