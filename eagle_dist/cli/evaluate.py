@@ -250,7 +250,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     "Hungarian matching), official and strict scores.",
     )
     parser.add_argument("--checkpoint", required=True,
-                        help="run folder (newest complete checkpoint) or a step-XXXXXXXX folder")
+                        help="run folder (newest complete checkpoint), a step-XXXXXXXX folder, or an "
+                             "official EAGLE .ckpt file")
     parser.add_argument("--step", type=int, default=None, help="evaluate this step of the run folder")
     parser.add_argument("--shards", default=None, help="validation shard folder (default: the run's data.val_shards)")
     parser.add_argument("--out", default=None, help="output folder (default: <run>/eval/step-XXXXXXXX)")
@@ -323,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         wall = time.perf_counter() - t0
         if d.is_main:
             report = build_report(result, loaded, selection, shards, protocol, wall)
-            out = Path(args.out) if args.out else loaded.run_dir / "eval" / step_dir.name
+            out = Path(args.out) if args.out else loaded.eval_dir
             files = write_outputs(result, report, out)
             print(format_report(report))
             print(f"wrote {', '.join(p.name for p in files)} to {out}  ({wall:.1f} s)")

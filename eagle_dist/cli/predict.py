@@ -82,7 +82,8 @@ def write_label_png(ids: np.ndarray, path: Path) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m eagle_dist.predict",
                                      description="Segment images of any size with an eagle-dist checkpoint.")
-    parser.add_argument("--checkpoint", required=True, help="run folder (newest complete checkpoint) or step folder")
+    parser.add_argument("--checkpoint", required=True,
+                        help="run folder (newest complete checkpoint), step folder, or an official EAGLE .ckpt")
     parser.add_argument("--step", type=int, default=None, help="use this step of the run folder")
     parser.add_argument("--input", nargs="+", required=True, help="image files and/or folders (searched recursively)")
     parser.add_argument("--out", required=True, help="output folder (labels/ and overlays/ are created in it)")
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
 
     table = None
     if args.probe == "cluster":
-        path = Path(args.assignment) if args.assignment else loaded.run_dir / "eval" / step_dir.name / "assignment.json"
+        path = Path(args.assignment) if args.assignment else loaded.eval_dir / "assignment.json"
         if path.is_file():
             try:
                 table = load_assignment(path, n_clusters, None if args.assignment else loaded.step)

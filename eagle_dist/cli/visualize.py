@@ -74,7 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m eagle_dist.visualize", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="figure", required=True)
     eigen = sub.add_parser("eigen", help="EiCue figure for one image: eigenvectors, EiCue map, k-means")
-    eigen.add_argument("--checkpoint", required=True, help="run folder (newest complete checkpoint) or step folder")
+    eigen.add_argument("--checkpoint", required=True,
+                       help="run folder (newest complete checkpoint), step folder, or an official EAGLE .ckpt")
     eigen.add_argument("--step", type=int, default=None, help="use this step of the run folder")
     eigen.add_argument("--input", required=True, help="one image file")
     eigen.add_argument("--out", default=None, help="PNG path (default: <run>/figures/eicue-<stem>-<step>.png)")
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot read {args.input} as an image ({err})", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else (
-        loaded.run_dir / "figures" / f"eicue-{Path(args.input).stem}-{step_dir.name}.png")
+        loaded.run_dir / "figures" / f"eicue-{Path(args.input).stem}-{loaded.tag}.png")
     out.parent.mkdir(parents=True, exist_ok=True)
     eigen_figure(loaded, image, out, args.resolution or loaded.cfg.data.val_resolution, args.kmeans_on,
                  seed=loaded.cfg.train.seed)

@@ -38,15 +38,22 @@ class EvaluateError(EagleError, RuntimeError):
 
 
 def resolve_checkpoint(path: str | os.PathLike, step: int | None = None) -> tuple[Path, str]:
-    """The step folder to evaluate and how it was chosen ("last" or "step N").
+    """The step folder to evaluate and how it was chosen ("last", "step N" or "official checkpoint").
 
-    ``path`` is a run folder (``runs/NAME``), its ``checkpoints`` folder, or one step folder.
-    Only complete checkpoints are taken; nothing is ever chosen by a score.
+    ``path`` is a run folder (``runs/NAME``), its ``checkpoints`` folder, one step folder, or an
+    official EAGLE ``.ckpt`` file.  Only complete checkpoints are taken; nothing is ever chosen
+    by a score.
     """
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"checkpoint path {path} does not exist; pass a run folder (runs/NAME) "
-                              "or a step folder (runs/NAME/checkpoints/step-00000400)")
+        raise CheckpointError(f"checkpoint path {path} does not exist; pass a run folder (runs/NAME), "
+                              "a step folder (runs/NAME/checkpoints/step-00000400) or an official EAGLE .ckpt")
+    if path.is_file():
+        # A file is an official EAGLE checkpoint (eagle-dist's own are folders); load_model reads
+        # it with the restricted reader, which refuses anything else with one clear error.
+        if step is not None:
+            raise EvaluateError(f"--step {step} applies to run folders, not to the checkpoint file {path}")
+        return path, "official checkpoint"
     named = _STEP_DIR.fullmatch(path.name)
     if named or (path / ckpt_mod.STATE_FILE).is_file():
         if step is not None and ckpt_mod.step_dir_name(step) != path.name:
@@ -81,6 +88,14 @@ def _set(data: dict, dotted: str, value) -> None:
     data[parts[-1]] = value
 
 
+def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> Config:
+    """A config dict with ``key=value`` overrides applied, type-checked."""
+    for text in overrides:
+        key, value = config_mod.parse_override(text)
+        _set(data, key, value)
+    return config_mod.from_dict(data)
+
+
 def checkpoint_config(step_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[Config, dict]:
     """The resolved training config stored in the checkpoint, with ``key=value`` overrides."""
     state = ckpt_mod.read_state(step_dir)
@@ -93,10 +108,7 @@ def checkpoint_config(step_dir: Path, overrides: list[str] | tuple[str, ...] = (
         import yaml
 
         data = yaml.safe_load(saved.read_text())
-    for text in overrides:
-        key, value = config_mod.parse_override(text)
-        _set(data, key, value)
-    return config_mod.from_dict(data), state
+    return apply_overrides(data, overrides), state
 
 
 @dataclass
@@ -112,19 +124,32 @@ class LoadedModel:
     def run_dir(self) -> Path:
         return run_dir_of(self.step_dir)
 
+    @property
+    def tag(self) -> str:
+        """Names this checkpoint in output paths: ``step-XXXXXXXX``, or an official file's stem."""
+        return self.step_dir.stem if self.step_dir.is_file() else self.step_dir.name
+
+    @property
+    def eval_dir(self) -> Path:
+        """Where evaluate writes by default and predict looks for the Hungarian table."""
+        return self.run_dir / "eval" / self.tag
+
 
 def load_model(step_dir: Path, overrides=(), device: torch.device | str = "cpu", quiet: bool = False) -> LoadedModel:
     """Backbone + heads of a complete checkpoint, in eval mode on `device`.
 
     The backbone is not in the checkpoint (it is frozen): it is rebuilt from ``model.backbone``
     and ``model.weights``.  Without a weights file the trainer's random initialisation is
-    reproduced by seeding exactly as the trainer does before building it.
+    reproduced by seeding exactly as the trainer does before building it.  An official EAGLE
+    ``.ckpt`` file carries the backbone, the heads and the config (eagle_dist.method.official).
     """
     from safetensors.torch import load_file
 
     from eagle_dist.method.backbone import FrozenViT
     from eagle_dist.method.eagle import EagleHeads
 
+    if Path(step_dir).is_file():
+        return _load_official(Path(step_dir), overrides, device)
     cfg, state = checkpoint_config(step_dir, overrides)
     torch.manual_seed(cfg.train.seed)  # same draw as Trainer._build_model for a random backbone
     with warnings.catch_warnings():
@@ -141,6 +166,18 @@ def load_model(step_dir: Path, overrides=(), device: torch.device | str = "cpu",
     backbone.to(device).eval()
     heads.to(device).eval()
     return LoadedModel(cfg, backbone, heads, step_dir, int(state["step"]), state)
+
+
+def _load_official(path: Path, overrides, device) -> LoadedModel:
+    """An official EAGLE ``.ckpt``: weights and config from the file (restricted unpickling)."""
+    from eagle_dist.method.official import load_official_checkpoint
+
+    official = load_official_checkpoint(path)
+    cfg = apply_overrides(config_mod.to_dict(official.cfg), overrides)
+    backbone, heads = official.build(device, cfg)
+    state = {"step": official.global_step, "extra": {"official": {
+        "epoch": official.epoch, "lightning_version": official.lightning_version, "skipped_keys": official.skipped}}}
+    return LoadedModel(cfg, backbone, heads, path, official.global_step, state)
 
 
 # --------------------------------------------------------------------------- images
