@@ -140,15 +140,17 @@ class EagleHeads(nn.Module):
             with profiling.section("nce"):
                 kappa_p = losses.key_similarity_weights(khat_p)
                 kappa_a = losses.key_similarity_weights(khat_a)
-                loss_nce = (
-                    lc.local_pos_weight * self._nce(z_p, z_a, map_p, kappa_p)
-                    + lc.local_pos_aug_weight * self._nce(z_a, z_p, map_a, kappa_a)
-                )
+                nce_p = self._nce(z_p, z_a, map_p, kappa_p)
+                nce_a = self._nce(z_a, z_p, map_a, kappa_a)
+                loss_nce = lc.local_pos_weight * nce_p + lc.local_pos_aug_weight * nce_a
+            # The two directions before their weights (official: loss/local_pos(_aug)_loss).
+            nce_terms = {"loss_nce_p": nce_p.detach(), "loss_nce_a": nce_a.detach()}
         else:
             # Before the switch the official loss multiplies L_nce by 0: its gradients are exact
             # zeros.  Skipping it is the same update; touching the projection keeps every
             # parameter in the graph, as DDP requires, with the same zero gradients.
             loss_nce = sum(p.sum() for p in self.projection.parameters()) * 0.0
+            nce_terms = {}
 
         with profiling.section("probes"):
             feats_x = code_x.detach()
@@ -166,6 +168,13 @@ class EagleHeads(nn.Module):
             "loss_nce": loss_nce.detach(),
             "loss_linear": loss_linear.detach(),
             "loss_cluster": loss_cluster.detach(),
+            # Every value the official step logs has a counterpart (tests/test_step_parity.py).
+            "loss_eigen_p": loss_eig_p.detach(),
+            "loss_eigen_a": loss_eig_a.detach(),
+            "cd_pos_inter": corr["pos_inter_cd"].detach().mean(),
+            "cd_neg_inter": (corr["neg_inter_cd"].detach().mean() if corr["neg_inter_cd"].numel()
+                             else loss_corr.new_zeros(())),
+            **nce_terms,
             "u": torch.tensor(float(u)),
         }
 
