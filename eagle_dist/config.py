@@ -44,6 +44,12 @@ class ModelConfig:
     # official DINOv2 .pth, or a timm checkpoint.  None = random init (a loud warning; only for
     # tests and the demo).
     weights: Optional[str] = None
+    # Start from an official EAGLE checkpoint (.ckpt of the official code, e.g. a released
+    # model): its backbone and every head replace the initial weights, so a new run fine-tunes
+    # the released model on new data.  The architecture keys must match the file's
+    # (model.backbone, dim, n_classes, extra_clusters, eigen_k, eigen_clusters).  Resuming this run
+    # later still takes the backbone from here (eagle-dist checkpoints hold the heads only).
+    init_from: Optional[str] = None
     # timm's fused (SDPA) attention: same keys within ~1e-5; the keys are taken before attention.
     fused_attn: bool = True
     dim: int = 512  # segmentation head width D

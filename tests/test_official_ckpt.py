@@ -279,6 +279,7 @@ def _env() -> dict:
     return env
 
 
+@pytest.mark.slow
 def test_predict_and_evaluate_run_on_the_official_checkpoint(first_ckpt, tmp_path, capsys):
     from PIL import Image
 
@@ -331,3 +332,76 @@ def test_predict_refuses_a_broken_checkpoint_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2
     assert err.strip().count("\n") == 0 and "not a PyTorch checkpoint" in err, err
+
+
+def test_convert_writes_a_folder_that_loads_without_unpickling(first_ckpt, tmp_path, monkeypatch):
+    import pickle
+
+    from eagle_dist.cli.convert import main as convert_main
+    from eagle_dist.evaluation.inference import load_model, resolve_checkpoint
+
+    out = tmp_path / "converted"
+    assert convert_main([str(first_ckpt), str(out)]) == 0
+    assert {p.suffix for p in out.rglob("*") if p.is_file()} <= {".safetensors", ".json", ".yaml", ""}
+    official = load_model(first_ckpt)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("loading a converted checkpoint unpickled something")
+
+    monkeypatch.setattr(pickle, "Unpickler", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    step_dir, selection = resolve_checkpoint(out)
+    converted = load_model(step_dir)
+    assert selection == "last" and converted.cfg == dataclasses_replace_weights(official.cfg, converted.cfg)
+    for ours, theirs in ((converted.backbone, official.backbone), (converted.heads, official.heads)):
+        a, b = ours.state_dict(), theirs.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert convert_main([str(first_ckpt), str(out)]) == 2  # a non-empty folder is not overwritten
+
+
+def dataclasses_replace_weights(cfg, like):
+    """`cfg` with the backbone weights path of `like` (the only key conversion changes)."""
+    import copy
+
+    cfg = copy.deepcopy(cfg)
+    cfg.model.weights = like.model.weights
+    return cfg
+
+
+@pytest.mark.slow
+def test_init_from_starts_training_from_the_official_weights(first_ckpt, tmp_path):
+    from eagle_dist.cli import shard
+    from eagle_dist.evaluation.inference import load_model, resolve_checkpoint
+    from eagle_dist.method.official import load_official_checkpoint
+
+    official = load_official_checkpoint(first_ckpt)
+    m = official.cfg.model
+    for split in ("train", "val"):
+        shard.main(["--source", "synthetic", "--split", split, "--out", str(tmp_path / split), "--synthetic-count", "2",
+                    "--synthetic-size", "32x32", "--synthetic-classes", str(m.n_classes), "--samples-per-shard", "2",
+                    "--quiet", "--workers", "1"])
+    arch = [f"model.backbone={m.backbone}", f"model.dim={m.dim}", f"model.n_classes={m.n_classes}",
+            f"model.extra_clusters={m.extra_clusters}", f"model.eigen_k={m.eigen_k}",
+            f"model.eigen_clusters={m.eigen_clusters}"]
+    small = ["data.resolution=32", "data.val_resolution=32", "data.batch_size=2", "data.val_batch_size=2",
+             "data.num_workers=0", "data.shuffle_buffer=2", "loss.feature_samples=3", "loss.neg_samples=1",
+             "train.max_steps=1", "train.log_interval=1", "train.eval_interval=100", "train.ckpt_interval=100",
+             "eval.max_batches=1"]
+    done = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "train_harness.py"), str(tmp_path / "harness"), *arch, *small,
+         f"model.init_from={first_ckpt}", f"data.train_shards={tmp_path / 'train'}",
+         f"data.val_shards={tmp_path / 'val'}", f"train.output_dir={tmp_path / 'runs'}", "train.run_name=ft"],
+        capture_output=True, text=True, timeout=900, env=_env(), cwd=REPO)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "initialised the backbone and all heads from" in done.stdout + done.stderr
+
+    trained = torch.load(tmp_path / "harness" / "rank0.pt", weights_only=True)
+    lr = max(official.cfg.optim.lr, official.cfg.optim.lr_cluster, official.cfg.optim.lr_linear)
+    for key, start in official.heads_state.items():
+        # One Adam step moves every weight by at most about its learning rate.
+        assert (trained[key] - start).abs().max() <= 1.01 * lr, key
+    assert any(not torch.equal(trained[k], v) for k, v in official.heads_state.items()), "nothing was trained"
+    # The run's checkpoints hold the heads; its frozen backbone is the official one.
+    loaded = load_model(resolve_checkpoint(tmp_path / "runs" / "ft")[0])
+    vit = loaded.backbone.vit.state_dict()
+    assert all(torch.equal(vit[k], v) for k, v in official.backbone_state.items())

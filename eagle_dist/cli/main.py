@@ -4,6 +4,7 @@
     eagle-dist evaluate --checkpoint runs/NAME --shards shards/cocostuff27/val
     eagle-dist predict --checkpoint runs/NAME --input photos/ --out predictions/
     eagle-dist visualize eigen --checkpoint runs/NAME --input photo.jpg
+    eagle-dist convert eagle_cocostuff27_vit_small8.ckpt converted/coco
     eagle-dist bench step
     eagle-dist checkpoints runs/NAME/checkpoints
 
@@ -22,6 +23,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "evaluate": ("eagle_dist.cli.evaluate", "evaluate a checkpoint (official and strict protocols)"),
     "predict": ("eagle_dist.cli.predict", "segment images of any size with a checkpoint"),
     "visualize": ("eagle_dist.cli.visualize", "figures of what a checkpoint computes (EiCue)"),
+    "convert": ("eagle_dist.cli.convert", "convert an official EAGLE .ckpt into an eagle-dist run folder"),
     "bench": ("eagle_dist.cli.bench", "benchmarks: training step, eigensolvers, data"),
     "checkpoints": ("eagle_dist.checkpoint", "list (and verify) the checkpoints of a run"),
 }

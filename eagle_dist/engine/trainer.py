@@ -188,11 +188,20 @@ class Trainer:
         cfg = self.cfg
         torch.manual_seed(cfg.train.seed)  # identical head initialisation on every rank
         with warnings.catch_warnings():
-            if not self.dist.is_main:  # the random-init warning once per job, not once per rank
+            # The random-init warning once per job, not once per rank; none when an official
+            # checkpoint provides the backbone.
+            if not self.dist.is_main or cfg.model.init_from:
                 warnings.simplefilter("ignore")
             self.backbone = FrozenViT(cfg.model.backbone, cfg.model.weights, fused_attn=cfg.model.fused_attn)
-        self.backbone.to(self.device)
         heads = EagleHeads(cfg, self.backbone.out_channels)
+        if cfg.model.init_from:
+            from eagle_dist.method.official import load_official_checkpoint
+
+            official = load_official_checkpoint(cfg.model.init_from)
+            official.load_into(self.backbone, heads)
+            self.dist.print(f"initialised the backbone and all heads from {cfg.model.init_from} "
+                            f"(official step {official.global_step})")
+        self.backbone.to(self.device)
         optimizer = build_optimizer(heads, cfg, self.global_batch)
         self.heads, self.optimizer = self.dist.prepare(heads, optimizer)
         # Per-rank randomness (dropout masks, correspondence samples) after the shared init.

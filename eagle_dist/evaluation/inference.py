@@ -153,9 +153,14 @@ def load_model(step_dir: Path, overrides=(), device: torch.device | str = "cpu",
     cfg, state = checkpoint_config(step_dir, overrides)
     torch.manual_seed(cfg.train.seed)  # same draw as Trainer._build_model for a random backbone
     with warnings.catch_warnings():
-        if quiet:
+        if quiet or cfg.model.init_from:  # init_from: the backbone comes next, not at random
             warnings.simplefilter("ignore")
         backbone = FrozenViT(cfg.model.backbone, cfg.model.weights, fused_attn=cfg.model.fused_attn)
+    if cfg.model.init_from:
+        # A run fine-tuned from an official checkpoint: its frozen backbone is that file's.
+        from eagle_dist.method.official import load_official_checkpoint
+
+        load_official_checkpoint(cfg.model.init_from).load_into(backbone)
     heads = EagleHeads(cfg, backbone.out_channels)
     weights = step_dir / ckpt_mod.MODEL_FILE
     try:

@@ -86,7 +86,12 @@ def load_vit_weights(vit: nn.Module, path: str | Path, arch: str) -> None:
             "(e.g. dino_deitsmall8_300ep_pretrain.pth) and set model.weights to its path."
         )
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        if path.suffix == ".safetensors":  # e.g. the backbone of a converted official checkpoint
+            from safetensors.torch import load_file
+
+            obj = load_file(str(path), device="cpu")
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle errors, truncated zip, not a torch file at all
         raise WeightsError(f"could not read {path} as a PyTorch checkpoint: {err}") from None
     sd = _unwrap_state_dict(obj, path)

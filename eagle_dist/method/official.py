@@ -405,11 +405,15 @@ class OfficialCheckpoint:
         self.load_into(backbone, heads)
         return backbone.to(device).eval(), heads.to(device).eval()
 
-    def load_into(self, backbone, heads) -> None:
-        """Copy the weights into existing modules (checked first; nothing is copied on a mismatch)."""
+    def load_into(self, backbone, heads=None) -> None:
+        """Copy the weights into existing modules (checked first; nothing is copied on a mismatch).
+
+        Without ``heads`` only the backbone is loaded (a run started with ``model.init_from``
+        takes its heads from its own checkpoints)."""
         vit = backbone.vit if hasattr(backbone, "vit") else backbone
         problems = _compare(f"backbone {self.cfg.model.backbone}", vit.state_dict(), self.backbone_state)
-        problems += _compare("heads", heads.state_dict(), self.heads_state)
+        if heads is not None:
+            problems += _compare("heads", heads.state_dict(), self.heads_state)
         if problems:
             raise OfficialCheckpointError(
                 f"{self.path} does not fit the eagle-dist model of its configuration "
@@ -418,7 +422,8 @@ class OfficialCheckpoint:
                 + ". Is it an official EAGLE checkpoint whose hyper_parameters match its weights?"
             )
         vit.load_state_dict(self.backbone_state, strict=True)
-        heads.load_state_dict(self.heads_state, strict=True)
+        if heads is not None:
+            heads.load_state_dict(self.heads_state, strict=True)
 
 
 def _show(keys: list[str]) -> str:
