@@ -307,6 +307,13 @@ def test_predict_and_evaluate_run_on_the_official_checkpoint(first_ckpt, tmp_pat
         assert (out / "overlays" / f"{stem}.png").is_file()
     _report([{"fixture": EXPECTED[0].name, "predict_wall_s": wall, "images": 2, "resolution": 48}])
 
+    from eagle_dist.cli import visualize
+
+    figure = tmp_path / "eicue.png"
+    assert visualize.main(["eigen", "--checkpoint", str(first_ckpt), "--input", str(images / "a.png"),
+                           "--out", str(figure), "--resolution", "32", "--device", "cpu"]) == 0
+    assert Image.open(figure).size[0] > 0
+
     val = tmp_path / "val"
     shard.main(["--source", "synthetic", "--split", "val", "--out", str(val), "--synthetic-count", "2",
                 "--synthetic-size", "48x64", "--synthetic-classes", str(meta["n_classes"]),
