@@ -251,6 +251,8 @@ def test_training_step_matches_the_official_step(npz, tmp_path, monkeypatch):
         assert set(mapped.values()) == set(params), (
             f"trainable parameters differ: ours only {sorted(set(params) - set(mapped.values()))}, "
             f"official only {sorted(n for n, k in mapped.items() if k not in params)}")
+        no_grad = sorted(name for name, ours in mapped.items() if params[ours].grad is None)
+        assert not no_grad, f"our step leaves no gradient on {no_grad}; the official step trains them"
         grads = {name: params[ours].grad.detach().clone() for name, ours in mapped.items()}
         assert not optimizer.state, "the optimizer must start fresh, as the recorded one did"
         group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
