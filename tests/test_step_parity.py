@@ -108,15 +108,18 @@ class Replay:
         self.name, self.values, self.calls = name, values, 0
 
     def next(self, shape: tuple[int, ...]) -> torch.Tensor:
-        assert self.calls < len(self.values), f"our step made more {self.name} calls than the recorded {len(self.values)}"
+        assert self.calls < len(self.values), (
+            f"our step made more {self.name} calls than the recorded {len(self.values)}")
         value = self.values[self.calls]
         assert tuple(value.shape) == tuple(shape), (
-            f"{self.name} call {self.calls}: our step asks for {tuple(shape)}, the official one drew {tuple(value.shape)}")
+            f"{self.name} call {self.calls}: our step asks for {tuple(shape)}, "
+            f"the official one drew {tuple(value.shape)}")
         self.calls += 1
         return value.clone()
 
     def check_used(self) -> None:
-        assert self.calls == len(self.values), f"our step made {self.calls} {self.name} calls, the official one {len(self.values)}"
+        assert self.calls == len(self.values), (
+            f"our step made {self.calls} {self.name} calls, the official one {len(self.values)}")
 
 
 class _OncePerInput(torch.nn.Module):
@@ -205,7 +208,8 @@ def test_training_step_matches_the_official_step(npz, tmp_path, monkeypatch):
         heads.train()
         optimizer = eagle.build_optimizer(heads, cfg, cfg.optim.reference_global_batch)
 
-        draws_rand = Replay("torch.rand", [torch.from_numpy(data[f"{case}__draw_rand_{i}"]) for i in range(info["n_rand"])])
+        draws_rand = Replay("torch.rand",
+                            [torch.from_numpy(data[f"{case}__draw_rand_{i}"]) for i in range(info["n_rand"])])
         draws_perm = Replay("torch.randperm",
                             [torch.from_numpy(data[f"{case}__draw_randperm_{i}"]) for i in range(info["n_randperm"])])
         eigvecs = Replay("eigen_vectors",

@@ -254,7 +254,8 @@ def read_checkpoint_file(path: str | Path) -> tuple[Any, set[str]]:
         try:
             obj = unpickler.load()
         except Exception as err:  # noqa: BLE001  (any failure inside a foreign pickle is "unreadable")
-            raise OfficialCheckpointError(f"{path} could not be read as a checkpoint: {type(err).__name__}: {err}") from None
+            raise OfficialCheckpointError(
+                f"{path} could not be read as a checkpoint: {type(err).__name__}: {err}") from None
     return obj, unpickler.untrusted
 
 
