@@ -4,7 +4,8 @@ Reads the folder named by ``$EAGLE_STEP_FIXTURES`` (default ``../shared/fixtures
 format in its README) and the checkpoint its meta names in ``$EAGLE_OFFICIAL_CKPT_FIXTURES``
 (default ``../shared/fixtures/official_ckpt``).  For every case (a global step) it loads the
 checkpoint with the official-checkpoint reader, sets dropout to 0, runs the training step that
-``Trainer.train()`` runs (``training_step_losses``, backward, the optimizer of ``build_optimizer``)
+``Trainer.train_step`` runs (``engine.step.run_step`` with a one-process ``Dist``, the forward
+``training_step_losses``, the optimizer of ``build_optimizer``, both prepared as the trainer does)
 and compares every logged value, the total, every gradient and every parameter after the step.
 Parameters: the README's 1e-6 applies to the part of the difference that the measured gradient
 difference does not explain through Adam's first step (see the comment at that check).
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
-import importlib
 import json
 import os
 import shutil
@@ -58,9 +58,9 @@ LOSS_ATOL = 1e-5
 GRAD_RTOL, GRAD_ATOL = 1e-4, 1e-9  # relative to the tensor's largest entry
 PARAM_ATOL = 1e-6
 
-# Official logged name -> key of our step's output.  The two InfoNCE directions exist in our
-# output only when u > 0: before the switch the official step multiplies them by 0 and ours
-# skips them (the same update); the total still covers that case.
+# Official logged name -> key of our step's output.  Before the u switch the official step
+# computes the two InfoNCE directions and multiplies them by 0; ours skips them (the same
+# update) and reports 0, so they are compared in the u > 0 case only; the total covers both.
 LOGGED = {
     "loss/pos_inter": "loss_pos_inter",
     "loss/neg_inter": "loss_neg_inter",
@@ -75,16 +75,6 @@ LOGGED = {
     "loss/total": "loss",
 }
 NCE_KEYS = {"loss_nce_p", "loss_nce_a"}
-
-
-def _module(*names: str):
-    """The first importable of `names` (the package is being reorganised into sub-packages)."""
-    for name in names:
-        try:
-            return importlib.import_module(name)
-        except ModuleNotFoundError:
-            continue
-    raise ModuleNotFoundError(f"none of {names}")
 
 
 def _checkpoint(meta: dict, tmp_dir: Path) -> Path:
@@ -172,9 +162,9 @@ def _compare_rows(rows, case, quantity, ours, ref, atol, rtol_of_max=0.0, slack=
 
 @pytest.mark.parametrize("npz", EXPECTED, ids=[p.stem for p in EXPECTED])
 def test_training_step_matches_the_official_step(npz, tmp_path, monkeypatch):
-    eagle = _module("eagle_dist.method.eagle", "eagle_dist.model")
-    eicue = _module("eagle_dist.method.eicue", "eagle_dist.eicue")
-    from eagle_dist.method.official import load_official_checkpoint, official_to_ours
+    from eagle_dist import distributed
+    from eagle_dist.method import eagle
+    from eagle_dist.method.official import load_official_checkpoint
 
     with np.load(npz, allow_pickle=False) as z:
         data = {k: z[k] for k in z.files}
@@ -190,8 +180,6 @@ def test_training_step_matches_the_official_step(npz, tmp_path, monkeypatch):
         model=dataclasses.replace(base.model, dropout=float(meta["dropout_p"])),
         dist=dataclasses.replace(base.dist, mixed_precision="no"),
     )
-    subsample = meta["subsample"]
-
     batch = {
         "img": torch.from_numpy(data["in__img"]),
         "img_aug": torch.from_numpy(data["in__img_pos_aug"]),
@@ -199,91 +187,20 @@ def test_training_step_matches_the_official_step(npz, tmp_path, monkeypatch):
     }
     assert tuple(batch["img"].shape[-2:]) == tuple(meta["size"]) and batch["img"].shape[0] == meta["batch"]
 
-    backbone, heads = official.build("cpu", cfg)
+    backbone, _ = official.build("cpu", cfg)
     features = _OncePerInput(backbone)
-    report = []
-    for case, info in meta["cases"].items():
-        official.load_into(backbone, heads)  # every case starts from the checkpoint's weights
-        heads.zero_grad(set_to_none=True)
-        heads.train()
-        optimizer = eagle.build_optimizer(heads, cfg, cfg.optim.reference_global_batch)
-
-        draws_rand = Replay("torch.rand",
-                            [torch.from_numpy(data[f"{case}__draw_rand_{i}"]) for i in range(info["n_rand"])])
-        draws_perm = Replay("torch.randperm",
-                            [torch.from_numpy(data[f"{case}__draw_randperm_{i}"]) for i in range(info["n_randperm"])])
-        eigvecs = Replay("eigen_vectors",
-                         [torch.from_numpy(data[f"{case}__eigvecs_{i}"]) for i in range(info["n_eig_calls"])])
-
-        def fake_rand(*size, generator=None, device=None, dtype=None, **_):
-            return draws_rand.next(_shape(size)).to(device=device or "cpu", dtype=dtype or torch.float32)
-
-        def fake_randperm(n, generator=None, device=None, dtype=None, **_):
-            return draws_perm.next((int(n),)).to(device=device or "cpu", dtype=dtype or torch.int64)
-
-        def fake_eigen_vectors(img, code_BND, n_side, k, *args, **kwargs):
-            value = eigvecs.next((code_BND.shape[0], code_BND.shape[1], k))
-            return value.to(code_BND.device)
-
-        with monkeypatch.context() as m:
-            m.setattr(torch, "rand", fake_rand)
-            m.setattr(torch, "randperm", fake_randperm)
-            m.setattr(eicue, "eigen_vectors", fake_eigen_vectors)
-            # What Trainer.train() does per batch (the DDP / DeepSpeed wrapper's backward is a
-            # plain backward on one process; gradient clipping is off in the official config).
-            out = eagle.training_step_losses(features, heads, batch, info["global_step"], cfg)
-            out["loss"].backward()
-        for replay in (draws_rand, draws_perm, eigvecs):
-            replay.check_used()
-
-        assert float(out["u"]) == pytest.approx(info["u"])
-        for name, value in info["logged"].items():
-            assert name in LOGGED, f"the official step logs {name}, which this test does not map"
-            key = LOGGED[name]
-            if key in NCE_KEYS and key not in out:
-                assert info["u"] == 0, f"our step reports no {key} at u = {info['u']}"
-                continue
-            _compare_rows(report, case, name, float(out[key].detach()), value, LOSS_ATOL)
-        _compare_rows(report, case, "total (returned)", float(out["loss"].detach()), info["total"], LOSS_ATOL)
-
-        params = dict(heads.named_parameters())
-        mapped = {}
-        for name in info["grad_params"]:
-            target = official_to_ours(name)
-            assert target is not None and target[0] == "heads", f"official trainable {name} has no eagle-dist parameter"
-            mapped[name] = target[1]
-        assert set(mapped.values()) == set(params), (
-            f"trainable parameters differ: ours only {sorted(set(params) - set(mapped.values()))}, "
-            f"official only {sorted(n for n, k in mapped.items() if k not in params)}")
-        no_grad = sorted(name for name, ours in mapped.items() if params[ours].grad is None)
-        assert not no_grad, f"our step leaves no gradient on {no_grad}; the official step trains them"
-        grads = {name: params[ours].grad.detach().clone() for name, ours in mapped.items()}
-        assert not optimizer.state, "the optimizer must start fresh, as the recorded one did"
-        group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-        optimizer.step()
-        stride = int(subsample["stride"])
-        for name, ours in mapped.items():
-            param = params[ours]
-            stored = {}
-            for kind in ("grad", "after"):
-                key = f"{case}__{kind}__{name}"
-                sub = f"{key}__s{stride}" in data
-                assert sub or key in data, f"no recording of {kind} {name} in {npz.name}"
-                assert sub == (param.numel() > subsample["threshold"]), f"{key}: unexpected subsampling"
-                stored[kind] = data[f"{key}__s{stride}" if sub else key].astype(np.float64)
-            pick = slice(None, None, stride) if param.numel() > subsample["threshold"] else slice(None)
-            grad = grads[name].reshape(-1).double().numpy()[pick]
-            after = param.detach().reshape(-1).double().numpy()[pick]
-            _compare_rows(report, case, f"grad {name}", grad, stored["grad"], GRAD_ATOL, GRAD_RTOL)
-            # Adam's first step moves a weight by lr * g / (|g| + eps): where |g| is near eps
-            # (~1e-8) a gradient difference far inside the gradient tolerance (1e-10 out of
-            # 4e-10) changes the move by up to lr.  The parameter tolerance is therefore applied
-            # to what remains after that propagated difference, measured entry by entry.
-            group = group_of[id(param)]
-            lr, eps = group["lr"], group["eps"]
-            explained = lr * np.abs(grad / (np.abs(grad) + eps) - stored["grad"] / (np.abs(stored["grad"]) + eps))
-            _compare_rows(report, case, f"after {name}", after, stored["after"], PARAM_ATOL, slack=explained)
-
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)  # one process, whatever launched pytest
+    threads = torch.get_num_threads()
+    d = distributed.setup(strategy="ddp", mixed_precision=cfg.dist.mixed_precision, grad_clip=cfg.optim.grad_clip,
+                          seed=cfg.train.seed, cpu_threads=threads)
+    report: list[dict] = []
+    try:
+        for case, info in meta["cases"].items():
+            _run_case(case, info, data, meta, official, cfg, d, features, batch, monkeypatch, report)
+    finally:
+        d.cleanup()
+        torch.set_num_threads(threads)
     target = os.environ.get("EAGLE_STEP_REPORT")
     if target:
         with open(target, "a") as f:
@@ -291,3 +208,105 @@ def test_training_step_matches_the_official_step(npz, tmp_path, monkeypatch):
                 f.write(json.dumps(dict(row, fixture=npz.name)) + "\n")
     failures = [row for row in report if not row["ok"]]
     assert not failures, "step parity outside the README tolerances:\n" + "\n".join(json.dumps(r) for r in failures)
+
+
+def _run_case(case, info, data, meta, official, cfg, d, features, batch, monkeypatch, report) -> None:
+    """One recorded case through the trainer's step (`run_step`); appends its comparisons to `report`."""
+    from eagle_dist.engine.step import run_step
+    from eagle_dist.method import eagle, eicue
+    from eagle_dist.method.official import official_to_ours
+
+    # As Trainer._build_model: heads holding the checkpoint's weights, one optimizer over the
+    # named parameter groups, both prepared by the Dist.  Every case starts afresh.
+    heads = eagle.EagleHeads(cfg, features.out_channels)
+    official.load_into(features.backbone, heads)
+    optimizer = eagle.build_optimizer(heads, cfg, cfg.optim.reference_global_batch)
+    model, optimizer = d.prepare(heads, optimizer)
+    model.train()
+
+    draws_rand = Replay("torch.rand",
+                        [torch.from_numpy(data[f"{case}__draw_rand_{i}"]) for i in range(info["n_rand"])])
+    draws_perm = Replay("torch.randperm",
+                        [torch.from_numpy(data[f"{case}__draw_randperm_{i}"]) for i in range(info["n_randperm"])])
+    eigvecs = Replay("eigen_vectors",
+                     [torch.from_numpy(data[f"{case}__eigvecs_{i}"]) for i in range(info["n_eig_calls"])])
+
+    def fake_rand(*size, generator=None, device=None, dtype=None, **_):
+        return draws_rand.next(_shape(size)).to(device=device or "cpu", dtype=dtype or torch.float32)
+
+    def fake_randperm(n, generator=None, device=None, dtype=None, **_):
+        return draws_perm.next((int(n),)).to(device=device or "cpu", dtype=dtype or torch.int64)
+
+    def fake_eigen_vectors(img, code_BND, n_side, k, *args, **kwargs):
+        return eigvecs.next((code_BND.shape[0], code_BND.shape[1], k)).to(code_BND.device)
+
+    # run_step zeroes the gradients after the optimizer step: record them on the way in.
+    grads_seen: dict[str, torch.Tensor] = {}
+    fresh: list[bool] = []
+    real_step = optimizer.step
+
+    def recording_step(*args, **kwargs):
+        fresh.append(not getattr(optimizer, "optimizer", optimizer).state)
+        grads_seen.update({n: p.grad.detach().clone() for n, p in heads.named_parameters() if p.grad is not None})
+        return real_step(*args, **kwargs)
+
+    def forward(batch_, step_):  # what Trainer._forward passes to run_step
+        return eagle.training_step_losses(features, model, batch_, step_, cfg, precision=d.precision)
+
+    with monkeypatch.context() as m:
+        m.setattr(torch, "rand", fake_rand)
+        m.setattr(torch, "randperm", fake_randperm)
+        m.setattr(eicue, "eigen_vectors", fake_eigen_vectors)
+        m.setattr(optimizer, "step", recording_step)
+        result = run_step(d, model, optimizer, forward, batch, step=info["global_step"],
+                          metric_names=eagle.LOSS_NAMES, grad_clip=cfg.optim.grad_clip)
+    for replay in (draws_rand, draws_perm, eigvecs):
+        replay.check_used()
+    assert result.updated and fresh == [True], "the step must update once, from a fresh optimizer as recorded"
+    out = result.metrics  # what the trainer logs (averaged over the one rank)
+
+    assert out["u"] == pytest.approx(info["u"])
+    for name, value in info["logged"].items():
+        assert name in LOGGED, f"the official step logs {name}, which this test does not map"
+        key = LOGGED[name]
+        if key in NCE_KEYS and info["u"] == 0:
+            continue  # skipped before the switch (see LOGGED); the u > 0 case compares them
+        _compare_rows(report, case, name, out[key], value, LOSS_ATOL)
+    _compare_rows(report, case, "total (returned)", out["loss"], info["total"], LOSS_ATOL)
+
+    params = dict(heads.named_parameters())
+    mapped = {}
+    for name in info["grad_params"]:
+        target = official_to_ours(name)
+        assert target is not None and target[0] == "heads", f"official trainable {name} has no eagle-dist parameter"
+        mapped[name] = target[1]
+    assert set(mapped.values()) == set(params), (
+        f"trainable parameters differ: ours only {sorted(set(params) - set(mapped.values()))}, "
+        f"official only {sorted(n for n, k in mapped.items() if k not in params)}")
+    no_grad = sorted(name for name, ours in mapped.items() if ours not in grads_seen)
+    assert not no_grad, f"our step leaves no gradient on {no_grad}; the official step trains them"
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+
+    subsample = meta["subsample"]
+    stride = int(subsample["stride"])
+    for name, ours in mapped.items():
+        param = params[ours]
+        stored = {}
+        for kind in ("grad", "after"):
+            key = f"{case}__{kind}__{name}"
+            sub = f"{key}__s{stride}" in data
+            assert sub or key in data, f"no recording of {kind} {name}"
+            assert sub == (param.numel() > subsample["threshold"]), f"{key}: unexpected subsampling"
+            stored[kind] = data[f"{key}__s{stride}" if sub else key].astype(np.float64)
+        pick = slice(None, None, stride) if param.numel() > subsample["threshold"] else slice(None)
+        grad = grads_seen[ours].reshape(-1).double().numpy()[pick]
+        after = param.detach().reshape(-1).double().numpy()[pick]
+        _compare_rows(report, case, f"grad {name}", grad, stored["grad"], GRAD_ATOL, GRAD_RTOL)
+        # Adam's first step moves a weight by lr * g / (|g| + eps): where |g| is near eps
+        # (~1e-8) a gradient difference far inside the gradient tolerance (1e-10 out of
+        # 4e-10) changes the move by up to lr.  The parameter tolerance is therefore applied
+        # to what remains after that propagated difference, measured entry by entry.
+        group = group_of[id(param)]
+        lr, eps = group["lr"], group["eps"]
+        explained = lr * np.abs(grad / (np.abs(grad) + eps) - stored["grad"] / (np.abs(stored["grad"]) + eps))
+        _compare_rows(report, case, f"after {name}", after, stored["after"], PARAM_ATOL, slack=explained)

@@ -34,8 +34,12 @@ from eagle_dist.method.probes import ClusterLookup, LinearProbe
 # Rows per chunk of the medoid search (see EagleHeads._nce).
 MEDOID_CHUNK_ROWS = 512
 # The scalars EagleHeads.forward returns (training_step_losses too), in logging order.
+# The per-view / per-direction terms and the cd means are the other values the official step
+# logs (tests/test_step_parity.py compares them); loss_nce_p/_a are 0 before the u switch, where
+# the InfoNCE is skipped.
 LOSS_NAMES = ("loss", "loss_eigen", "loss_corr", "loss_pos_inter", "loss_neg_inter", "loss_nce", "loss_linear",
-              "loss_cluster", "u")
+              "loss_cluster", "loss_eigen_p", "loss_eigen_a", "loss_nce_p", "loss_nce_a", "cd_pos_inter",
+              "cd_neg_inter", "u")
 
 
 def _no_autocast(device_type: str):
@@ -150,7 +154,7 @@ class EagleHeads(nn.Module):
             # zeros.  Skipping it is the same update; touching the projection keeps every
             # parameter in the graph, as DDP requires, with the same zero gradients.
             loss_nce = sum(p.sum() for p in self.projection.parameters()) * 0.0
-            nce_terms = {}
+            nce_terms = {"loss_nce_p": loss_nce.detach(), "loss_nce_a": loss_nce.detach()}  # 0: not computed
 
         with profiling.section("probes"):
             feats_x = code_x.detach()
@@ -168,7 +172,7 @@ class EagleHeads(nn.Module):
             "loss_nce": loss_nce.detach(),
             "loss_linear": loss_linear.detach(),
             "loss_cluster": loss_cluster.detach(),
-            # Every value the official step logs has a counterpart (tests/test_step_parity.py).
+            # Every value the official step logs has a counterpart (LOSS_NAMES).
             "loss_eigen_p": loss_eig_p.detach(),
             "loss_eigen_a": loss_eig_a.detach(),
             "cd_pos_inter": corr["pos_inter_cd"].detach().mean(),
