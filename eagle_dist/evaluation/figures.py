@@ -293,3 +293,23 @@ def eigen_png(image_HW3: np.ndarray, eigvecs_KHW: np.ndarray, eicue_HW: np.ndarr
     row = np.concatenate([x for t in tiles for x in (t, gap)][:-1], axis=1)
     _with_header(Image.fromarray(row), titles, w + 4).save(path)
     return path
+
+
+def legend_png(names: list[str], n_colors: int, path: Path, shares: list[float] | None = None,
+               title: str | None = None, swatch: int = 16) -> Path:
+    """One row per id: its colour (as `colorize` / `overlay` draw id i with `n_colors`), its name
+    and, when given, its share of the pixels in percent."""
+    pal = palette(n_colors)
+    header = 18 if title else 0
+    width = 8 + swatch + 8 + 7 * max((len(n) for n in names), default=8) + (64 if shares is not None else 0)
+    img = Image.new("RGB", (max(width, 7 * len(title or "") + 8), header + 4 + len(names) * (swatch + 4)), "white")
+    draw = ImageDraw.Draw(img)
+    if title:
+        draw.text((4, 3), title, fill="black")
+    for i, name in enumerate(names):
+        y = header + 4 + i * (swatch + 4)
+        draw.rectangle([4, y, 4 + swatch - 1, y + swatch - 1], fill=tuple(int(c) for c in pal[i]), outline="black")
+        text = name if shares is None else f"{name}  {100 * shares[i]:5.1f} %"
+        draw.text((4 + swatch + 8, y + 3), text, fill="black")
+    img.save(path)
+    return path
