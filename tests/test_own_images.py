@@ -168,3 +168,67 @@ def test_class_count_mismatch_gives_advice_that_works(tmp_path):
     assert "set model.n_classes=3, or model.n_classes=0 to train without the labels" in message
     assert BAD_ADVICE not in message
     assert load_config(None, ["model.n_classes=0"]).model.cluster_count == 12
+
+
+def test_eicue_agreement_is_blind_to_id_names_and_maps_ids_back():
+    import torch
+
+    from eagle_dist.evaluation.loop import _matched_agreement
+
+    a = torch.tensor([[0, 0, 1, 1, 2, 2], [3, 3, 3, 3, 3, 0]])
+    renamed = torch.tensor([2, 0, 1, 3])[a]  # the same partition under other names
+    noisy = renamed.clone()
+    noisy[1, 0] = 1  # one pixel of the second image disagrees
+    agree, table = _matched_agreement(a, noisy, 4)
+    assert agree.tolist() == pytest.approx([1.0, 5 / 6])
+    assert torch.equal(torch.gather(table, 1, renamed), a)
+
+
+def test_mixed_folder_uses_labels_where_present(tmp_path):
+    """A label folder that covers some images: the others are stored unlabelled, and said so."""
+    from eagle_dist.data.sources import open_source
+
+    images, labels = tmp_path / "img", tmp_path / "lab"
+    images.mkdir()
+    labels.mkdir()
+    rng = np.random.default_rng(1)
+    for name in ("a", "b", "c"):
+        Image.fromarray(_photo(rng, 24, 32)).save(images / f"{name}.png")
+    Image.fromarray(np.full((24, 32), 1, np.uint8), "L").save(labels / "a.png")
+    src = open_source("folder", images, "train", labels=labels, num_classes=2)
+    loaded = {it.image: src.load(it).label for it in src.items()}
+    assert (loaded["a.png"] == 1).all() and (loaded["b.png"] == -1).all() and (loaded["c.png"] == -1).all()
+    assert src.note.startswith("2 of 3 images have no label PNG")
+
+
+def test_demo_config_pointed_at_photo_shards_trains_without_labels_on_them(tmp_path, capsys):
+    """The issue's first attempt: the embedded default with data.train_shards=<photo shards>.  No
+    synthetic shards are generated next to them, the model switches to no labels, and the
+    synthetic validation split of another dataset is not used for evaluation."""
+    from eagle_dist.config import load_config
+    from eagle_dist.data.shards import ShardOptions, build
+    from eagle_dist.data.sources import SyntheticSpec
+    from eagle_dist.engine.trainer import Trainer
+    from eagle_dist.method.backbone import WeightsError
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(2)
+    for i in range(2):
+        Image.fromarray(_photo(rng, 40, 48)).save(photos / f"{i}.jpg")
+    mine, synthetic_val = tmp_path / "mine", tmp_path / "synthetic_val"
+    build(ShardOptions(source="folder", root=str(photos), split="train", out=mine, quiet=True, progress=False))
+    build(ShardOptions(source="synthetic", split="val", out=synthetic_val, quiet=True, progress=False,
+                       source_options={"spec": SyntheticSpec(count=2, height=32, width=32)}))
+    # A missing weights file stops the trainer right after the data checks: what they decided is
+    # visible without building a model or an MLflow run (the 2-process test covers those).
+    cfg = load_config(REPO / "configs" / "default.yaml", [
+        f"data.train_shards={mine}", f"data.val_shards={synthetic_val}", f"model.weights={tmp_path / 'none.pth'}",
+        "dist.cpu_threads=1", f"train.output_dir={tmp_path / 'runs'}"])
+    with pytest.raises(WeightsError):
+        Trainer(cfg)
+    out = capsys.readouterr().out
+    assert cfg.model.n_classes == 0 and cfg.model.cluster_count == cfg.model.n_clusters
+    assert f"training without labels (the shards in {mine} carry no labels)" in out
+    assert "holds dataset 'synthetic6', the training shards 'folder'; evaluating on the training shards" in out
+    assert "building synthetic" not in out

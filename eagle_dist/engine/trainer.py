@@ -10,6 +10,11 @@
 
 Launch it through ``launch/train.py`` (accelerate or torchrun); see the README for the lines.
 
+Labels are optional: training shards without classes (a folder of photos) switch the run to
+``model.n_classes = 0``, where the cluster probe finds ``model.n_clusters`` segments, there is
+no linear probe, validation shards are optional and evaluation measures what needs no labels
+(``eagle_dist.evaluation.loop.evaluate_unlabeled``).
+
 Steps, not epochs: the stream is endless and every count is in optimizer steps.  The stream
 is cut into *segments* of ``train.ckpt_interval`` steps; segment ``s`` is drawn from a loader
 seeded with ``(train.seed, s)``.  A run resumed at step ``t`` rebuilds segment ``t //
@@ -603,7 +608,7 @@ def format_final_table(summary: dict, run_dir: Path, tracking_uri: str) -> str:
                 f"{cell(key + '_strict_mIoU')}{cell(key + '_strict_acc')}"
             )
     if "eval/segments_used" in summary:  # a run without labels
-        lines.append(f"segments used {summary['eval/segments_used']:.0f} (effective "
+        lines.append(f"segments used {summary['eval/segments_used']:.0f} of {summary['eval/segments']:.0f} (effective "
                      f"{summary['eval/effective_segments']:.1f}); EiCue agreement between the two views "
                      f"{100 * summary['eval/eicue_agreement']:.1f} %; figures in {run_dir / 'figures'}")
     dropped, total = summary.get("eval/official_dropped_pixels"), summary.get("eval/labelled_pixels")

@@ -9,6 +9,10 @@ matrices count *all* labelled pixels, so both protocols come from the same numbe
 
 Used by the trainer (validation during training: no flip, no CRF, hard assignment) and by
 ``python -m eagle_dist.evaluate`` (the final protocol).
+
+Without labels (``model.n_classes = 0``) the trainer calls :func:`evaluate_unlabeled` instead:
+each segment's share of the pixels and of the images, and the EiCue agreement between the two
+training views, plus the sample grid and EiCue figures.
 """
 
 from __future__ import annotations
@@ -269,9 +273,10 @@ def _kmeans_baseline(kept, n, e, dist, seed, max_points: int = 20000) -> metrics
 # ----------------------------------------------------------------------------- without labels
 
 
-def _matched_agreement(a_BN: torch.Tensor, b_BN: torch.Tensor, n_ids: int) -> torch.Tensor:
+def _matched_agreement(a_BN: torch.Tensor, b_BN: torch.Tensor, n_ids: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per image, the share of pixels on which two id maps agree under the best one-to-one
-    matching of their ids (Hungarian on the overlap counts): ``[B]`` in [0, 1].
+    matching of their ids (Hungarian on the overlap counts): ``[B]`` in [0, 1], and the matching
+    as a table ``[B, n_ids]`` from `b`'s ids to `a`'s (for drawing both in the same colours).
 
     The two views' EiCue ids come from two different eigen probes, so equal ids mean nothing;
     the matching makes the score blind to how the ids are named.
@@ -282,11 +287,12 @@ def _matched_agreement(a_BN: torch.Tensor, b_BN: torch.Tensor, n_ids: int) -> to
     offsets = torch.arange(b, device=a_BN.device)[:, None] * n_ids * n_ids
     joint = (offsets + a_BN * n_ids + b_BN).reshape(-1)
     overlap_BKK = torch.bincount(joint, minlength=b * n_ids * n_ids).reshape(b, n_ids, n_ids).cpu().numpy()
-    matched = []
-    for overlap in overlap_BKK:  # scipy solves one assignment at a time (32 x 32: microseconds)
+    matched, tables = [], np.tile(np.arange(n_ids), (b, 1))
+    for i, overlap in enumerate(overlap_BKK):  # scipy solves one assignment at a time (32 x 32: microseconds)
         rows, cols = linear_sum_assignment(overlap, maximize=True)
         matched.append(overlap[rows, cols].sum())
-    return torch.tensor(matched, dtype=torch.float64) / n
+        tables[i, cols] = rows
+    return torch.tensor(matched, dtype=torch.float64) / n, torch.from_numpy(tables)
 
 
 @dataclass
@@ -325,6 +331,7 @@ class UnlabeledEvalResult:
             "effective_segments": self.effective_segments(),
             "eicue_agreement": float(self.eicue_agreement),
             "images": float(self.n_images),
+            "segments": float(self.n_segments),
         }
         share, usage = self.pixel_share(), self.images / max(self.n_images, 1)
         for k in range(self.n_segments):
@@ -410,8 +417,10 @@ def evaluate_unlabeled(backbone, heads, cfg, dist, shards: str, max_batches: int
         spectral, eicue_BHW, _ = heads.eicue(code, img, heads.eigen_probe)
         color_aug = img_aug if cfg.eicue.color_from_aug_view else img  # as in training (quirk 8)
         _, eicue_aug_BHW, _ = heads.eicue(code_aug, color_aug, heads.eigen_probe_aug)
-        agree_B = _matched_agreement(eicue_BHW.reshape(b, -1), eicue_aug_BHW.reshape(b, -1), k_eig)
+        agree_B, table_BK = _matched_agreement(eicue_BHW.reshape(b, -1), eicue_aug_BHW.reshape(b, -1), k_eig)
         agreement += torch.tensor([float(agree_B.sum()), b], dtype=torch.float64, device=device)
+        # The augmented view's ids renamed to their matches in the first view: same colours.
+        eicue_aug_BHW = torch.gather(table_BK.to(device), 1, eicue_aug_BHW.reshape(b, -1)).reshape(eicue_aug_BHW.shape)
         if dist.is_main and len(samples) < n_samples:
             for j in range(min(n_samples - len(samples), b)):
                 samples.append({"image": img[j].cpu(), "cluster": seg_BHW[j].cpu(),
