@@ -360,12 +360,7 @@ class UnlabeledEvalResult:
         folder.mkdir(parents=True, exist_ok=True)
         written = []
         if self.samples:
-            # Segments and EiCue ids are different id spaces; one palette size for all columns
-            # keeps a given id's colour fixed across rows.
-            written.append(figures.sample_grid_png(
-                self.samples, folder / "samples.png", n_colors=max(self.n_segments, self.eigen_clusters),
-                columns=("image", "cluster", "eicue", "eicue_aug"),
-                titles=["image", "segments", "EiCue", "EiCue (aug. view)"]))
+            written.append(figures.segment_grid_png(self.samples, folder / "samples.png", self.n_segments))
         if self.eigen is not None:
             written.append(figures.eigen_png(
                 self.eigen["image"], self.eigen["eigenvectors"], self.eigen["eicue"], self.eigen["eicue_aug"],
