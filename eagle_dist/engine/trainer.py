@@ -54,7 +54,7 @@ from eagle_dist import config as config_mod
 from eagle_dist.config import Config
 from eagle_dist.distributed import slurm_job_id
 from eagle_dist.engine.step import run_step
-from eagle_dist.method.eagle import LOSS_NAMES, EagleHeads, build_optimizer, training_step_losses
+from eagle_dist.method.eagle import EagleHeads, build_optimizer, loss_names, training_step_losses
 
 
 class TrainingError(EagleError, RuntimeError):
@@ -390,7 +390,8 @@ class Trainer:
         if batch is not None:
             batch = self.dist.to_device(batch)
         result = run_step(
-            self.dist, self.heads, self.optimizer, self._forward, batch, step=self.step, metric_names=LOSS_NAMES,
+            self.dist, self.heads, self.optimizer, self._forward, batch, step=self.step,
+            metric_names=loss_names(self.cfg),
             grad_clip=self.cfg.optim.grad_clip,
             flags=lambda: {"SIGUSR1": signal.SIGUSR1 in self.stop_signals, "SIGTERM": signal.SIGTERM in self.stop_signals},
         )

@@ -38,6 +38,11 @@ LOSS_NAMES = ("loss", "loss_eigen", "loss_corr", "loss_pos_inter", "loss_neg_int
               "loss_cluster", "u")
 
 
+def loss_names(cfg: Config) -> tuple[str, ...]:
+    """LOSS_NAMES of this model: without labels there is no linear probe, hence no loss_linear."""
+    return tuple(n for n in LOSS_NAMES if n != "loss_linear") if cfg.model.unlabeled else LOSS_NAMES
+
+
 def _no_autocast(device_type: str):
     return torch.autocast(device_type=device_type, enabled=False)
 
