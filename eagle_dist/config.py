@@ -54,10 +54,27 @@ class ModelConfig:
     fused_attn: bool = True
     dim: int = 512  # segmentation head width D
     dropout: float = 0.1  # Dropout2d probability in the head; 0 disables it
+    # Classes of the shards' labels.  0 = no labels (unlabeled mode): the cluster probe has
+    # `n_clusters` centroids and there is no linear probe.  Training switches to 0 by itself when
+    # the training shards carry no labels (a folder of photos) and says so once.
     n_classes: int = 27
-    extra_clusters: int = 5  # cluster probe has n_classes + extra_clusters centroids
+    extra_clusters: int = 5  # with labels, the cluster probe has n_classes + extra_clusters centroids
+    # Segments of the cluster probe in unlabeled mode (n_classes = 0): how many kinds of region
+    # `predict` tells apart.  Ordinary photos hold ~5-15 kinds of stuff and things; unused
+    # segments stay empty, so err on the large side.
+    n_clusters: int = 12
     eigen_k: int = 4  # eigenpairs kept; the first (trivial) one is dropped
     eigen_clusters: int = 32  # eigen cluster probe size (`eigen_cluster_out`)
+
+    @property
+    def unlabeled(self) -> bool:
+        """No labels: no linear probe, no supervised metrics (see `n_classes`)."""
+        return self.n_classes == 0
+
+    @property
+    def cluster_count(self) -> int:
+        """Centroids of the cluster probe: the segments `predict` writes."""
+        return self.n_clusters if self.unlabeled else self.n_classes + self.extra_clusters
 
 
 @dataclass
@@ -125,6 +142,8 @@ class OptimConfig:
 @dataclass
 class DataConfig:
     train_shards: str = "shards/cocostuff27/train"
+    # Empty: none.  Labelled runs need validation shards; unlabeled runs (model.n_classes = 0)
+    # then evaluate on the training shards (unaugmented, the first eval.max_batches batches).
     val_shards: str = "shards/cocostuff27/val"
     resolution: int = 224
     val_resolution: int = 320
@@ -323,7 +342,10 @@ def validate(cfg: Config) -> None:
     checks = [
         (cfg.model.eigen_k >= 2, "model.eigen_k must be >= 2 (the first eigenvector is dropped)"),
         (0.0 <= cfg.model.dropout < 1.0, "model.dropout must be in [0, 1)"),
-        (cfg.model.n_classes >= 1, "model.n_classes must be >= 1"),
+        (cfg.model.n_classes >= 0,
+         "model.n_classes must be >= 1 (the classes of labelled shards) or 0 (no labels: the cluster probe "
+         "then has model.n_clusters segments)"),
+        (cfg.model.n_clusters >= 2, "model.n_clusters (segments without labels) must be >= 2"),
         (cfg.model.extra_clusters >= 0, "model.extra_clusters must be >= 0"),
         (cfg.data.batch_size >= 1, "data.batch_size must be >= 1"),
         (cfg.train.max_steps >= 1, "train.max_steps must be >= 1"),

@@ -293,6 +293,12 @@ def main(argv: list[str] | None = None) -> int:
         step_dir, selection = resolve_checkpoint(args.checkpoint, args.step)
         loaded = load_model(step_dir, args.overrides, d.device, quiet=not d.is_main)
         cfg = loaded.cfg
+        if cfg.model.unlabeled:
+            raise EvaluateError(
+                f"{step_dir} was trained without labels (model.n_classes=0): there are no classes to score "
+                f"it against. Its training run already reports the label-free measures (segment shares, "
+                f"EiCue agreement: {loaded.run_dir}/metrics.jsonl and figures/); for segment maps run "
+                f"`python -m eagle_dist.predict --checkpoint {loaded.run_dir} --input IMAGES --out OUT`")
         shards = args.shards or cfg.data.val_shards
         if args.crf:
             workers = args.crf_workers if args.crf_workers is not None else dist_mod.cpu_threads_for(d.local_world_size)

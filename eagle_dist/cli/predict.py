@@ -12,6 +12,11 @@ Writes, per readable image, at the input's size:
   ``strict`` matching; clusters that won no class get 255.  Without a table the raw cluster ids
   are written (and a note says so).  ``--probe linear`` writes the linear probe's class ids.
 * ``OUT/overlays/<stem>.png``: the image blended with the colour-coded labels.
+* ``OUT/legend.png`` and ``OUT/legend.json``: each id's colour, name and share of all predicted
+  pixels.
+
+A checkpoint trained without labels (``model.n_classes=0``) writes its segment ids
+``0..model.n_clusters-1`` (no table, no linear probe).
 
 How any size is handled: the whole image is resized (no crop) so that its shorter side is the
 checkpoint's ``data.val_resolution`` and both sides are multiples of the ViT patch (aspect kept
@@ -79,6 +84,19 @@ def write_label_png(ids: np.ndarray, path: Path) -> None:
         Image.fromarray(ids.astype(np.uint16)).save(path)
 
 
+def write_legend(out: Path, names: list[str], pixels: np.ndarray, n_colors: int, ids_note: str) -> Path:
+    """``OUT/legend.png`` (colour, name, share of all predicted pixels per id) and ``legend.json``."""
+    from eagle_dist.evaluation import figures
+
+    shares = (pixels / max(int(pixels.sum()), 1)).tolist()
+    colours = figures.palette(n_colors)[:n_colors].tolist()
+    (out / "legend.json").write_text(json.dumps({
+        "labels": ids_note,
+        "ids": [{"id": i, "name": names[i], "rgb": colours[i], "pixel_share": shares[i]} for i in range(n_colors)],
+    }, indent=1))
+    return figures.legend_png(names, n_colors, out / "legend.png", shares=shares, title="id: share of pixels")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m eagle_dist.predict",
                                      description="Segment images of any size with an eagle-dist checkpoint.")
@@ -114,22 +132,30 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     cfg = loaded.cfg
-    n_classes, n_clusters = cfg.model.n_classes, cfg.model.n_classes + cfg.model.extra_clusters
+    n_classes, n_clusters = cfg.model.n_classes, cfg.model.cluster_count
     short_side = args.resolution or cfg.data.val_resolution
+    if cfg.model.unlabeled and (args.probe == "linear" or args.assignment):
+        print(f"error: {step_dir} was trained without labels (model.n_classes=0): it has no linear probe and no "
+              "cluster->class table; leave out --probe linear / --assignment to write its segments",
+              file=sys.stderr)
+        return 2
 
-    table = None
-    if args.probe == "cluster":
+    table, class_names = None, None
+    if args.probe == "cluster" and not cfg.model.unlabeled:
         path = Path(args.assignment) if args.assignment else loaded.eval_dir / "assignment.json"
         if path.is_file():
             try:
                 table = load_assignment(path, n_clusters, None if args.assignment else loaded.step)
+                class_names = json.loads(path.read_text()).get("class_names")
             except (ValueError, OSError) as err:
                 print(f"error: cannot use the cluster->class table {path}: {err}", file=sys.stderr)
                 return 2
         elif args.assignment:
             print(f"error: assignment file not found: {path}", file=sys.stderr)
             return 2
-    if args.probe == "linear":
+    if cfg.model.unlabeled:
+        ids_note, n_colors = f"segment ids 0..{n_clusters - 1} (trained without labels)", n_clusters
+    elif args.probe == "linear":
         ids_note, n_colors = "linear-probe class ids", n_classes
     elif table is not None:
         ids_note, n_colors = f"class ids (Hungarian table {path}; {UNMATCHED} = unmatched cluster)", n_classes
@@ -152,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
 
     skipped: list[tuple[Path, str]] = []
     written = 0
+    pixels = np.zeros(n_colors, dtype=np.int64)  # per drawn id, for the legend
     for path, stem in tqdm(list(zip(files, output_stems(files))), desc="segmenting", unit="img", file=sys.stderr):
         try:
             with Image.open(path) as im:
@@ -165,11 +192,20 @@ def main(argv: list[str] | None = None) -> int:
             ids = lookup[ids]
         write_label_png(ids, out / "labels" / f"{stem}.png")
         colour_ids = np.where(ids == UNMATCHED, -1, ids) if lookup is not None else ids
+        pixels += np.bincount(colour_ids[colour_ids >= 0].ravel(), minlength=n_colors)[:n_colors]
         Image.fromarray(figures.overlay(np.asarray(image), colour_ids, n_colors, args.alpha)).save(
             out / "overlays" / f"{stem}.png")
         written += 1
 
-    print(f"segmented {written} of {len(files)} images into {out}/labels and {out}/overlays")
+    if written:
+        kind = "segment" if table is None and args.probe == "cluster" else "class"
+        names = list(class_names or [])[:n_colors] if kind == "class" else []
+        names += [f"{kind} {i}" for i in range(len(names), n_colors)]
+        legend = write_legend(out, names, pixels, n_colors, ids_note)
+        print(f"segmented {written} of {len(files)} images into {out}/labels and {out}/overlays; "
+              f"colours and pixel shares in {legend}")
+    else:
+        print(f"segmented 0 of {len(files)} images")
     if skipped:
         print(f"skipped {len(skipped)} unreadable file(s):", file=sys.stderr)
         for path, reason in skipped:

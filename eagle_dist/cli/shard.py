@@ -124,6 +124,8 @@ def format_summary(s: dict, max_files: int = 20) -> str:
                   for f in s["skipped_files"][:max_files]]
         if s["skipped"] > max_files:
             lines.append(f"  ... and {s['skipped'] - max_files} more (all listed in _build/*.json)")
+    if s.get("note"):
+        lines.append(s["note"])
     lines.append(f"manifest: {s['manifest']}" if s["manifest"] else
                  "manifest: not yet (other parts unfinished; `python -m eagle_dist.shard merge --out ...` when done)")
     return "\n".join(lines)

@@ -390,6 +390,7 @@ def build(opts: ShardOptions) -> dict:
         "skipped": len(skipped), "skipped_by_reason": _count_reasons(skipped), "skipped_files": skipped,
         "seconds": seconds, "built_items_per_s": (built_items / seconds) if seconds > 0 else 0.0,
         "manifest": str(manifest_path) if manifest_path else None,
+        "note": getattr(source, "note", None),
     }
     return summary
 

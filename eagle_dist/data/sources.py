@@ -474,7 +474,12 @@ class PotsdamRaw(_PotsdamBase):
 class Folder(Source):
     """Users' own data: every image under ``root``; optional label PNGs in ``labels`` with the same
     relative path and stem (values 0..num_classes-1, 255 = ignore).  Without labels every pixel is
-    ignore, which still trains (EAGLE is unsupervised) but evaluates nothing."""
+    ignore: the shards then list no classes and training runs without labels (EAGLE is
+    unsupervised; only the linear probe and the scores need labels).
+
+    Mixed folders are accepted: with ``labels``, an image without a label PNG is stored with every
+    pixel ignored (its pixels train EAGLE and the cluster probe, not the linear probe, and are
+    not scored), and ``note`` says how many such images there are."""
 
     name = "folder"
     splits = ("train", "val", "test", "all")
@@ -496,6 +501,7 @@ class Folder(Source):
         self.classes = tuple(class_names) if class_names else tuple(f"class_{i}" for i in range(n))
         self.dataset = f"folder{n}" if n else "folder"
         self._lut = _lut(256, {i: i for i in range(n)}, ignore_ids=(255,))
+        self.note: str | None = None  # set by items(): what the build summary should say about labels
 
     def options(self) -> dict[str, Any]:
         return {"labels": self.labels is not None, "classes": list(self.classes)}
@@ -517,7 +523,15 @@ class Folder(Source):
                 dup += 1
                 key = f"{base[:MAX_KEY_LEN - 10]}-dup{dup}"
             used.add(key)
-            items.append(Item(key, rel, f"{stem}.png" if self.labels is not None else None, n))
+            label = f"{stem}.png" if self.labels is not None and (self.labels / f"{stem}.png").is_file() else None
+            items.append(Item(key, rel, label, n))
+        unlabelled = sum(1 for it in items if it.label is None)
+        if self.labels is None:
+            self.note = ("no labels: training on these shards runs without labels (the cluster probe finds "
+                         "model.n_clusters segments)")
+        elif unlabelled:
+            self.note = (f"{unlabelled} of {len(items)} images have no label PNG in {self.labels}: they are stored "
+                         "with every pixel ignored (they train EAGLE, not the linear probe, and are not scored)")
         return items
 
     def load(self, item: Item) -> SourceSample:

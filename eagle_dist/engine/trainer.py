@@ -10,6 +10,11 @@
 
 Launch it through ``launch/train.py`` (accelerate or torchrun); see the README for the lines.
 
+Labels are optional: training shards without classes (a folder of photos) switch the run to
+``model.n_classes = 0``, where the cluster probe finds ``model.n_clusters`` segments, there is
+no linear probe, validation shards are optional and evaluation measures what needs no labels
+(``eagle_dist.evaluation.loop.evaluate_unlabeled``).
+
 Steps, not epochs: the stream is endless and every count is in optimizer steps.  The stream
 is cut into *segments* of ``train.ckpt_interval`` steps; segment ``s`` is drawn from a loader
 seeded with ``(train.seed, s)``.  A run resumed at step ``t`` rebuilds segment ``t //
@@ -33,6 +38,7 @@ skipped by the stream; the running totals are logged as `data/*` metrics.
 
 from __future__ import annotations
 
+import json
 import math
 import signal
 import subprocess
@@ -48,7 +54,7 @@ from eagle_dist import config as config_mod
 from eagle_dist.config import Config
 from eagle_dist.distributed import slurm_job_id
 from eagle_dist.engine.step import run_step
-from eagle_dist.method.eagle import LOSS_NAMES, EagleHeads, build_optimizer, training_step_losses
+from eagle_dist.method.eagle import EagleHeads, build_optimizer, loss_names, training_step_losses
 
 
 class TrainingError(EagleError, RuntimeError):
@@ -151,33 +157,83 @@ class Trainer:
         cfg = self.cfg
         if cfg.dataset == "synthetic":
             self._ensure_synthetic_shards()
-        for split, folder in (("train", cfg.data.train_shards), ("val", cfg.data.val_shards)):
-            if not Path(folder).is_dir():
-                raise TrainingError(
-                    f"{split} shard folder not found: {folder}. Build it with "
-                    f"`python -m eagle_dist.shard --source ... --split {split} --out {folder}` "
-                    f"or set data.{split}_shards."
-                )
-        self.manifest = data.read_manifest(cfg.data.train_shards)
-        n_classes = len(self.manifest["classes"])
-        if n_classes != cfg.model.n_classes:
+        if not Path(cfg.data.train_shards).is_dir():
             raise TrainingError(
-                f"the shards in {cfg.data.train_shards} have {n_classes} classes but "
-                f"model.n_classes={cfg.model.n_classes}; set model.n_classes={n_classes}"
+                f"train shard folder not found: {cfg.data.train_shards}. Build it with "
+                f"`python -m eagle_dist.shard --source ... --split train --out {cfg.data.train_shards}` "
+                "or set data.train_shards."
             )
+        self.manifest = data.read_manifest(cfg.data.train_shards)
+        classes = [c["name"] if isinstance(c, dict) else str(c) for c in self.manifest["classes"]]
+        if not classes and not cfg.model.unlabeled:
+            # Shards without labels (a folder of photos): EAGLE trains without them; only the linear
+            # probe and the supervised metrics need labels.  The resolved config records the switch,
+            # so evaluation, predict and resumes rebuild the same model.
+            cfg.model.n_classes = 0
+        elif classes and not cfg.model.unlabeled and len(classes) != cfg.model.n_classes:
+            shown = ", ".join(classes[:8]) + (", ..." if len(classes) > 8 else "")
+            raise TrainingError(
+                f"the shards in {cfg.data.train_shards} have {len(classes)} classes ({shown}) but "
+                f"model.n_classes={cfg.model.n_classes}; set model.n_classes={len(classes)}, or "
+                f"model.n_classes=0 to train without the labels (the cluster probe then finds "
+                f"model.n_clusters={cfg.model.n_clusters} segments)"
+            )
+        self.eval_shards = self._choose_eval_shards()
+        if cfg.model.unlabeled:
+            why = f"the shards in {cfg.data.train_shards} carry no labels" if not classes else "model.n_classes=0"
+            where = "the training shards" if self.eval_shards == cfg.data.train_shards else self.eval_shards
+            self.dist.print(
+                f"training without labels ({why}): the cluster probe finds model.n_clusters={cfg.model.n_clusters} "
+                "segments; the linear probe and the supervised metrics (mIoU, accuracy) are off; evaluation on "
+                f"{where} reports the segments' shares of pixels and images and the EiCue agreement between "
+                "the two views"
+            )
+
+    def _choose_eval_shards(self) -> str:
+        """The folder evaluation reads: data.val_shards; without labels, the training shards when
+        there is no validation split of the same data (validation is optional then)."""
+        from eagle_dist.data import stream as data
+
+        cfg = self.cfg
+        train, val = cfg.data.train_shards, cfg.data.val_shards
+        if not cfg.model.unlabeled:
+            if not val or not Path(val).is_dir():
+                raise TrainingError(
+                    f"val shard folder not found: {val or '(data.val_shards is empty)'}. Build it with "
+                    f"`python -m eagle_dist.shard --source ... --split val --out {val or 'FOLDER'}` "
+                    "or set data.val_shards (runs without labels need none)."
+                )
+            return val
+        if not val:
+            return train
+        if not Path(val).is_dir():
+            self.dist.print(f"data.val_shards={val} does not exist; evaluating on the training shards "
+                            "(set data.val_shards= to silence this)")
+            return train
+        theirs, ours = data.read_manifest(val).get("dataset"), self.manifest.get("dataset")
+        if theirs != ours:
+            # The embedded default's synthetic split next to a folder of photos, for instance.
+            self.dist.print(f"data.val_shards={val} holds dataset '{theirs}', the training shards '{ours}'; "
+                            "evaluating on the training shards (set data.val_shards= to silence this)")
+            return train
+        return val
 
     def _ensure_synthetic_shards(self) -> None:
         from eagle_dist.data.shards import ShardOptions, build
         from eagle_dist.data.sources import SyntheticSpec
 
         cfg = self.cfg
-        missing = [s for s, f in (("train", cfg.data.train_shards), ("val", cfg.data.val_shards))
-                   if not (Path(f) / "manifest.json").is_file()]
+        train_manifest = Path(cfg.data.train_shards) / "manifest.json"
+        if train_manifest.is_file() and not str(json.loads(train_manifest.read_text()).get("dataset", "")).startswith(
+                "synthetic"):
+            return  # the demo config pointed at real shards: generate nothing next to them
+        folders = {"train": cfg.data.train_shards, "val": cfg.data.val_shards}
+        missing = [s for s, f in folders.items() if f and not (Path(f) / "manifest.json").is_file()]
         if missing and self.dist.is_main:
             for split in missing:
-                folder = cfg.data.train_shards if split == "train" else cfg.data.val_shards
+                folder = folders[split]
                 self.dist.print(f"building synthetic {split} shards in {folder} (first run only)")
-                spec = SyntheticSpec(num_classes=cfg.model.n_classes)
+                spec = SyntheticSpec(num_classes=cfg.model.n_classes or SyntheticSpec.num_classes)
                 build(ShardOptions(source="synthetic", split=split, out=folder, samples_per_shard=64,
                                    workers=1, progress=False, quiet=True, source_options={"spec": spec}))
         self.dist.barrier()
@@ -343,7 +399,8 @@ class Trainer:
         if batch is not None:
             batch = self.dist.to_device(batch)
         result = run_step(
-            self.dist, self.heads, self.optimizer, self._forward, batch, step=self.step, metric_names=LOSS_NAMES,
+            self.dist, self.heads, self.optimizer, self._forward, batch, step=self.step,
+            metric_names=loss_names(self.cfg),
             grad_clip=self.cfg.optim.grad_clip,
             flags=lambda: {"SIGUSR1": signal.SIGUSR1 in self.stop_signals, "SIGTERM": signal.SIGTERM in self.stop_signals},
         )
@@ -481,21 +538,27 @@ class Trainer:
         The final one also scores k-means on the raw backbone keys of the same images, so the
         table shows what training added over the frozen features.
         """
-        from eagle_dist.evaluation.loop import evaluate_stream
+        from eagle_dist.evaluation.loop import evaluate_stream, evaluate_unlabeled
 
         cfg = self.cfg
         # Evaluation must not shift the training randomness (dropout, correspondence samples;
         # loader start-up draws a seed): a run that evaluates more often trains identically.
         with torch.random.fork_rng(devices=[]):
-            result = evaluate_stream(
-                self.backbone, self.raw_heads, cfg, self.dist,
-                max_batches=cfg.eval.max_batches or None, kmeans_baseline=final,
-            )
+            if cfg.model.unlabeled:
+                result = evaluate_unlabeled(self.backbone, self.raw_heads, cfg, self.dist, shards=self.eval_shards,
+                                            max_batches=cfg.eval.max_batches or None)
+            else:
+                result = evaluate_stream(
+                    self.backbone, self.raw_heads, cfg, self.dist,
+                    max_batches=cfg.eval.max_batches or None, kmeans_baseline=final, shards=self.eval_shards,
+                )
         metrics = {f"eval/{k}": v for k, v in result.scalars().items()}
         self.tracker.log_metrics(metrics, step=self.step)
         self.last_eval_result = result
         if self.dist.is_main:
             self.dist.print(result.table(title=f"evaluation at step {self.step}"))
+            if cfg.model.unlabeled:  # no scores to read without labels: the pictures are the check
+                result.write_figures(self.run_dir / "figures")
         return metrics
 
     # ------------------------------------------------------------------ checkpoints
@@ -545,15 +608,19 @@ def format_final_table(summary: dict, run_dir: Path, tracking_uri: str) -> str:
         "",
         f"final results: {summary['steps']} steps, {summary['wall_s'] / 60:.1f} min, "
         f"{summary['images_per_s']:.1f} images/s",
-        f"{'':<30}{'official':>16}{'strict':>16}",
-        f"{'':<30}{'mIoU':>8}{'acc':>8}{'mIoU':>8}{'acc':>8}",
     ]
+    if any(f"eval/{key}_official_mIoU" in summary for _, key in rows):  # scored against labels
+        lines += [f"{'':<30}{'official':>16}{'strict':>16}", f"{'':<30}{'mIoU':>8}{'acc':>8}{'mIoU':>8}{'acc':>8}"]
     for title, key in rows:
         if f"eval/{key}_official_mIoU" in summary:
             lines.append(
                 f"{title:<30} {cell(key + '_official_mIoU')}{cell(key + '_official_acc')}"
                 f"{cell(key + '_strict_mIoU')}{cell(key + '_strict_acc')}"
             )
+    if "eval/segments_used" in summary:  # a run without labels
+        lines.append(f"segments used {summary['eval/segments_used']:.0f} of {summary['eval/segments']:.0f} (effective "
+                     f"{summary['eval/effective_segments']:.1f}); EiCue agreement between the two views "
+                     f"{100 * summary['eval/eicue_agreement']:.1f} %; figures in {run_dir / 'figures'}")
     dropped, total = summary.get("eval/official_dropped_pixels"), summary.get("eval/labelled_pixels")
     if dropped is not None and total:
         lines.append(f"(the official protocol ignored {100 * dropped / total:.1f} % of labelled pixels: "

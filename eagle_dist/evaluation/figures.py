@@ -293,3 +293,74 @@ def eigen_png(image_HW3: np.ndarray, eigvecs_KHW: np.ndarray, eicue_HW: np.ndarr
     row = np.concatenate([x for t in tiles for x in (t, gap)][:-1], axis=1)
     _with_header(Image.fromarray(row), titles, w + 4).save(path)
     return path
+
+
+def legend_png(names: list[str], n_colors: int, path: Path, shares: list[float] | None = None,
+               title: str | None = None, swatch: int = 16) -> Path:
+    """One row per id: its colour (as `colorize` / `overlay` draw id i with `n_colors`), its name
+    and, when given, its share of the pixels in percent."""
+    pal = palette(n_colors)
+    header = 18 if title else 0
+    fnt = font(13)
+    width = 8 + swatch + 8 + max((_text_width(n, fnt) for n in names), default=60) + (70 if shares is not None else 0)
+    img = Image.new("RGB", (max(width, _text_width(title or "", fnt) + 8), header + 4 + len(names) * (swatch + 4)),
+                    "white")
+    draw = ImageDraw.Draw(img)
+    if title:
+        draw.text((4, 3), title, fill="black", font=fnt)
+    for i, name in enumerate(names):
+        y = header + 4 + i * (swatch + 4)
+        draw.rectangle([4, y, 4 + swatch - 1, y + swatch - 1], fill=tuple(int(c) for c in pal[i]), outline="black")
+        text = name if shares is None else f"{name}  {100 * shares[i]:5.1f} %"
+        draw.text((4 + swatch + 8, y + swatch // 2), text, fill="black", font=fnt, anchor="lm")
+    img.save(path)
+    return path
+
+
+def segment_grid_png(samples: list[dict], path: Path, n_segments: int, min_tile: int = 160) -> Path:
+    """The sample grid of a run without labels: one row per sample with the image, its segments
+    (``cluster``: cluster-probe ids, palette colours, as ``predict`` draws them) and the EiCue maps
+    of both training views (``eicue``, ``eicue_aug``: ids of the second matched to the first, so a
+    region that survives the augmentation keeps its colour), blended with the image.  A legend of
+    the segment colours ends the figure.
+    """
+    h, w = samples[0]["image"].shape[-2:]
+    factor = max(1, -(-min_tile // min(h, w)))
+    th, tw, gap = h * factor, w * factor, 4
+    fnt, big = font(13), font(14)
+
+    def up(arr: np.ndarray) -> np.ndarray:
+        return np.asarray(Image.fromarray(arr).resize((tw, th), Image.NEAREST))
+
+    rows = []
+    for s in samples:
+        image = up(denormalize(s["image"]))
+        tiles = [image, up(colorize(s["cluster"].numpy(), n_segments))]
+        n_eicue = int(max(s["eicue"].max(), s["eicue_aug"].max())) + 1
+        for key in ("eicue", "eicue_aug"):
+            ids = np.asarray(Image.fromarray(s[key].numpy().astype(np.int32)).resize((tw, th), Image.NEAREST))
+            tiles.append(overlay(image, ids, n_eicue, 0.6))
+        rows.append(tiles)
+    titles = ["image", "segments", "EiCue", "EiCue (augmented view)"]
+    header, grid_w = 24, len(titles) * (tw + gap) - gap
+    names = [f"segment {k}" for k in range(n_segments)]
+    entry_w = 22 + max(_text_width(c, fnt) for c in names) + 16
+    per_row = max(1, grid_w // entry_w)
+    legend_h = 30 + 20 * -(-n_segments // per_row)
+    img = Image.new("RGB", (grid_w, header + len(rows) * (th + gap) + legend_h), "white")
+    draw = ImageDraw.Draw(img)
+    for i, title in enumerate(titles):
+        draw.text((i * (tw + gap) + tw // 2, header // 2), title, fill="black", font=big, anchor="mm")
+    for r, tiles in enumerate(rows):
+        for i, tile in enumerate(tiles):
+            img.paste(Image.fromarray(tile), (i * (tw + gap), header + r * (th + gap)))
+    pal = palette(n_segments)
+    y0 = header + len(rows) * (th + gap) + 8
+    draw.text((2, y0), "segments (no labels: ids of the cluster probe, the colours predict uses)", fill=(60, 60, 60),
+              font=fnt)
+    for k, name in enumerate(names):
+        x, y = (k % per_row) * entry_w + 2, y0 + 22 + (k // per_row) * 20
+        draw.rectangle([x, y, x + 14, y + 14], fill=tuple(int(v) for v in pal[k]), outline=(80, 80, 80))
+        draw.text((x + 20, y + 7), name, fill="black", font=fnt, anchor="lm")
+    img.save(path)
+    return path

@@ -214,7 +214,11 @@ def model_input(image: Image.Image, short_side: int, patch: int) -> torch.Tensor
 
 @torch.no_grad()
 def segment(loaded, image: Image.Image, short_side: int, probe: str) -> np.ndarray:
-    """Predicted ids ``[H, W]`` (input size) of the cluster or linear probe."""
+    """Predicted ids ``[H, W]`` (input size) of the cluster or linear probe (cluster ids are the
+    segments ``0..model.n_clusters-1`` of a model trained without labels)."""
+    if probe == "linear" and loaded.heads.linear_probe is None:
+        raise EvaluateError("this model was trained without labels (model.n_classes=0): it has no linear probe; "
+                            "use probe='cluster'")
     device = next(loaded.heads.parameters()).device
     x = model_input(image, short_side, loaded.backbone.patch).to(device)
     code = loaded.heads.seg_head(loaded.backbone(x))

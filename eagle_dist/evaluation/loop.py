@@ -9,6 +9,10 @@ matrices count *all* labelled pixels, so both protocols come from the same numbe
 
 Used by the trainer (validation during training: no flip, no CRF, hard assignment) and by
 ``python -m eagle_dist.evaluate`` (the final protocol).
+
+Without labels (``model.n_classes = 0``) the trainer calls :func:`evaluate_unlabeled` instead:
+each segment's share of the pixels and of the images, and the EiCue agreement between the two
+training views, plus the sample grid and EiCue figures.
 """
 
 from __future__ import annotations
@@ -264,3 +268,168 @@ def _kmeans_baseline(kept, n, e, dist, seed, max_points: int = 20000) -> metrics
         cm.update(sim.argmax(1), label)
     dist.all_reduce_sum(cm.table)
     return cm
+
+
+# ----------------------------------------------------------------------------- without labels
+
+
+def _matched_agreement(a_BN: torch.Tensor, b_BN: torch.Tensor, n_ids: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image, the share of pixels on which two id maps agree under the best one-to-one
+    matching of their ids (Hungarian on the overlap counts): ``[B]`` in [0, 1], and the matching
+    as a table ``[B, n_ids]`` from `b`'s ids to `a`'s (for drawing both in the same colours).
+
+    The two views' EiCue ids come from two different eigen probes, so equal ids mean nothing;
+    the matching makes the score blind to how the ids are named.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    b, n = a_BN.shape
+    offsets = torch.arange(b, device=a_BN.device)[:, None] * n_ids * n_ids
+    joint = (offsets + a_BN * n_ids + b_BN).reshape(-1)
+    overlap_BKK = torch.bincount(joint, minlength=b * n_ids * n_ids).reshape(b, n_ids, n_ids).cpu().numpy()
+    matched, tables = [], np.tile(np.arange(n_ids), (b, 1))
+    for i, overlap in enumerate(overlap_BKK):  # scipy solves one assignment at a time (32 x 32: microseconds)
+        rows, cols = linear_sum_assignment(overlap, maximize=True)
+        matched.append(overlap[rows, cols].sum())
+        tables[i, cols] = rows
+    return torch.tensor(matched, dtype=torch.float64) / n, torch.from_numpy(tables)
+
+
+@dataclass
+class UnlabeledEvalResult:
+    """What evaluation can measure without labels (``model.n_classes = 0``), summed over ranks.
+
+    * ``pixels``: pixels per segment (cluster-probe id), ``images``: images in which the segment
+      covers at least one pixel (its usage);
+    * ``eicue_agreement``: mean over images of the matched share of pixels on which the EiCue maps
+      of the two training views (the image and its photometric augmentation, each through its own
+      eigen probe, as in training) agree.  It says how stable the object cues the loss pulls
+      towards are; near 1/eigen_clusters means noise.
+    """
+
+    n_segments: int
+    pixels: np.ndarray
+    images: np.ndarray
+    eicue_agreement: float
+    n_images: int
+    samples: list[dict] = field(default_factory=list)  # rank 0: image, segments, both EiCue maps
+    eigen: dict | None = None  # rank 0, first image: eigenvectors and both EiCue maps
+    eigen_clusters: int = 0
+
+    def pixel_share(self) -> np.ndarray:
+        return self.pixels / max(int(self.pixels.sum()), 1)
+
+    def effective_segments(self) -> float:
+        """exp(entropy of the pixel shares): K when all K segments are equally used, 1 for one."""
+        share = self.pixel_share()
+        share = share[share > 0]
+        return float(np.exp(-(share * np.log(share)).sum())) if len(share) else 0.0
+
+    def scalars(self) -> dict[str, float]:
+        flat = {
+            "segments_used": float((self.pixels > 0).sum()),
+            "effective_segments": self.effective_segments(),
+            "eicue_agreement": float(self.eicue_agreement),
+            "images": float(self.n_images),
+            "segments": float(self.n_segments),
+        }
+        share, usage = self.pixel_share(), self.images / max(self.n_images, 1)
+        for k in range(self.n_segments):
+            flat[f"segment_{k:02d}_pixel_share"] = float(share[k])
+            flat[f"segment_{k:02d}_image_share"] = float(usage[k])
+        return flat
+
+    def table(self, title: str = "evaluation") -> str:
+        share, usage = 100 * self.pixel_share(), 100 * self.images / max(self.n_images, 1)
+        width = 6
+        lines = [
+            f"{title} (no labels: {self.n_images} images)",
+            f"segments used {int((self.pixels > 0).sum())} of {self.n_segments} (effective "
+            f"{self.effective_segments():.1f}); EiCue agreement between the two views "
+            f"{100 * self.eicue_agreement:.1f} %",
+            f"{'segment':<10}" + "".join(f"{k:>{width}}" for k in range(self.n_segments)),
+            f"{'pixels %':<10}" + "".join(f"{v:>{width}.1f}" for v in share),
+            f"{'images %':<10}" + "".join(f"{v:>{width}.0f}" for v in usage),
+        ]
+        return "\n".join(lines)
+
+    def write_figures(self, folder: Path) -> list[Path]:
+        """``samples.png`` (image, segments, EiCue of both views) and ``eicue.png`` (first image)."""
+        from eagle_dist.evaluation import figures
+
+        folder.mkdir(parents=True, exist_ok=True)
+        written = []
+        if self.samples:
+            written.append(figures.segment_grid_png(self.samples, folder / "samples.png", self.n_segments))
+        if self.eigen is not None:
+            written.append(figures.eigen_png(
+                self.eigen["image"], self.eigen["eigenvectors"], self.eigen["eicue"], self.eigen["eicue_aug"],
+                folder / "eicue.png", n_colors=self.eigen_clusters, kmeans_title="EiCue (aug. view)"))
+        return written
+
+
+@torch.no_grad()
+def evaluate_unlabeled(backbone, heads, cfg, dist, shards: str, max_batches: int | None = None,
+                       n_samples: int = 4) -> UnlabeledEvalResult:
+    """Label-free evaluation on `shards` (their labels, if any, are not read); collective.
+
+    The augmented view is drawn from a generator seeded with ``train.seed`` and the rank, so
+    two evaluations of the same weights give the same numbers.
+    """
+    from eagle_dist.data import stream as data
+    from eagle_dist.evaluation import figures
+
+    device = dist.device
+    k_seg, k_eig = cfg.model.cluster_count, cfg.model.eigen_clusters
+    was_training = heads.training
+    heads.eval()
+    loader = data.build_val_loader(
+        shards, batch_size=cfg.data.val_batch_size, rank=dist.rank, world_size=dist.world_size,
+        num_workers=cfg.data.num_workers, resolution=cfg.data.val_resolution,
+    )
+    generator = torch.Generator().manual_seed(cfg.train.seed * 1009 + dist.rank)
+    pixels = torch.zeros(k_seg, dtype=torch.float64, device=device)
+    images = torch.zeros(k_seg, dtype=torch.float64, device=device)
+    agreement = torch.zeros(2, dtype=torch.float64, device=device)  # sum over images, image count
+    samples: list[dict] = []
+    eigen = None
+    for i, batch in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        img = batch["img"].to(device)
+        img_aug = data.photometric_aug(batch["img"], cfg.data.blur_p, generator).to(device)
+        code = heads.seg_head(backbone(img))
+        code_aug = heads.seg_head(backbone(img_aug))
+        b = img.shape[0]
+        # Segments at pixel resolution, as predict writes them; chunks bound the upsampled codes.
+        seg_BHW = torch.cat([
+            heads.cluster_probe.inner_products(
+                F.interpolate(part, size=img.shape[-2:], mode="bilinear", align_corners=False)).argmax(1)
+            for part in code.split(2)])
+        onehot_BK = F.one_hot(seg_BHW.reshape(b, -1), k_seg).sum(1).to(torch.float64)
+        pixels += onehot_BK.sum(0)
+        images += (onehot_BK > 0).to(torch.float64).sum(0)
+        spectral, eicue_BHW, _ = heads.eicue(code, img, heads.eigen_probe)
+        color_aug = img_aug if cfg.eicue.color_from_aug_view else img  # as in training (quirk 8)
+        _, eicue_aug_BHW, _ = heads.eicue(code_aug, color_aug, heads.eigen_probe_aug)
+        agree_B, table_BK = _matched_agreement(eicue_BHW.reshape(b, -1), eicue_aug_BHW.reshape(b, -1), k_eig)
+        agreement += torch.tensor([float(agree_B.sum()), b], dtype=torch.float64, device=device)
+        # The augmented view's ids renamed to their matches in the first view: same colours.
+        eicue_aug_BHW = torch.gather(table_BK.to(device), 1, eicue_aug_BHW.reshape(b, -1)).reshape(eicue_aug_BHW.shape)
+        if dist.is_main and len(samples) < n_samples:
+            for j in range(min(n_samples - len(samples), b)):
+                samples.append({"image": img[j].cpu(), "cluster": seg_BHW[j].cpu(),
+                                "eicue": eicue_BHW[j].cpu(), "eicue_aug": eicue_aug_BHW[j].cpu()})
+        if dist.is_main and eigen is None:
+            eigen = {"image": figures.denormalize(img[0]), "eigenvectors": spectral[0].cpu().numpy(),
+                     "eicue": eicue_BHW[0].cpu().numpy(), "eicue_aug": eicue_aug_BHW[0].cpu().numpy()}
+    for t in (pixels, images, agreement):
+        dist.all_reduce_sum(t)
+    if was_training:
+        heads.train()
+    n_images = int(agreement[1].item())
+    return UnlabeledEvalResult(
+        n_segments=k_seg, pixels=pixels.cpu().numpy().astype(np.int64), images=images.cpu().numpy().astype(np.int64),
+        eicue_agreement=float(agreement[0].item()) / max(n_images, 1), n_images=n_images,
+        samples=samples, eigen=eigen, eigen_clusters=k_eig,
+    )

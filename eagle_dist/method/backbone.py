@@ -83,7 +83,9 @@ def load_vit_weights(vit: nn.Module, path: str | Path, arch: str) -> None:
     if not path.is_file():
         raise WeightsError(
             f"backbone weights file not found: {path}. Download the official DINO checkpoint "
-            "(e.g. dino_deitsmall8_300ep_pretrain.pth) and set model.weights to its path."
+            "(e.g. https://dl.fbaipublicfiles.com/dino/dino_deitsmall8_pretrain/dino_deitsmall8_pretrain.pth "
+            f"for ViT-S/8) to {path} or set model.weights to its path; model.weights=null runs a randomly "
+            "initialised ViT instead (the pipeline works, the results mean nothing)."
         )
     try:
         if path.suffix == ".safetensors":  # e.g. the backbone of a converted official checkpoint

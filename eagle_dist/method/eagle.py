@@ -42,6 +42,11 @@ LOSS_NAMES = ("loss", "loss_eigen", "loss_corr", "loss_pos_inter", "loss_neg_int
               "cd_neg_inter", "u")
 
 
+def loss_names(cfg: Config) -> tuple[str, ...]:
+    """LOSS_NAMES of this model: without labels there is no linear probe, hence no loss_linear."""
+    return tuple(n for n in LOSS_NAMES if n != "loss_linear") if cfg.model.unlabeled else LOSS_NAMES
+
+
 def _no_autocast(device_type: str):
     return torch.autocast(device_type=device_type, enabled=False)
 
@@ -55,8 +60,10 @@ class EagleHeads(nn.Module):
         self.cfg = cfg
         self.seg_head = SegHead(in_channels, m.dim, m.dropout)
         self.projection = ProjectionHead(m.dim)
-        self.cluster_probe = ClusterLookup(m.dim, m.n_classes + m.extra_clusters)
-        self.linear_probe = LinearProbe(m.dim, m.n_classes)
+        self.cluster_probe = ClusterLookup(m.dim, m.cluster_count)
+        # Unlabeled mode has nothing to train a linear probe on: no module, no optimizer group,
+        # no checkpoint entry.
+        self.linear_probe = None if m.unlabeled else LinearProbe(m.dim, m.n_classes)
         # One eigen probe per view, each with its own optimizer state (official: probe A, A').
         self.eigen_probe = ClusterLookup(m.eigen_k - 1, m.eigen_clusters)
         self.eigen_probe_aug = ClusterLookup(m.eigen_k - 1, m.eigen_clusters)
@@ -158,19 +165,21 @@ class EagleHeads(nn.Module):
 
         with profiling.section("probes"):
             feats_x = code_x.detach()
-            loss_linear = self.linear_probe.loss(feats_x, label)
+            loss_linear = self.linear_probe.loss(feats_x, label) if self.linear_probe is not None else None
             loss_cluster, _ = self.cluster_probe(feats_x, alpha=None)
 
         loss_eig = 0.5 * (loss_eig_p + loss_eig_a)
-        total = loss_eig + (1.0 - u) * loss_corr + u * loss_nce + loss_linear + loss_cluster
-        return {
+        total = loss_eig + (1.0 - u) * loss_corr + u * loss_nce
+        if loss_linear is not None:  # summed in the official order: identical totals with labels
+            total = total + loss_linear
+        total = total + loss_cluster
+        out = {
             "loss": total,
             "loss_eigen": loss_eig.detach(),
             "loss_corr": loss_corr.detach(),
             "loss_pos_inter": corr["pos_inter_loss"].detach(),
             "loss_neg_inter": corr["neg_inter_loss"].detach(),
             "loss_nce": loss_nce.detach(),
-            "loss_linear": loss_linear.detach(),
             "loss_cluster": loss_cluster.detach(),
             # Every value the official step logs has a counterpart (LOSS_NAMES).
             "loss_eigen_p": loss_eig_p.detach(),
@@ -181,6 +190,9 @@ class EagleHeads(nn.Module):
             **nce_terms,
             "u": torch.tensor(float(u)),
         }
+        if loss_linear is not None:
+            out["loss_linear"] = loss_linear.detach()
+        return out
 
     # ------------------------------------------------------------------ inference
 
@@ -191,8 +203,10 @@ class EagleHeads(nn.Module):
         if out_size is not None:
             code = F.interpolate(code, size=out_size, mode="bilinear", align_corners=False)
         _, cluster_probs = self.cluster_probe(code, alpha=None)
-        linear_logits = self.linear_probe(code)
-        return {"code": code, "cluster": cluster_probs.argmax(1), "linear": linear_logits.argmax(1)}
+        out = {"code": code, "cluster": cluster_probs.argmax(1)}
+        if self.linear_probe is not None:
+            out["linear"] = self.linear_probe(code).argmax(1)
+        return out
 
 
 def momentum(cfg: Config, step: int) -> float:
@@ -216,6 +230,7 @@ def param_groups(heads: EagleHeads, cfg: Config, global_batch: int) -> list[dict
         ("cluster_probe", heads.cluster_probe, o.lr_cluster),
         ("eigen_probes", nn.ModuleList([heads.eigen_probe, heads.eigen_probe_aug]), o.lr_eigen),
     ]
+    groups = [g for g in groups if g[1] is not None]  # no linear probe without labels
     out = [{"name": name, "params": list(mod.parameters()), "lr": lr} for name, mod, lr in groups]
     covered = sum(len(g["params"]) for g in out)
     if covered != len(list(heads.parameters())):
