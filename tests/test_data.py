@@ -121,6 +121,18 @@ def test_photometric_aug_blurs_each_image_with_probability_p():
     assert torch.equal(a, data.photometric_aug(img, 0.5, torch.Generator().manual_seed(3)))
 
 
+def test_photometric_aug_mask_names_the_blurred_images_with_the_same_draws():
+    img = torch.randn(64, 3, 6, 6)
+    plain = data.photometric_aug(img, 0.5, torch.Generator().manual_seed(3))
+    out, mask = data.photometric_aug(img, 0.5, torch.Generator().manual_seed(3), return_mask=True)
+    assert torch.equal(out, plain) and mask.dtype == torch.bool and mask.shape == (64,)
+    changed = (out != img).flatten(1).any(1)
+    assert 0 < int(mask.sum()) < 64
+    # Every image the mask leaves out is bit-identical to img (its keys can be reused); a blurred
+    # image may still equal img when its sigma is near 0.1 (see the test above).
+    assert not changed[~mask].any() and changed[mask].float().mean() > 0.9
+
+
 # --------------------------------------------------------------------------- training stream
 
 def test_train_batches_have_the_official_views_and_fixed_step_count(shards):
@@ -135,6 +147,8 @@ def test_train_batches_have_the_official_views_and_fixed_step_count(shards):
     assert b["label"].min() >= 0 and b["label"].max() < K  # synthetic labels have no ignore pixels
     blurred = torch.cat([(x["img_aug"] != x["img"]).flatten(1).any(1) for x in batches])
     assert 0 < blurred.float().mean() < 1  # blur_p = 0.5 per image
+    mask = torch.cat([x["aug_mask"] for x in batches])
+    assert mask.dtype == torch.bool and not blurred[~mask].any()  # unmasked images are img's pixels
     assert loader.stats["samples"] >= 44 and loader.stats["corrupt_samples"] == 0
     assert len(list(data.build_train_loader(shards["train"], 4, 0, 1, 0, seed=0, steps_per_epoch=3))) == 3
 

@@ -4,11 +4,15 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from eagle_dist.method.backbone import FrozenViT
 from eagle_dist.config import load_config
 from eagle_dist.distributed import resolve_precision
-from eagle_dist.method.eagle import EagleHeads, build_optimizer, momentum, param_groups, training_step_losses
+from eagle_dist.method.eagle import (
+    EagleHeads, augmented_indices, build_optimizer, momentum, param_groups, training_step_losses,
+)
 
 
 @pytest.fixture(scope="module")
@@ -76,3 +80,62 @@ def test_eval_prediction_shapes(setup):
     assert out["cluster"].shape == (2, 224, 224)
     assert int(out["cluster"].max()) < cfg.model.n_classes + cfg.model.extra_clusters
     assert int(out["linear"].max()) < cfg.model.n_classes
+
+
+class _PoolKeys(nn.Module):
+    """Stand-in backbone computed image by image with exact arithmetic (pooling, repeat, scale),
+    so its keys do not depend on which other images share the batch; counts the images it sees."""
+
+    out_channels = 96
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.linspace(0.5, 2.0, self.out_channels).view(1, -1, 1, 1)
+        self.seen = 0
+
+    def forward(self, img):
+        self.seen += img.shape[0]
+        return F.avg_pool2d(img, 8).repeat(1, self.out_channels // 3, 1, 1) * self.scale
+
+
+@pytest.fixture(scope="module")
+def reuse_setup():
+    cfg = load_config(None, ["data.batch_size=4"])
+    torch.manual_seed(0)
+    heads = EagleHeads(cfg, _PoolKeys.out_channels).train()
+    gen = torch.Generator().manual_seed(1)
+    img = torch.randn(4, 3, 64, 64, generator=gen)
+    img_aug = img.clone()
+    img_aug[[0, 2]] = torch.randn(2, 3, 64, 64, generator=gen)  # images 1 and 3 are not augmented
+    label = torch.randint(-1, cfg.model.n_classes, (4, 64, 64), generator=gen)
+    return cfg, heads, {"img": img, "img_aug": img_aug, "label": label}
+
+
+def _step(cfg, heads, batch):
+    backbone = _PoolKeys()
+    torch.manual_seed(7)  # the same dropout and correspondence draws in every run
+    out = training_step_losses(backbone, heads, batch, 1000, cfg, precision=resolve_precision("no", "cpu"))
+    return out, backbone.seen
+
+
+@pytest.mark.parametrize("mask", [[True, False, True, False], None])  # from the stream / pixel comparison
+def test_backbone_runs_only_on_changed_images_and_the_losses_are_unchanged(reuse_setup, mask):
+    cfg, heads, batch = reuse_setup
+    full, seen_full = _step(cfg, heads, {**batch, "aug_mask": torch.ones(4, dtype=torch.bool)})
+    with_mask = batch if mask is None else {**batch, "aug_mask": torch.tensor(mask)}
+    reused, seen = _step(cfg, heads, with_mask)
+    assert (seen_full, seen) == (8, 6)
+    assert float(full["backbone_passes"]) == 2.0 and float(reused["backbone_passes"]) == 1.5
+    for key, value in full.items():
+        if key != "backbone_passes":
+            assert torch.equal(value, reused[key]), key
+
+
+def test_unaugmented_batch_runs_the_backbone_once(reuse_setup):
+    cfg, heads, batch = reuse_setup
+    same = {**batch, "img_aug": batch["img"].clone()}
+    out, seen = _step(cfg, heads, same)
+    assert seen == 4 and float(out["backbone_passes"]) == 1.0
+    assert augmented_indices({**same, "aug_mask": torch.zeros(4, dtype=torch.bool)}).numel() == 0
+    with pytest.raises(ValueError, match="aug_mask"):
+        augmented_indices({**same, "aug_mask": torch.zeros(3, dtype=torch.bool)})

@@ -6,6 +6,7 @@
     for batch in train:          # exactly len(train) batches on every rank
         batch["img"]             # float32 [B, 3, 224, 224], ImageNet-normalised
         batch["img_aug"]         # the same pixels after the official photometric transform
+        batch["aug_mask"]        # bool [B]: which images of img_aug were blurred (the others are img)
         batch["label"]           # int64 [B, 224, 224], -1 = ignore
         batch["key"]             # list of sample keys
     val = build_val_loader("shards/cocostuff27/val", batch_size=16, rank=r, world_size=w, num_workers=4)
@@ -250,9 +251,14 @@ def gaussian_blur3(img_BCHW: torch.Tensor, sigma_B: torch.Tensor) -> torch.Tenso
     return F.conv2d(padded, weight, groups=b * c).reshape(b, c, h, w)
 
 
-def photometric_aug(img_BCHW: torch.Tensor, blur_p: float, generator: torch.Generator) -> torch.Tensor:
+def photometric_aug(img_BCHW: torch.Tensor, blur_p: float, generator: torch.Generator,
+                    return_mask: bool = False):
     """Official `img_pos_aug`: RandomApply([GaussianBlur(3, sigma=(0.1, 2.0))], p) per image, on the
-    normalised tensor (colour jitter and grayscale are commented out in the official code)."""
+    normalised tensor (colour jitter and grayscale are commented out in the official code).
+
+    With ``return_mask`` also returns the bool ``[B]`` mask of the blurred images: the training
+    step runs the backbone only on those and reuses ``img``'s keys for the others (the draws are
+    the same either way)."""
     b = img_BCHW.shape[0]
     apply_B = torch.rand(b, generator=generator) < blur_p
     sigma_B = torch.empty(b).uniform_(0.1, 2.0, generator=generator)
@@ -260,7 +266,7 @@ def photometric_aug(img_BCHW: torch.Tensor, blur_p: float, generator: torch.Gene
     chosen = apply_B.nonzero().squeeze(1)
     if len(chosen):  # convolve only the images that are blurred (about half of them)
         out[chosen] = gaussian_blur3(img_BCHW[chosen], sigma_B[chosen])
-    return out
+    return (out, apply_B) if return_mask else out
 
 
 # --------------------------------------------------------------------------- seeding
@@ -307,7 +313,8 @@ class _Augment:
     def __call__(self, batches: Iterator[dict]) -> Iterator[dict]:
         generator = torch.Generator().manual_seed(self.state.worker_seed(_AUGMENT))
         for batch in batches:
-            batch["img_aug"] = photometric_aug(batch["img"], self.blur_p, generator)
+            batch["img_aug"], batch["aug_mask"] = photometric_aug(batch["img"], self.blur_p, generator,
+                                                                  return_mask=True)
             yield batch
 
 

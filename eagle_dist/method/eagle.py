@@ -11,7 +11,9 @@ The frozen backbone is not part of ``EagleHeads``: it stays outside DDP / the De
 and runs once per distinct image.  ``img`` and ``img_pos`` of the official code are the same
 pixels (quirk 1), so the backbone runs on ``img`` and ``img_aug`` only, and the x- and P-branch
 heads see the same keys under independent dropout masks (the same distribution as the
-official third backbone pass).
+official third backbone pass).  The blur of ``img_aug`` is applied with p = 0.5, so about half
+of its images are ``img``'s pixels: the backbone runs only on the blurred ones and the others
+reuse ``img``'s keys (about 1.5 passes per step instead of 2; see ``augmented_indices``).
 """
 
 from __future__ import annotations
@@ -33,13 +35,14 @@ from eagle_dist.method.probes import ClusterLookup, LinearProbe
 
 # Rows per chunk of the medoid search (see EagleHeads._nce).
 MEDOID_CHUNK_ROWS = 512
-# The scalars EagleHeads.forward returns (training_step_losses too), in logging order.
+# The scalars EagleHeads.forward returns in logging order; training_step_losses adds the last one,
+# backbone_passes (the backbone's work in full-batch passes), logged with the losses.
 # The per-view / per-direction terms and the cd means are the other values the official step
 # logs (tests/test_step_parity.py compares them); loss_nce_p/_a are 0 before the u switch, where
 # the InfoNCE is skipped.
 LOSS_NAMES = ("loss", "loss_eigen", "loss_corr", "loss_pos_inter", "loss_neg_inter", "loss_nce", "loss_linear",
               "loss_cluster", "loss_eigen_p", "loss_eigen_a", "loss_nce_p", "loss_nce_a", "cd_pos_inter",
-              "cd_neg_inter", "u")
+              "cd_neg_inter", "u", "backbone_passes")
 
 
 def loss_names(cfg: Config) -> tuple[str, ...]:
@@ -242,16 +245,57 @@ def build_optimizer(heads: EagleHeads, cfg: Config, global_batch: int) -> torch.
     return torch.optim.Adam(param_groups(heads, cfg, global_batch))
 
 
+def augmented_indices(batch: dict) -> torch.Tensor:
+    """Indices of the images of ``img_aug`` whose pixels differ from ``img`` (int64 ``[n]``).
+
+    The data stream says which images it blurred (``aug_mask``, bool ``[B]``); a batch without
+    the mask (older callers, replayed official steps) is compared pixel by pixel instead.  The
+    comparison is exact (an image is reused only when every pixel is bit-identical, NaN counts
+    as changed) and costs one elementwise pass over the batch, far below one ViT pass, so such
+    callers get the same saving without being trusted to describe their own augmentation.
+    """
+    img, img_aug = batch["img"], batch["img_aug"]
+    if img.shape != img_aug.shape:
+        raise ValueError(f"img {tuple(img.shape)} and img_aug {tuple(img_aug.shape)} differ in shape")
+    mask = batch.get("aug_mask")
+    if mask is None:
+        mask = (img_aug != img).flatten(1).any(dim=1)
+    elif mask.shape != (img.shape[0],) or mask.dtype != torch.bool:
+        raise ValueError(f"aug_mask must be bool [{img.shape[0]}], got {mask.dtype} {tuple(mask.shape)}")
+    return mask.nonzero().squeeze(1).to(img.device)
+
+
+def backbone_keys(backbone, img: torch.Tensor, img_aug: torch.Tensor, changed: torch.Tensor):
+    """Keys of both views, running the backbone on ``img`` and only the ``changed`` rows of
+    ``img_aug``; the other rows of the augmented view are ``img``'s keys (same pixels, same keys).
+    Returns ``(kk_img, kk_aug)``."""
+    kk_img = backbone(img)
+    n_changed = changed.shape[0]
+    if n_changed == img.shape[0]:
+        return kk_img, backbone(img_aug)
+    if n_changed == 0:
+        return kk_img, kk_img
+    return kk_img, kk_img.index_copy(0, changed, backbone(img_aug.index_select(0, changed)))
+
+
 def training_step_losses(backbone, heads, batch: dict, step: int, cfg: Config, *,
                          precision: Precision) -> dict[str, torch.Tensor]:
-    """Backbone twice (img, img_aug), then every head and loss, inside `precision`'s autocast.
+    """Backbone on img and on the changed images of img_aug, then every head and loss, inside
+    `precision`'s autocast.
 
     `precision` is the resolved value (`Dist.precision`, or `distributed.resolve_precision`
     outside a run): the model never decides mixed precision itself.
+
+    ``out["backbone_passes"]`` counts the backbone's work in full-batch passes (1 + the changed
+    fraction of img_aug; 2 when every image was blurred).  Which images run through the backbone
+    changes no random draw: the backbone is deterministic (eval mode) and the heads see key
+    tensors of the same shape as before.
     """
     img, img_aug = batch["img"], batch["img_aug"]
+    changed = augmented_indices(batch)
     with precision.context():
         with profiling.section("backbone"):
-            kk_img = backbone(img)
-            kk_aug = backbone(img_aug)
-        return heads(kk_img.float(), kk_aug.float(), img, img_aug, batch["label"], momentum(cfg, step))
+            kk_img, kk_aug = backbone_keys(backbone, img, img_aug, changed)
+        out = heads(kk_img.float(), kk_aug.float(), img, img_aug, batch["label"], momentum(cfg, step))
+    out["backbone_passes"] = torch.tensor(1.0 + changed.shape[0] / img.shape[0])
+    return out
