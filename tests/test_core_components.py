@@ -67,19 +67,39 @@ def test_medoid_ties_pick_the_first_row(chunk_elems):
 
 def test_medoid_rows_never_build_the_full_distance_matrix(monkeypatch):
     seen = []
-    real_matmul = torch.Tensor.__matmul__
+    real_addmm = torch.addmm
 
-    def recording_matmul(a, b):
-        out = real_matmul(a, b)
+    def recording_addmm(*args, **kwargs):
+        out = real_addmm(*args, **kwargs)
         seen.append(out.numel())
         return out
 
-    monkeypatch.setattr(torch.Tensor, "__matmul__", recording_matmul)
+    monkeypatch.setattr(torch, "addmm", recording_addmm)
     n = 400
     groups = torch.arange(n) % 8
-    rows = losses.medoid_rows(_unit_rows(n, 8, seed=3), groups, 8, max_chunk_elems=4000)
+    z = _unit_rows(n, 8, seed=3)
+    rows = losses.medoid_rows(z, groups, 8, max_chunk_elems=4000)
     assert seen and max(seen) <= 4000 < n * n
     assert rows.shape == (8,)
+    # Only same-group distances are computed: 8 groups of 50 -> 8 blocks of 50 x 50.
+    assert sum(seen) == 8 * 50 * 50
+    seen.clear()
+    one_group = torch.zeros(n, dtype=torch.long)  # 400 rows in 7 tiles of <= 63: tile pairs i <= j
+    assert torch.equal(losses.medoid_rows(z, one_group, 1, max_chunk_elems=4000),
+                       _brute_force_medoids(z, one_group, 1))
+    assert max(seen) <= 4000 and len(seen) == 7 * 8 // 2 and sum(seen) < 0.6 * n * n
+
+
+def test_small_medoid_groups_share_blocks_and_still_match_brute_force():
+    # Many small groups (the per-image prototype scope): neighbours are merged into one masked block.
+    g = torch.Generator().manual_seed(7)
+    groups = torch.randint(0, 40, (600,), generator=g)
+    counts = torch.bincount(groups, minlength=40).tolist()
+    blocks = losses._medoid_blocks(counts, 1 << 20, tile_rows=256)
+    assert any(b[4] for b in blocks) and len(blocks) < 40
+    assert blocks[0][0] == 0 and all(x[1] == y[0] for x, y in zip(blocks, blocks[1:])) and blocks[-1][1] == 600
+    z = _unit_rows(600, 16, seed=8)
+    assert torch.equal(losses.medoid_rows(z, groups, 40), _brute_force_medoids(z, groups, 40))
 
 
 # --------------------------------------------------------------------------- object-centric NCE

@@ -33,8 +33,6 @@ from eagle_dist.method.heads import ProjectionHead, SegHead
 from eagle_dist.method.probes import ClusterLookup, LinearProbe
 
 
-# Rows per chunk of the medoid search (see EagleHeads._nce).
-MEDOID_CHUNK_ROWS = 512
 # The scalars EagleHeads.forward returns in logging order; training_step_losses adds the last one,
 # backbone_passes (the backbone's work in full-batch passes), logged with the losses.
 # The per-view / per-direction terms and the cd means are the other values the official step
@@ -98,16 +96,10 @@ class EagleHeads(nn.Module):
 
     def _nce(self, z_anchor, z_other, eicue_map, kappa):
         lc = self.cfg.loss
-        # At most MEDOID_CHUNK_ROWS candidate rows per medoid-search chunk: a chunk is compared
-        # with the span of the groups it touches, so small chunks keep the work near
-        # sum(group size^2) instead of (B*N)^2 when the batch is small (3x faster at B = 4).
-        # From B = 16 at 784 tokens the default memory bound is the tighter one, so B = 32
-        # chooses exactly as before.
-        chunk_elems = min(losses.DEFAULT_MEDOID_CHUNK_ELEMS, MEDOID_CHUNK_ROWS * z_anchor.shape[0])
         return losses.object_centric_nce(
             z_anchor, z_other, self._nce_labels(eicue_map), kappa,
             tau=lc.contrastive_temp, global_weight=lc.global_loss_weight,
-            centroid_mode=lc.centroid_mode, variant=lc.nce_variant, medoid_chunk_elems=chunk_elems,
+            centroid_mode=lc.centroid_mode, variant=lc.nce_variant,
         )
 
     # ------------------------------------------------------------------ forward
