@@ -49,7 +49,10 @@ class ClusterLookup(nn.Module):
                              f"got {tuple(x_BCHW.shape)}")
         unit_clusters = F.normalize(self.clusters, dim=1)
         unit_x = F.normalize(x_BCHW, dim=1)
-        return torch.einsum("bchw,nc->bnhw", unit_x, unit_clusters)
+        # [n, C] @ [B, C, H*W]: a batched product on the channels-first layout, without the
+        # transposed copies an einsum over "bchw,nc" makes.
+        b, c, h, w = unit_x.shape
+        return torch.matmul(unit_clusters, unit_x.reshape(b, c, h * w)).view(b, self.n_clusters, h, w)
 
     def forward(self, x_BCHW: torch.Tensor, alpha: float | None = None, log_probs: bool = False):
         if log_probs and alpha is None:
@@ -57,11 +60,14 @@ class ClusterLookup(nn.Module):
                              "(the one-hot assignment has no log-probabilities)")
         inner_BnHW = self.inner_products(x_BCHW)
         if alpha is None:
-            winner_BHW = inner_BnHW.argmax(dim=1)
+            # sum(one_hot(argmax) * inner) is the winning score itself (the zeros add nothing):
+            # the same loss and gradient, read from max() without the one-hot product.
+            best_BHW, winner_BHW = inner_BnHW.max(dim=1)
+            loss = -best_BHW.mean()
             probs_BnHW = F.one_hot(winner_BHW, self.n_clusters).permute(0, 3, 1, 2).to(inner_BnHW.dtype)
         else:
             probs_BnHW = F.softmax(inner_BnHW * alpha, dim=1)
-        loss = -(probs_BnHW * inner_BnHW).sum(dim=1).mean()
+            loss = -(probs_BnHW * inner_BnHW).sum(dim=1).mean()
         if log_probs:
             return loss, F.log_softmax(inner_BnHW * alpha, dim=1)
         return loss, probs_BnHW
@@ -83,11 +89,12 @@ class LinearProbe(nn.Conv2d):
         if label_BHW.ndim != 3 or label_BHW.shape[0] != feats_BDHW.shape[0]:
             raise ValueError(f"labels must be [B, H, W] for {feats_BDHW.shape[0]} images, got {tuple(label_BHW.shape)}")
         logits = F.interpolate(self(feats_BDHW), size=label_BHW.shape[-2:], mode="bilinear", align_corners=False)
-        logits_PC = logits.permute(0, 2, 3, 1).reshape(-1, self.n_classes)
-        label_P = label_BHW.reshape(-1).long()
-        keep_P = (label_P >= 0) & (label_P < self.n_classes)
+        label_BHW = label_BHW.long()
+        keep_BHW = (label_BHW >= 0) & (label_BHW < self.n_classes)
         # Sum over the kept pixels divided by their count is the reference's masked mean, without
         # a host sync; a batch without labelled pixels gives 0 (the reference: NaN) and still
-        # touches every parameter, as DDP requires.
-        total = F.cross_entropy(logits_PC, torch.where(keep_P, label_P, -100), ignore_index=-100, reduction="sum")
-        return total / keep_P.sum().clamp_min(1)
+        # touches every parameter, as DDP requires.  The loss reads the [B, C, H, W] logits
+        # directly: the reference's per-pixel [P, C] layout costs a full copy of the upsampled
+        # logits and a slower softmax over 27-wide rows.
+        total = F.cross_entropy(logits, torch.where(keep_BHW, label_BHW, -100), ignore_index=-100, reduction="sum")
+        return total / keep_BHW.sum().clamp_min(1)
