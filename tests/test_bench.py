@@ -40,6 +40,7 @@ def test_step_reports_times_breakdown_and_config(tmp_path, capsys, solver):
     assert r["ratio"] == pytest.approx(r["step_median_s"] / r["backbone_only_s"])
     assert r["images_per_s"] == pytest.approx(1 / r["step_median_s"])
     assert r["peak_memory_bytes"] > 0 and r["peak_memory_kind"] == "cpu_rss_high_water"
+    assert r["backbone_passes_per_step"] == 2.0  # the one image of the batch is blurred
     parts = r["breakdown"]
     for name in ("backbone", "heads", "eicue", "eicue.affinities", "eicue.laplacian", "eicue.eigensolver",
                  "corr", "nce", "probes", "backward", "optimizer", "other"):
@@ -54,6 +55,24 @@ def test_step_reports_times_breakdown_and_config(tmp_path, capsys, solver):
     assert r["machine"]["torch_threads"] == 1
     printed = capsys.readouterr().out
     assert "step median" in printed and "ratio" in printed and "eicue.eigensolver" in printed
+
+
+def test_step_at_several_batch_sizes_reports_a_component_table(tmp_path, capsys):
+    argv = ["step", "--batch-sizes", "2,1", "data.resolution=64", "--warmup", "1", "--steps", "2",
+            "--large-steps", "1", "--threads", "1"]
+    r = run_bench(argv, tmp_path, "sizes")
+    assert r["batch_sizes"] == [1, 2] and set(r["by_batch_size"]) == {"1", "2"}
+    one, two = r["by_batch_size"]["1"], r["by_batch_size"]["2"]
+    assert r["batch_size_per_process"] == 1 and r["step_median_s"] == one["step_median_s"]
+    assert len(one["step_times_s"]) == 2 and len(two["step_times_s"]) == 1  # --large-steps after the smallest
+    # blur_p = 0.5: the expected share of img_aug is blurred, the rest reuses img's keys
+    assert one["backbone_passes_per_step"] == 2.0 and two["backbone_passes_per_step"] == 1.5
+    table = r["component_table"]
+    for row in ("backbone", "heads", "nce", "probes", "backward", "step", "backbone passes", "peak memory MiB"):
+        assert set(table[row]) == {"1", "2"}, row
+    assert table["peak memory MiB"]["2"] >= table["peak memory MiB"]["1"] > 0
+    assert table["step"]["2"] == two["step_median_s"] and two["peak_memory_bytes"] > 0
+    assert "per-component medians" in capsys.readouterr().out
 
 
 def test_step_rejects_a_bad_override_by_name():

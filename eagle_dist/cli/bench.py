@@ -2,6 +2,7 @@
 
     python -m eagle_dist.bench step [key=value ...] [--warmup 2] [--steps 5] [--json step.json]
     python -m eagle_dist.bench step eicue.solver=krylov --json step_krylov.json
+    python -m eagle_dist.bench step --batch-sizes 4,32 --large-steps 2 --json step_4_32.json
     python -m eagle_dist.bench eigen [--batch 16] [--side 28] [--repeats 7] [--json eigen.json]
     python -m eagle_dist.bench eigen --device cuda --batch 64 --cases model --solvers eigh,krylov
     python -m eagle_dist.bench data [...]            # delegates to eagle_dist.cli.bench_data
@@ -15,7 +16,10 @@ all-reduces under ``torchrun``) after warm-up steps. It prints the median step t
 peak memory, the time of the backbone alone on the same two views and the ratio, and a
 breakdown from the ``profiling.section`` marks of the model code (synchronised on CUDA through
 events). The ``u`` switch is on (``--train-step`` past ``loss.step_schedulers``), so the step
-includes the object-centric loss.
+includes the object-centric loss. The synthetic ``img_aug`` blurs the expected share
+(``data.blur_p``) of the batch and carries the stream's ``aug_mask``, so the step runs the backbone
+on about 1.5 batches (``backbone_passes_per_step``); "backbone only" stays both views in full.
+``--batch-sizes 4,32`` repeats the benchmark per batch size and adds a per-component table.
 
 ``eigen`` compares batched ``torch.linalg.eigh`` (float32, float64) with the fast block Krylov
 solver (:mod:`eagle_dist.method.eigensolvers`) on Laplacians built exactly as training builds them
@@ -172,9 +176,15 @@ def _step_setup(args: argparse.Namespace, cfg):
     gen = torch.Generator().manual_seed(cfg.train.seed + d.rank)
     img = synthetic_images(batch_size, cfg.data.resolution, generator=gen)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    # The stream blurs each image with probability data.blur_p; the benchmark blurs the expected
+    # number (rounded half up) so that every timed step does the average backbone work.
+    aug_mask = torch.arange(batch_size) < math.floor(cfg.data.blur_p * batch_size + 0.5)
+    img_aug = img.clone()
+    img_aug[aug_mask] = _blurred(img[aug_mask])
     batch = {
         "img": img.to(device).contiguous(memory_format=memory_format),
-        "img_aug": _blurred(img).to(device).contiguous(memory_format=memory_format),
+        "img_aug": img_aug.to(device).contiguous(memory_format=memory_format),
+        "aug_mask": aug_mask.to(device),
         "label": torch.randint(-1, cfg.model.n_classes, (batch_size, cfg.data.resolution, cfg.data.resolution),
                                generator=gen).to(device),
     }
@@ -213,6 +223,8 @@ def run_step_bench(args: argparse.Namespace) -> dict | None:
     def forward(batch_, _step):  # the step index stays at --train-step (the u switch on)
         return training_step_losses(backbone, heads, batch_, args.train_step, cfg, precision=d.precision)
 
+    passes = []
+
     def timed_steps(count: int, sync_grads: bool = True) -> tuple[list[float], list[dict]]:
         times, parts = [], []
         for _ in range(count):
@@ -220,8 +232,9 @@ def run_step_bench(args: argparse.Namespace) -> dict | None:
                 _sync(device)
                 t0 = time.perf_counter()
                 with contextlib.nullcontext() if sync_grads else heads.no_sync():
-                    run_step(d, heads, optimizer, forward, batch, step=args.train_step, metric_names=LOSS_NAMES,
-                             grad_clip=cfg.optim.grad_clip)
+                    res = run_step(d, heads, optimizer, forward, batch, step=args.train_step,
+                                   metric_names=LOSS_NAMES, grad_clip=cfg.optim.grad_clip)
+                passes.append(res.metrics["backbone_passes"])
                 _sync(device)
                 times.append(time.perf_counter() - t0)
                 parts.append(rec.totals())
@@ -232,7 +245,9 @@ def run_step_bench(args: argparse.Namespace) -> dict | None:
         timed_steps(args.warmup)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+        passes.clear()
         step_times, step_parts = timed_steps(args.steps)
+        passes_per_step = statistics.fmean(passes)
         peak_bytes, peak_kind = _peak_memory(device)
         step_median = _median(step_times)
         local_parts = timed_steps(max(2, args.steps // 2), sync_grads=False)[1] if d.distributed else None
@@ -259,6 +274,7 @@ def run_step_bench(args: argparse.Namespace) -> dict | None:
         "step_times_s": step_times,
         "backbone_only_s": backbone_only,
         "ratio": step_median / backbone_only,
+        "backbone_passes_per_step": passes_per_step,
         "images_per_s": cfg.data.batch_size * d.world_size / step_median,
         "images_per_s_per_process": cfg.data.batch_size / step_median,
         "peak_memory_bytes": peak_bytes,
@@ -284,6 +300,63 @@ def run_step_bench(args: argparse.Namespace) -> dict | None:
     return result
 
 
+def run_step_sizes(args: argparse.Namespace) -> dict | None:
+    """``bench step --batch-sizes 4,32``: the step benchmark at each batch size in one process,
+    smallest first, then one per-component table.  Batch sizes after the smallest run
+    ``--large-steps`` timed steps after one warm-up step.  The JSON holds the smallest size's
+    result at the top level (the single-size layout) and every size under ``by_batch_size``,
+    each with its own peak memory: on CUDA the peak is reset per size; on CPU it is the process's
+    resident high-water mark, which only grows, hence smallest first.
+    """
+    from eagle_dist import distributed as dist_mod
+
+    sizes = sorted(set(args.batch_sizes))
+    if any(b < 1 for b in sizes):
+        raise SystemExit(f"bench step: batch sizes must be >= 1, got {args.batch_sizes}")
+    if len(sizes) > 1 and dist_mod.detect_launch().world_size > 1:
+        raise SystemExit("bench step: --batch-sizes with several sizes runs in one process; "
+                         "under torchrun pass one size (data.batch_size=N)")
+    results = {}
+    for i, size in enumerate(sizes):
+        sub = argparse.Namespace(**vars(args))
+        sub.overrides = [*args.overrides, f"data.batch_size={size}"]
+        sub.json = None
+        if i > 0:
+            sub.steps, sub.warmup = args.large_steps, min(args.warmup, 1)
+        results[size] = run_step_bench(sub)
+    if any(r is None for r in results.values()):
+        return None  # not the main process
+    first = results[sizes[0]]
+    combined = {**first, "batch_sizes": sizes, "by_batch_size": {str(b): r for b, r in results.items()}}
+    combined["component_table"] = step_component_table(results)
+    print(format_component_table(combined["component_table"], sizes))
+    _write_json(args.json, combined)
+    return combined
+
+
+def step_component_table(results: dict[int, dict]) -> dict[str, dict[str, float]]:
+    """``{row: {batch size: value}}``: top-level parts of the step (median s), the step, the
+    backbone alone on two full views, the ratio, backbone passes and peak memory (MiB)."""
+    table: dict[str, dict[str, float]] = {}
+    names = list(dict.fromkeys(n for r in results.values() for n in r["breakdown"] if "." not in n))
+    for name in names:
+        table[name] = {str(b): r["breakdown"].get(name, 0.0) for b, r in results.items()}
+    for key, row in (("step_median_s", "step"), ("backbone_only_s", "backbone only (2 full views)"),
+                     ("ratio", "ratio step / backbone only"), ("backbone_passes_per_step", "backbone passes")):
+        table[row] = {str(b): r[key] for b, r in results.items()}
+    table["peak memory MiB"] = {str(b): r["peak_memory_bytes"] / 2**20 for b, r in results.items()}
+    table["timed steps"] = {str(b): float(r["steps"]) for b, r in results.items()}
+    return table
+
+
+def format_component_table(table: dict[str, dict[str, float]], sizes: list[int]) -> str:
+    lines = ["per-component medians (s per step) by batch size:",
+             "  " + f"{'part':<30}" + "".join(f"{'batch ' + str(b):>12}" for b in sizes)]
+    for name, row in table.items():
+        lines.append("  " + f"{name:<30}" + "".join(f"{row.get(str(b), float('nan')):12.3f}" for b in sizes))
+    return "\n".join(lines)
+
+
 def format_step(r: dict) -> str:
     cfg = r["config"]
     lines = [
@@ -296,6 +369,7 @@ def format_step(r: dict) -> str:
         f"{r['steps']} steps after {r['warmup']} warm-up)",
         f"  backbone only    {r['backbone_only_s']:8.3f} s   (the same two views)",
         f"  ratio            {r['ratio']:8.3f}     (step / backbone only)",
+        f"  backbone passes  {r['backbone_passes_per_step']:8.3f}     per step (1 + the blurred share of img_aug)",
         f"  peak memory      {r['peak_memory_bytes'] / 2**20:8.0f} MiB ({r['peak_memory_kind']})",
         "  breakdown (median s per step, share of the step):",
     ]
@@ -571,6 +645,11 @@ def _step_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.batch_size=8 eicue.solver=krylov")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     p.add_argument("--steps", type=int, default=5, help="timed steps; the median is reported (default 5)")
+    p.add_argument("--batch-sizes", type=lambda v: [int(x) for x in v.split(",") if x], default=None,
+                   help="comma list, e.g. 4,32: run at each per-process batch size (overrides data.batch_size) "
+                        "and print a per-component table; one process only")
+    p.add_argument("--large-steps", type=int, default=2,
+                   help="timed steps for the batch sizes after the smallest of --batch-sizes (default 2)")
     p.add_argument("--train-step", type=int, default=1000,
                    help="global step index passed to the loss (default 1000: past the u switch, NCE on)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per process (0: cores / processes)")
@@ -618,9 +697,12 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command == "step":
         args = _step_parser().parse_args(rest)
-        if args.steps < 1 or args.warmup < 0:
-            raise SystemExit("bench step: --steps must be >= 1 and --warmup >= 0")
-        run_step_bench(args)
+        if args.steps < 1 or args.warmup < 0 or args.large_steps < 1:
+            raise SystemExit("bench step: --steps and --large-steps must be >= 1 and --warmup >= 0")
+        if args.batch_sizes:
+            run_step_sizes(args)
+        else:
+            run_step_bench(args)
         return 0
     if command == "eigen":
         args = _eigen_parser().parse_args(rest)
