@@ -180,8 +180,9 @@ def test_nce_rejects_unknown_modes_and_wrong_shapes():
         losses.object_centric_nce(S, S, torch.zeros(5, dtype=torch.long), torch.ones(6), 0.07, 0.7)
 
 
-def test_key_similarity_weights_equal_the_reference_formula():
-    keys = torch.randn(2, 24, 5, 6)
+@pytest.mark.parametrize("shape", [(2, 24, 5, 6), (2, 8, 3), (1, 16, 1)])  # uneven tiles; fewer tokens than tiles
+def test_key_similarity_weights_equal_the_reference_formula(shape):
+    keys = torch.randn(*shape)
     flat = keys.flatten(2)
     expected = F.normalize(flat.transpose(1, 2) @ flat, dim=1).mean(2).reshape(-1)
     torch.testing.assert_close(losses.key_similarity_weights(keys), expected, atol=1e-6, rtol=1e-5)
