@@ -89,6 +89,16 @@ def _extra(ckpt: Path) -> dict:
     return json.loads((ckpt / "trainer_state.json").read_text())["extra"]
 
 
+def _mlflow_status(tmp_path: Path, run_name: str = "f") -> str:
+    """Status of the one MLflow run in the run folder's own sqlite store."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{(tmp_path / 'runs' / run_name).resolve()}/mlflow.db")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1
+    return runs[0].info.status
+
+
 def _metric_rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -263,6 +273,20 @@ def test_nan_and_inf_losses_are_skipped_then_stop_with_a_checkpoint(run, tmp_pat
     assert skipped == {1: 0, 2: 1, 3: 1, 4: 2, 5: 3}  # one lone NaN is skipped, training goes on
 
 
+def test_a_run_stopped_by_an_error_is_marked_failed_in_mlflow(run, tmp_path, monkeypatch):
+    # Trainer.close used to mark the MLflow run FINISHED whatever happened.
+    def poison(step, out):
+        out["loss"] = out["loss"] * float("nan")
+        return out
+
+    _wrap_step(monkeypatch, poison)
+    code, out = run("train.max_steps=4", "train.max_bad_steps=1")
+    assert code == 2 and "the loss was NaN/Inf for 1 steps in a row" in out
+    assert _mlflow_status(tmp_path) == "FAILED"
+    assert run("train.max_steps=2")[0] == 0  # the same run, resumed and finished
+    assert _mlflow_status(tmp_path) == "FINISHED"
+
+
 def test_disk_full_while_saving_keeps_the_previous_checkpoint_and_resume_works(run, tmp_path, monkeypatch):
     from eagle_dist import checkpoint as checkpoint_mod
 
@@ -331,6 +355,7 @@ def test_stop_signal_saves_and_exits_0_and_only_sigusr1_requeues(run, tmp_path, 
     else:
         assert not calls.exists()
         assert "stop requested by SIGTERM" in out and "exiting cleanly" in out
+    assert _mlflow_status(tmp_path, "f-4242") == "KILLED"  # not FINISHED: the run resumes later
 
 
 def test_requeue_without_scontrol_is_reported_not_raised(tmp_path):

@@ -38,6 +38,7 @@ skipped by the stream; the running totals are logged as `data/*` metrics.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -109,6 +110,7 @@ class Trainer:
         self.skipped_steps = 0
         self.stop_signal: str | None = None  # "SIGUSR1" / "SIGTERM" once the ranks agreed to stop
         self._start_step = 0
+        self.outcome = "FINISHED"  # the MLflow run's final status (close() sets it)
         self._loader = None  # the current segment's loader (its skip counters)
         self._skips_done = dict.fromkeys(SKIP_FIELDS, 0)  # this rank, finished segments
         self._skips_before = dict.fromkeys(SKIP_FIELDS, 0)  # all ranks, runs before a resume
@@ -116,13 +118,26 @@ class Trainer:
         self._install_signal_handlers()
 
         try:
-            self._prepare_data()
-            self._build_model()
-            self._resume_or_start()
+            with self._outcome_recorded():
+                self._prepare_data()
+                self._build_model()
+                self._resume_or_start()
         except BaseException:
             # launch/train.py only closes a trainer it got back: tear the process group (and a
             # started MLflow run) down here, or a bad shard folder leaves other ranks hanging.
             self.close()
+            raise
+
+    @contextlib.contextmanager
+    def _outcome_recorded(self):
+        """An error marks the MLflow run FAILED (Ctrl-C: KILLED) when close() ends it."""
+        try:
+            yield
+        except KeyboardInterrupt:
+            self.outcome = "KILLED"
+            raise
+        except BaseException:
+            self.outcome = "FAILED"
             raise
 
     # ------------------------------------------------------------------ set-up
@@ -438,6 +453,10 @@ class Trainer:
 
     def train(self) -> dict:
         """Steps until `train.max_steps` (or a stop signal); the final evaluation and checkpoint."""
+        with self._outcome_recorded():
+            return self._loop()
+
+    def _loop(self) -> dict:
         from eagle_dist.data.stream import DataError
 
         d = self.dist
@@ -514,6 +533,7 @@ class Trainer:
     def _stop_for_signal(self, requeue: bool) -> None:
         """Every rank: checkpoint, then (SIGUSR1 under Slurm) rank 0 requeues the job."""
         self._save(reason="preemption")
+        self.outcome = "KILLED"  # not FINISHED: a resume sets the same MLflow run RUNNING again
         d = self.dist
         what = "SIGUSR1 (Slurm's pre-timeout signal)" if requeue else "SIGTERM"
         d.print(f"stop requested by {what}: saved step {self.step} in {self.ckpt.root}")
@@ -590,9 +610,10 @@ class Trainer:
                 self.tracker.log_artifact(path, artifact_path="figures")
 
     def close(self) -> None:
+        """End the MLflow run with `self.outcome` and tear the process group down."""
         tracker = getattr(self, "tracker", None)
         if tracker is not None:
-            tracker.close()
+            tracker.close(status=self.outcome)
         self.dist.cleanup()
 
 
