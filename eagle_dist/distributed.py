@@ -86,6 +86,7 @@ import os
 import re
 import socket
 import sys
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -93,11 +94,12 @@ from typing import Any
 import torch
 import torch.distributed as tdist
 
+from eagle_dist.config import MixedPrecision, Strategy
 from eagle_dist.errors import EagleError
 
-STRATEGIES = ("auto", "ddp", "deepspeed")
+STRATEGIES = typing.get_args(Strategy)
 ZERO_STAGES = (1, 2)
-MIXED_PRECISIONS = ("auto", "no", "bf16")
+MIXED_PRECISIONS = typing.get_args(MixedPrecision)
 
 WORKING_LAUNCH_LINES = """\
 Launch lines that really start N processes:
@@ -586,13 +588,11 @@ def _resolve(
     stage: int | None = None
     if strategy == "deepspeed":
         launcher_stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
-        if zero_stage == 0:
-            zero_stage = None  # configs write 0 for "unset"
         if launcher_stage is not None and zero_stage is not None and int(launcher_stage) != zero_stage:
             raise DistributedSetupError(
                 f"The accelerate config asks for ZeRO stage {launcher_stage} but the run config "
                 f"asks for zero_stage={zero_stage} (dist.zero_stage). Make them agree, or set "
-                "dist.zero_stage=0 to take the accelerate config's stage."
+                "dist.zero_stage=null to take the accelerate config's stage."
             )
         stage = zero_stage if zero_stage is not None else int(launcher_stage or 2)
         if stage not in ZERO_STAGES:
@@ -619,7 +619,7 @@ def setup(
     """Detect the launcher, start the process group through accelerate, check the world size.
 
     strategy: "ddp", "deepspeed", or "auto" (DeepSpeed iff the accelerate config selects it).
-    zero_stage: 1 or 2; None or 0 takes the accelerate config's stage, else 2.
+    zero_stage: 1 or 2; None takes the accelerate config's stage, else 2.
     mixed_precision: "auto" (bf16 on GPU, fp32 on CPU), "no" or "bf16" (honoured on CPU too);
         resolved once by `resolve_precision` into `Dist.precision`, which the model's forward
         enters. The run config decides; the launcher's --mixed_precision is ignored.

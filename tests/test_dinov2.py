@@ -182,7 +182,7 @@ def test_a_tiny_run_trains_and_evaluates_on_a_dinov2_backbone(weight_files, tmp_
         "model.extra_clusters=1", "model.eigen_clusters=4", "loss.feature_samples=3", "loss.neg_samples=2",
         "loss.step_schedulers=1", f"data.resolution={side}", f"data.val_resolution={side}", "data.batch_size=2",
         "data.val_batch_size=3", "data.num_workers=0", "data.shuffle_buffer=4", "train.max_steps=2",
-        "train.eval_interval=2", "train.ckpt_interval=2", "eval.max_batches=0",
+        "train.eval_interval=2", "train.ckpt_interval=2",
         f"data.train_shards={tmp_path / 'train'}", f"data.val_shards={tmp_path / 'val'}",
         f"train.output_dir={tmp_path / 'runs'}", "train.run_name=dinov2")
     summary = json.loads((tmp_path / "harness" / "summary.json").read_text())

@@ -110,7 +110,7 @@ def test_threads_share_the_cores():
 def test_auto_follows_the_accelerate_deepspeed_config():
     env = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "1"}
     assert dist_mod._resolve("auto", None, "auto", env) == ("deepspeed", 1, "auto")
-    assert dist_mod._resolve("auto", 0, "no", env) == ("deepspeed", 1, "no")
+    assert dist_mod._resolve("auto", 1, "no", env) == ("deepspeed", 1, "no")
     assert dist_mod._resolve("auto", None, "auto", {}) == ("ddp", None, "auto")
     assert dist_mod._resolve("deepspeed", None, "bf16", {}) == ("deepspeed", 2, "bf16")
 

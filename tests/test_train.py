@@ -25,7 +25,7 @@ TINY = [
     "model.eigen_clusters=6", "loss.feature_samples=4", "loss.neg_samples=2", "loss.step_schedulers=2",
     "data.resolution=64", "data.val_resolution=64", "data.batch_size=2", "data.val_batch_size=3",
     "data.num_workers=1", "data.shuffle_buffer=8", "train.log_interval=1", "train.eval_interval=2",
-    "train.ckpt_interval=2", "eval.max_batches=0",
+    "train.ckpt_interval=2",
 ]
 
 

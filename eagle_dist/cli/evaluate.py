@@ -47,8 +47,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from eagle_dist.evaluation.inference import EvaluateError, LoadedModel, load_model, resolve_checkpoint
 
 
@@ -279,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
             "matching": "Hungarian, maximising matched pixels, with extra clusters",
             "n_classes": cfg.model.n_classes,
             "extra_clusters": cfg.model.extra_clusters,
-            "max_batches": cfg.eval.max_batches or None,
+            "max_batches": cfg.eval.max_batches,
             "batch_size_per_rank": cfg.data.val_batch_size,
             "world_size": d.world_size,
         }
@@ -289,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
             protocol["crf_params"] = PARAMS
         t0 = time.perf_counter()
         result = evaluate_stream(
-            loaded.backbone, loaded.heads, cfg, d, max_batches=cfg.eval.max_batches or None, flip=args.flip,
+            loaded.backbone, loaded.heads, cfg, d, max_batches=cfg.eval.max_batches, flip=args.flip,
             n_samples=args.samples, shards=shards, crf_pool=pool, cluster_alpha=cfg.eval.cluster_alpha,
             eicue_samples=False,
         )

@@ -45,7 +45,6 @@ import signal
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -55,7 +54,7 @@ from eagle_dist import config as config_mod
 from eagle_dist.config import Config
 from eagle_dist.distributed import slurm_job_id
 from eagle_dist.engine.step import run_step
-from eagle_dist.method.eagle import EagleHeads, build_optimizer, loss_names, training_step_losses
+from eagle_dist.method.eagle import EagleHeads, build_model, build_optimizer, loss_names, training_step_losses
 
 
 class TrainingError(EagleError, RuntimeError):
@@ -96,9 +95,9 @@ class Trainer:
             zero_stage=cfg.dist.zero_stage,
             mixed_precision=cfg.dist.mixed_precision,
             grad_clip=cfg.optim.grad_clip,
-            expected_world_size=cfg.dist.expected_world_size or None,
+            expected_world_size=cfg.dist.expected_world_size,
             seed=cfg.train.seed,
-            cpu_threads=cfg.dist.cpu_threads or None,
+            cpu_threads=cfg.dist.cpu_threads,
             micro_batch_size=cfg.data.batch_size,
         )
         self.device = self.dist.device
@@ -254,25 +253,9 @@ class Trainer:
         self.dist.barrier()
 
     def _build_model(self) -> None:
-        from eagle_dist.method.backbone import FrozenViT
-
         cfg = self.cfg
-        torch.manual_seed(cfg.train.seed)  # identical head initialisation on every rank
-        with warnings.catch_warnings():
-            # The random-init warning once per job, not once per rank; none when an official
-            # checkpoint provides the backbone.
-            if not self.dist.is_main or cfg.model.init_from:
-                warnings.simplefilter("ignore")
-            self.backbone = FrozenViT(cfg.model.backbone, cfg.model.weights, fused_attn=cfg.model.fused_attn)
-        heads = EagleHeads(cfg, self.backbone.out_channels)
-        if cfg.model.init_from:
-            from eagle_dist.method.official import load_official_checkpoint
-
-            official = load_official_checkpoint(cfg.model.init_from)
-            official.load_into(self.backbone, heads)
-            self.dist.print(f"initialised the backbone and all heads from {cfg.model.init_from} "
-                            f"(official step {official.global_step})")
-        self.backbone.to(self.device)
+        # The random-init warning once per job, not once per rank.
+        self.backbone, heads = build_model(cfg, self.device, quiet=not self.dist.is_main, say=self.dist.print)
         optimizer = build_optimizer(heads, cfg, self.global_batch)
         self.heads, self.optimizer = self.dist.prepare(heads, optimizer)
         # Per-rank randomness (dropout masks, correspondence samples) after the shared init.
@@ -301,7 +284,7 @@ class Trainer:
             run_id = extra.get("mlflow_run_id")
             self.dist.print(f"resumed from {latest} at step {self.step}")
         self.tracker = make_tracker(
-            self.dist.is_main, self.run_dir, uri=cfg.tracking.uri or None, experiment=cfg.tracking.experiment
+            self.dist.is_main, self.run_dir, uri=cfg.tracking.uri, experiment=cfg.tracking.experiment
         )
         self.tracker.start(
             run_name=self.run_dir.name, params=config_mod.flatten(self._public_config()), run_id=run_id
@@ -323,14 +306,14 @@ class Trainer:
 
     def _report_unfinished_checkpoints(self) -> None:
         """Say which checkpoint folders the resume ignores because their save never finished."""
-        from eagle_dist.checkpoint import MARKER, TMP_PREFIX, is_complete
+        from eagle_dist.checkpoint import MARKER, STEP_PREFIX, TMP_PREFIX, is_complete
 
         root = self.run_dir / "checkpoints"
         if not self.dist.is_main or not root.is_dir():
             return
         # A temporary folder is unfinished even with its marker: the rename is the commit.
         unfinished = sorted(p.name for p in root.iterdir() if p.is_dir() and (
-            p.name.startswith(TMP_PREFIX) or (p.name.startswith("step-") and not is_complete(p))))
+            p.name.startswith(TMP_PREFIX) or (p.name.startswith(STEP_PREFIX) and not is_complete(p))))
         if unfinished:
             self.dist.print(
                 f"ignoring unfinished checkpoint folder(s) in {root}: {', '.join(unfinished)} (their save "
@@ -566,11 +549,11 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):
             if cfg.model.unlabeled:
                 result = evaluate_unlabeled(self.backbone, self.raw_heads, cfg, self.dist, shards=self.eval_shards,
-                                            max_batches=cfg.eval.max_batches or None)
+                                            max_batches=cfg.eval.max_batches)
             else:
                 result = evaluate_stream(
                     self.backbone, self.raw_heads, cfg, self.dist,
-                    max_batches=cfg.eval.max_batches or None, kmeans_baseline=final, shards=self.eval_shards,
+                    max_batches=cfg.eval.max_batches, kmeans_baseline=final, shards=self.eval_shards,
                 )
         metrics = {f"eval/{k}": v for k, v in result.scalars().items()}
         self.tracker.log_metrics(metrics, step=self.step)
