@@ -51,7 +51,7 @@ from eagle_dist.constants import IMAGENET_MEAN, IMAGENET_STD
 from eagle_dist.method import eicue
 from eagle_dist.config import ConfigError, load_config, to_dict
 
-# Default per-process batch of the step benchmark (the target in issue 7 is stated for batch 4).
+# Default per-process batch of the step benchmark (the throughput target is stated for batch 4).
 DEFAULT_STEP_BATCH = 4
 # Sections whose times add up to the forward pass; the rest of the step is named separately.
 FORWARD_PARTS = ("backbone", "heads", "eicue", "corr", "nce", "probes")

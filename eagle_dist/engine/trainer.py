@@ -29,7 +29,7 @@ workers).  SIGUSR1 is the pre-timeout signal launch/slurm/train.sbatch asks Slur
 the save, rank 0 runs `scontrol requeue $SLURM_JOB_ID` (see `requeue_slurm_job`) and the
 requeued job resumes from that checkpoint with the same run folder and MLflow run.  SIGTERM
 saves and exits without requeueing: `scancel` sends SIGTERM, and a job that requeues itself
-on SIGTERM comes back after every scancel (checked on Slurm 22.05); Slurm's own preemption
+on SIGTERM comes back after every scancel; Slurm's own preemption
 with PreemptMode=REQUEUE requeues the job by itself.  A DataError from any rank's stream
 (shards that yield nothing usable) and NaN/Inf losses in `train.max_bad_steps` steps in a row
 stop every rank with a checkpoint and one message.  Corrupt or truncated shard members are
@@ -73,7 +73,7 @@ def requeue_slurm_job(job_id: str, scontrol: str = "scontrol", timeout_s: float 
     """Put Slurm job `job_id` back in the queue: None on success, else why it failed.
 
     Slurm then ends the running job (SIGTERM, then SIGKILL after KillWait) and starts it again
-    with the same job id once its requeue delay has passed (about two minutes on 22.05).
+    with the same job id once its requeue delay has passed.
     """
     try:
         done = subprocess.run([scontrol, "requeue", str(job_id)], capture_output=True, text=True,

@@ -96,9 +96,8 @@ class EagleHeads(nn.Module):
         lc = self.cfg.loss
         # At most MEDOID_CHUNK_ROWS candidate rows per medoid-search chunk: a chunk is compared
         # with the span of the groups it touches, so small chunks keep the work near
-        # sum(group size^2) instead of (B*N)^2 when the batch is small (3x faster at B = 4).
-        # From B = 16 at 784 tokens the default memory bound is the tighter one, so B = 32
-        # chooses exactly as before.
+        # sum(group size^2) instead of (B*N)^2 when the batch is small.  From B = 16 at 784
+        # tokens the default memory bound is the tighter one.
         chunk_elems = min(losses.DEFAULT_MEDOID_CHUNK_ELEMS, MEDOID_CHUNK_ROWS * z_anchor.shape[0])
         return losses.object_centric_nce(
             z_anchor, z_other, self._nce_labels(eicue_map), kappa,
