@@ -10,7 +10,7 @@ nothing else reads RANK / WORLD_SIZE / SLURM_* from the environment.
     stop = d.any_flag(preempted)          # every rank gets the same answer
     d.cleanup()
 
-Launch lines that really start N processes (tests/test_dist.py runs each of the first six
+Launch lines that really start N processes (tests/distributed/test_dist.py runs each of the first six
 with 2 CPU processes; for srun only the SLURM_* mapping is unit-tested, no Slurm here):
 
     torchrun --nproc_per_node 2 launch/train.py
@@ -32,7 +32,7 @@ no "optimizer" section (DeepSpeed would build FusedAdam for one, and `torch_adam
 inside one; accelerate refuses both a config optimizer and a client one). Optimizer offload
 stays "none": with offload accelerate swaps the Adam for DeepSpeedCPUAdam, another JIT op.
 The CUDA accelerator has no shared-memory comm op. bf16 stays off in the DeepSpeed config
-(see `Precision`). `tests/test_dist.py` checks the config dict.
+(see `Precision`). `tests/distributed/test_dist.py` checks the config dict.
 """
 
 from __future__ import annotations

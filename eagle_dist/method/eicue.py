@@ -8,7 +8,7 @@ gradient: the reference detaches the graph before the eigensolver.
 
 Run the parity checks of this module with
 
-    .venv/bin/python -m pytest tests/test_parity.py -k "color_affinity or laplacian_eigen"
+    .venv/bin/python -m pytest tests/parity/test_parity.py -k "color_affinity or laplacian_eigen"
 
 Quick use::
 

@@ -17,7 +17,7 @@ Use it through EiCue (``eicue.solver=krylov`` in the config) or directly::
     vals_BK, vecs_BNK = block_krylov_smallest(lap_BNN, k=4)
 
 Accuracy, speed and EiCue-map agreement against ``eigh`` are measured by
-``python -m eagle_dist.bench eigen``; the unit tests are ``tests/test_eigensolvers.py``.
+``python -m eagle_dist.bench eigen``; the unit tests are ``tests/unit/test_eigensolvers.py``.
 
 Notes:
 

@@ -1,6 +1,6 @@
 """eagle_dist.engine.tracking: MLflow runs read back with MlflowClient, resume, unreachable servers.
 
-    .venv/bin/python -m pytest -q tests/test_tracking.py
+    .venv/bin/python -m pytest -q tests/unit/test_tracking.py
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import warnings
 import pytest
 from mlflow import MlflowClient
 
+import helpers
 import toy_train
 from eagle_dist.engine import tracking
 from eagle_dist.engine.tracking import MlflowTracker, NullTracker, TrackingWarning, make_tracker
@@ -23,7 +24,7 @@ def no_outside_tracking_server(monkeypatch):
 
 
 def closed_port_uri(credentials: str = "") -> str:
-    return f"http://{credentials}127.0.0.1:{toy_train.free_port()}"  # nothing listens there
+    return f"http://{credentials}127.0.0.1:{helpers.free_port()}"  # nothing listens there
 
 
 def read_jsonl(run_dir):
@@ -210,5 +211,5 @@ def test_training_goes_on_when_the_server_is_unreachable(tmp_path):
 def test_subprocess_helpers_strip_launcher_variables(monkeypatch):
     monkeypatch.setenv("RANK", "7")
     monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
-    env = toy_train.launch_env(EXTRA="1")
+    env = helpers.launch_env(EXTRA="1")
     assert "RANK" not in env and "ACCELERATE_USE_CPU" not in env and env["EXTRA"] == "1"

@@ -1,12 +1,12 @@
 """Faults and bad input against the real trainer: each one gives a clear message and loses nothing.
 
-    python -m pytest -m faults tests/test_faults.py          # with the unit-level ones elsewhere:
+    python -m pytest -m faults tests/integration/test_faults.py          # with the unit-level ones elsewhere:
     python -m pytest -m "slurm or faults"
 
 Most runs call launch/train.py's main() in this process with a single-process Trainer (CPU,
 tiny config): start-up is paid once and faults are injected by monkeypatching, so the package
 carries no test hooks.  Two need real processes: elastic restarts under torchrun (kills via
-tests/fault_harness.py) and a real MLflow server that is killed mid-run.
+tests/train_harness.py with EAGLE_TEST_FAULTS) and a real MLflow server that is killed mid-run.
 
 Faults covered at the unit level elsewhere (also marked `faults`): config keys and types
 (test_config), unreadable / foreign weights (test_backbone), unmarked checkpoint folders, disk
@@ -34,11 +34,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import TINY, _env, _free_port, shards  # noqa: F401  (shards is a fixture)
+from helpers import TINY, free_port, launch_env
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEFAULT = str(REPO / "configs" / "default.yaml")
-FAULT_HARNESS = str(REPO / "tests" / "fault_harness.py")
+FAULT_HARNESS = str(REPO / "tests" / "train_harness.py")  # it injects the faults of EAGLE_TEST_FAULTS
 
 pytestmark = pytest.mark.faults
 
@@ -120,7 +120,7 @@ def _wrap_step(monkeypatch, at_step):
 
 def test_mistyped_config_key_exits_2_and_names_the_key():
     done = subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), "--config", DEFAULT, "optim.lrr=1e-3"],
-                          capture_output=True, text=True, env=_env(), cwd=REPO, timeout=300)
+                          capture_output=True, text=True, env=launch_env(), cwd=REPO, timeout=300)
     assert done.returncode == 2
     assert "config error" in done.stderr and "unknown config key 'optim.lrr'" in done.stderr
     assert "Traceback" not in done.stderr
@@ -371,14 +371,14 @@ def test_requeue_without_scontrol_is_reported_not_raised(tmp_path):
 @pytest.fixture
 def mlflow_server(tmp_path):
     """A real `mlflow server` on 127.0.0.1 (sqlite backend); yields (uri, db uri, process)."""
-    port = _free_port()
+    port = free_port()
     db = tmp_path / "server.db"
     log = open(tmp_path / "mlflow-server.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{db}",
          "--default-artifact-root", str(tmp_path / "server-artifacts"), "--host", "127.0.0.1",
          "--port", str(port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=_env(), cwd=tmp_path,
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=launch_env(), cwd=tmp_path,
     )
     uri = f"http://127.0.0.1:{port}"
     try:
@@ -452,11 +452,11 @@ def test_torchrun_restarts_after_kill_9_and_never_uses_a_half_written_checkpoint
     kill_step, kill_rank = rng.choice([3, 4, 5]), rng.choice([0, 1])
     expected_resume = max(2, kill_step // 2 * 2)  # checkpoints every 2 steps; step 4 re-saved in attempt 1
     out = tmp_path / "out"
-    env = {**_env(), "EAGLE_TEST_FAULTS": f"save:4:0;step:{kill_step}:{kill_rank}",
+    env = {**launch_env(), "EAGLE_TEST_FAULTS": f"save:4:0;step:{kill_step}:{kill_rank}",
            # torch's shared rendezvous store keeps the last attempt's gloo addresses (see train.sbatch)
            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--max-restarts", "2", "--nnodes", "1",
-           "--nproc_per_node", "2", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{_free_port()}",
+           "--nproc_per_node", "2", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{free_port()}",
            FAULT_HARNESS, str(out), *TINY, shards[1], f"data.train_shards={one_shard}",
            f"train.output_dir={tmp_path / 'runs'}", "train.max_steps=6", "train.eval_interval=1000",
            "dist.cpu_threads=1"]
@@ -540,7 +540,7 @@ def test_reading_shards_never_writes_outside_the_work_folders(tmp_path, monkeypa
 
 
 def test_no_secrets_in_logs_config_or_checkpoints(run, tmp_path, recwarn):
-    secret_uri = f"http://alice:s3cr3t-pw@127.0.0.1:{_free_port()}/?token=t0k3n-value"
+    secret_uri = f"http://alice:s3cr3t-pw@127.0.0.1:{free_port()}/?token=t0k3n-value"
     code, out = run("train.max_steps=2", f"tracking.uri={secret_uri}")
     assert code == 0, out[-4000:]
     run_dir = tmp_path / "runs" / "f"

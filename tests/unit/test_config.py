@@ -4,7 +4,7 @@ import pytest
 
 from eagle_dist.config import ConfigError, flatten, from_dict, load_config, parse_override, save_yaml, to_dict
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("name", ["cocostuff27", "cityscapes27", "potsdam3", "default", "cocostuff27_dinov2_vits14",

@@ -5,7 +5,7 @@ the repository; format in its README).  Every weight file and input size is read
 ``expected.npz``'s meta; the weight files are looked up as ``<name>`` or ``<name>.gz`` in the
 fixture folder, then in ``$EAGLE_DINOV2_WEIGHTS`` if that is set.
 
-    .venv/bin/python -m pytest tests/test_dinov2.py -rA -s    # prints the largest error per file and size
+    .venv/bin/python -m pytest tests/integration/test_dinov2.py -rA -s    # prints the largest error per file and size
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 from eagle_dist.method.backbone import FrozenViT, WeightsError
 from eagle_dist.method import dinov2
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 ATOL = RTOL = 1e-4  # the fixture README's tolerance
 
 
