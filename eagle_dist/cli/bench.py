@@ -188,6 +188,20 @@ def _breakdown(step_parts: list[dict], step_median: float, local_parts: list[dic
     return breakdown
 
 
+def _backbone_only(d, backbone, batch: dict, warmup: int, steps: int) -> float:
+    """Median time of the backbone alone on the step's two views (the ratio's denominator)."""
+    times = []
+    for _ in range(warmup + steps):
+        _sync(d.device)
+        t0 = time.perf_counter()
+        with d.precision.context():
+            backbone(batch["img"])
+            backbone(batch["img_aug"])
+        _sync(d.device)
+        times.append(time.perf_counter() - t0)
+    return _median(times[warmup:])
+
+
 def run_step_bench(args: argparse.Namespace) -> dict | None:
     from eagle_dist.engine.step import run_step
     from eagle_dist.method.eagle import loss_names, training_step_losses
@@ -227,16 +241,7 @@ def run_step_bench(args: argparse.Namespace) -> dict | None:
         local_parts = timed_steps(max(2, args.steps // 2), sync_grads=False)[1] if d.distributed else None
         breakdown = _breakdown(step_parts, step_median, local_parts)
 
-        backbone_times = []
-        for _ in range(args.warmup + args.steps):
-            _sync(device)
-            t0 = time.perf_counter()
-            with d.precision.context():
-                backbone(batch["img"])
-                backbone(batch["img_aug"])
-            _sync(device)
-            backbone_times.append(time.perf_counter() - t0)
-        backbone_only = _median(backbone_times[args.warmup:])
+        backbone_only = _backbone_only(d, backbone, batch, args.warmup, args.steps)
         # Every rank measured its own step; the slowest rank's median sets the pace.
         slowest = float(d.all_reduce_max(torch.tensor(step_median, dtype=torch.float64, device=device)))
     finally:
