@@ -34,7 +34,7 @@ from eagle_dist.method.probes import ClusterLookup, LinearProbe
 MEDOID_CHUNK_ROWS = 512
 # The scalars EagleHeads.forward returns (training_step_losses too), in logging order.
 # The per-view / per-direction terms and the cd means are the other values the official step
-# logs (tests/test_step_parity.py compares them); loss_nce_p/_a are 0 before the u switch, where
+# logs (tests/parity/test_step_parity.py compares them); loss_nce_p/_a are 0 before the u switch, where
 # the InfoNCE is skipped.
 LOSS_NAMES = ("loss", "loss_eigen", "loss_corr", "loss_pos_inter", "loss_neg_inter", "loss_nce", "loss_linear",
               "loss_cluster", "loss_eigen_p", "loss_eigen_a", "loss_nce_p", "loss_nce_a", "cd_pos_inter",
