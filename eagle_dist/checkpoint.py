@@ -74,7 +74,8 @@ DEEPSPEED_DIR = "deepspeed"
 DEEPSPEED_TAG = "engine"
 TMP_PREFIX = ".incomplete-"
 TRASH_PREFIX = ".replaced-"
-_STEP_RE = re.compile(r"step-(\d{8,})")
+STEP_PREFIX = "step-"
+STEP_DIR_RE = re.compile(STEP_PREFIX + r"(\d{8,})")  # step-00001000 (8 digits, more past 10^8)
 
 
 class CheckpointError(EagleError, RuntimeError):
@@ -86,7 +87,7 @@ class CheckpointSaveError(CheckpointError):
 
 
 def step_dir_name(step: int) -> str:
-    return f"step-{step:08d}"
+    return f"{STEP_PREFIX}{step:08d}"
 
 
 def is_complete(path: Path) -> bool:
@@ -100,7 +101,7 @@ def complete_checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:
         return []
     found = []
     for child in root.iterdir():
-        match = _STEP_RE.fullmatch(child.name)
+        match = STEP_DIR_RE.fullmatch(child.name)
         if match and child.is_dir() and is_complete(child):
             found.append((int(match.group(1)), child))
     return sorted(found)
@@ -529,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no such folder: {root}", file=sys.stderr)
         return 2
     for child in sorted(root.iterdir()):
-        if _STEP_RE.fullmatch(child.name):
+        if STEP_DIR_RE.fullmatch(child.name):
             if is_complete(child):
                 state = read_state(child)
                 print(f"{child.name}  complete  world_size={state['world_size']}  strategy={state['strategy']}")

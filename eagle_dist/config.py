@@ -30,6 +30,14 @@ import yaml
 from eagle_dist.errors import EagleError
 
 
+# The allowed values of the choice fields, defined here only: other modules derive their lists
+# from these (typing.get_args), e.g. distributed.STRATEGIES, eicue.EIGEN_SOLVERS.
+ColorMode = Literal["official", "rgb01"]
+EigenSolver = Literal["eigh", "eigh64", "krylov"]
+Strategy = Literal["auto", "ddp", "deepspeed"]
+MixedPrecision = Literal["auto", "no", "bf16"]
+
+
 class ConfigError(EagleError, ValueError):
     """A config file or override that does not fit the schema."""
 
@@ -81,14 +89,14 @@ class ModelConfig:
 class EiCueConfig:
     # Quirk 7: "official" feeds ImageNet-normalised pixels / 255 to the colour kernel (an almost
     # constant affinity); "rgb01" de-normalises to [0, 1] RGB first (a real colour kernel).
-    color_mode: Literal["official", "rgb01"] = "official"
+    color_mode: ColorMode = "official"
     color_sigma: float = 0.1
     # Quirk 8: the augmented view's graph uses the colour of the un-augmented image.  True uses
     # the augmented (blurred) pixels instead.
     color_from_aug_view: bool = False
     # "eigh": batched fp32 torch.linalg.eigh (parity); "eigh64": the same in fp64; "krylov": the
     # fast block Krylov solver for the k smallest pairs only (eagle_dist/eigensolvers.py).
-    solver: Literal["eigh", "eigh64", "krylov"] = "eigh"
+    solver: EigenSolver = "eigh"
 
 
 @dataclass
@@ -175,26 +183,26 @@ class TrainConfig:
 @dataclass
 class DistConfig:
     # "auto": DeepSpeed when the accelerate config selects it, else DDP.
-    strategy: Literal["auto", "ddp", "deepspeed"] = "auto"
-    zero_stage: int = 0  # 1 or 2; 0 = the accelerate config's stage, else 2
+    strategy: Strategy = "auto"
+    zero_stage: Optional[int] = None  # 1 or 2; None = the accelerate config's stage, else 2
     # "auto": bf16 autocast on a GPU with native bf16, fp32 elsewhere; "bf16": bf16 autocast
     # wherever asked, CPU included (distributed.resolve_precision).  Eigendecompositions are fp32.
-    mixed_precision: Literal["auto", "no", "bf16"] = "auto"
-    # Refuse to start unless this many processes are running (0 = no check beyond the launcher's).
-    expected_world_size: int = 0
-    cpu_threads: int = 0  # torch threads per process; 0 = cores / processes on this node
+    mixed_precision: MixedPrecision = "auto"
+    # Refuse to start unless this many processes are running.
+    expected_world_size: Optional[int] = None  # None: trust the launcher
+    cpu_threads: Optional[int] = None  # torch threads per process; None = cores / processes on this node
 
 
 @dataclass
 class TrackingConfig:
-    # MLflow tracking URI; empty = $MLFLOW_TRACKING_URI, else sqlite in the run folder.
-    uri: str = ""
+    # MLflow tracking URI; None = $MLFLOW_TRACKING_URI, else sqlite in the run folder.
+    uri: Optional[str] = None
     experiment: str = "eagle-dist"
 
 
 @dataclass
 class EvalConfig:
-    max_batches: int = 0  # 0 = the whole validation stream
+    max_batches: Optional[int] = None  # None = the whole validation stream
     flip: bool = False  # flip TTA (official final protocol: True; in-training validation: False)
     crf: bool = False
     cluster_alpha: float = 4.0  # softmax temperature of the cluster probe before the CRF
@@ -349,7 +357,13 @@ def validate(cfg: Config) -> None:
         (cfg.model.extra_clusters >= 0, "model.extra_clusters must be >= 0"),
         (cfg.data.batch_size >= 1, "data.batch_size must be >= 1"),
         (cfg.train.max_steps >= 1, "train.max_steps must be >= 1"),
-        (cfg.dist.zero_stage in (0, 1, 2), "dist.zero_stage must be 0 (from the launcher), 1 or 2"),
+        (cfg.dist.zero_stage in (None, 1, 2), "dist.zero_stage must be 1, 2 or null (from the launcher)"),
+        (cfg.dist.expected_world_size is None or cfg.dist.expected_world_size >= 1,
+         "dist.expected_world_size must be >= 1 or null (trust the launcher)"),
+        (cfg.dist.cpu_threads is None or cfg.dist.cpu_threads >= 1,
+         "dist.cpu_threads must be >= 1 or null (cores / processes on this node)"),
+        (cfg.eval.max_batches is None or cfg.eval.max_batches >= 1,
+         "eval.max_batches must be >= 1 or null (the whole validation stream)"),
         (cfg.train.keep_last >= 1, "train.keep_last must be >= 1"),
     ]
     patch = patch_size(cfg.model.backbone)
@@ -376,7 +390,18 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
+# Unset values were spelled 0 / "" before they became null; configs stored in checkpoints and
+# run folders then are read with the new spelling.
+_LEGACY_UNSET = {("dist", "zero_stage"): 0, ("dist", "expected_world_size"): 0, ("dist", "cpu_threads"): 0,
+                 ("tracking", "uri"): "", ("eval", "max_batches"): 0}
+
+
 def from_dict(data: dict) -> Config:
+    """A validated Config from a stored (checkpoint / run folder) config dict."""
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for (section, key), old in _LEGACY_UNSET.items():
+        if isinstance(data.get(section), dict) and data[section].get(key) == old:
+            data[section][key] = None
     cfg = Config()
     _apply(cfg, data)
     validate(cfg)

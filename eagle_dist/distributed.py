@@ -10,7 +10,7 @@ nothing else reads RANK / WORLD_SIZE / SLURM_* from the environment.
     stop = d.any_flag(preempted)          # every rank gets the same answer
     d.cleanup()
 
-Launch lines that really start N processes (tests/test_dist.py runs each of the first six
+Launch lines that really start N processes (tests/distributed/test_dist.py runs each of the first six
 with 2 CPU processes; for srun only the SLURM_* mapping is unit-tested, no Slurm here):
 
     torchrun --nproc_per_node 2 launch/train.py
@@ -23,51 +23,8 @@ with 2 CPU processes; for srun only the SLURM_* mapping is unit-tested, no Slurm
         --machine_rank R --main_process_ip HOST --main_process_port PORT launch/train.py
     srun --ntasks N python launch/train.py     # one task per GPU; RANK etc. derived from SLURM_*
 
-Launchers and what they promise (read from accelerate 1.15 / torch 2.13 sources):
-
-* torchrun (and `accelerate launch --multi_gpu` / the DeepSpeed launcher on one node, which
-  call torchrun in-process) export RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE. Their
-  WORLD_SIZE is the truth; we only check that the process group agrees with it.
-* `accelerate launch --cpu --num_processes N` goes through accelerate's *simple* launcher:
-  it starts exactly ONE process, exports ACCELERATE_USE_CPU and, because N > 1, MASTER_ADDR and
-  MASTER_PORT, but no RANK/WORLD_SIZE. That combination is the only trace of the broken promise,
-  so we treat it as "at least 2 processes were asked for" and refuse to run alone.
-  A config file with `use_cpu: true` and distributed_type MULTI_GPU does start N processes
-  (only the --cpu flag routes to the simple launcher), but that launcher does not pass
-  use_cpu on; setup() picks CPU by itself when no GPU is visible, and on a GPU machine
-  CUDA_VISIBLE_DEVICES= or ACCELERATE_USE_CPU=1 forces CPU.
-* The `accelerate` console script imports timm (for `accelerate estimate-memory`) and thus
-  torchvision before any of our code runs; on a CPU torch with a CUDA-linked torchvision that
-  import dies unless eagle_dist_tvshim.pth (written by `make install`) is in site-packages.
-  `python -m accelerate.commands.launch ...` is the same launch code without that import.
-* srun (one task per GPU, no torchrun): SLURM_PROCID / SLURM_STEP_NUM_TASKS / SLURM_LOCALID /
-  SLURM_STEP_TASKS_PER_NODE / SLURM_STEP_NODELIST are mapped to RANK, WORLD_SIZE, LOCAL_RANK,
-  LOCAL_WORLD_SIZE, MASTER_ADDR (first node) and MASTER_PORT (20000 + job id % 10000 unless
-  set) before the process group starts. Only srun sets the SLURM_STEP_* variables, so a plain
-  `python` inside an sbatch script is not mistaken for a multi-task step.
-
-accelerate + DeepSpeed on CPU (findings, accelerate 1.15.0, deepspeed 0.19.8, torch 2.13 CPU):
-
-* `Accelerator(cpu=True)` silently disables the DeepSpeed plugin, so DeepSpeed on CPU is
-  built WITHOUT cpu=True and WITH `InitProcessGroupKwargs(backend="gloo")`. Without the
-  explicit backend accelerate computes backend=None on a GPU-less host, initialises
-  DeepSpeed's process group anyway and then reports num_processes=1 and process_index=0 on
-  every rank (checked under torchrun with 2 processes: both think they are the main one).
-* DeepSpeed picks its CPU accelerator automatically when CUDA is absent (we set
-  DS_ACCELERATOR=cpu to skip the probing warning); its CPU accelerator falls back to gloo
-  when oneccl_bindings_for_pytorch is missing. ZeRO-1 and ZeRO-2 train correctly on gloo.
-* accelerate 1.15's `DeepSpeedPlugin.select()` imports `transformers` unconditionally (to
-  register HfDeepSpeedConfig for ZeRO-3 `from_pretrained`). We do not use transformers and
-  refuse ZeRO-3, so `_DeepSpeedPlugin` skips that registration when transformers is absent.
-* DeepSpeed's TorchBackend JIT-compiles the `deepspeed_shm_comm` C++ op on every CPU start
-  (~25 s measured here, minutes on a loaded machine). It only serves `inference_all_reduce` (AutoTP inference) and
-  is never used by ZeRO training. We mark it incompatible in
-  `deepspeed.ops.__compatible_ops__` before DeepSpeed initialises, which makes
-  `build_shm_op()` return None (init drops from ~27 s to ~1.3 s here). If you ever need the
-  op, let it build once and keep the build with TORCH_EXTENSIONS_DIR=<persistent dir>
-  (torch's cpp_extension cache; a rebuild is skipped when sources are unchanged).
-* DeepSpeed needs `train_micro_batch_size_per_gpu`; accelerate fills it from a prepared
-  DataLoader, which we do not pass (streaming loaders), so setup() takes `micro_batch_size`.
+Why each launcher is handled as it is, and the accelerate / DeepSpeed-on-CPU workarounds
+below (the simple launcher of `--cpu`, the shm op, micro_batch_size): README, "Launcher notes".
 
 DeepSpeed on GPU builds no C++/CUDA op at run time (a JIT build takes minutes and needs nvcc):
 the optimizer is our torch.optim.Adam passed as a client optimizer, so the DeepSpeed config has
@@ -75,7 +32,7 @@ no "optimizer" section (DeepSpeed would build FusedAdam for one, and `torch_adam
 inside one; accelerate refuses both a config optimizer and a client one). Optimizer offload
 stays "none": with offload accelerate swaps the Adam for DeepSpeedCPUAdam, another JIT op.
 The CUDA accelerator has no shared-memory comm op. bf16 stays off in the DeepSpeed config
-(see `Precision`). `tests/test_dist.py` checks the config dict.
+(see `Precision`). `tests/distributed/test_dist.py` checks the config dict.
 """
 
 from __future__ import annotations
@@ -86,6 +43,7 @@ import os
 import re
 import socket
 import sys
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -93,11 +51,12 @@ from typing import Any
 import torch
 import torch.distributed as tdist
 
+from eagle_dist.config import MixedPrecision, Strategy
 from eagle_dist.errors import EagleError
 
-STRATEGIES = ("auto", "ddp", "deepspeed")
+STRATEGIES = typing.get_args(Strategy)
 ZERO_STAGES = (1, 2)
-MIXED_PRECISIONS = ("auto", "no", "bf16")
+MIXED_PRECISIONS = typing.get_args(MixedPrecision)
 
 WORKING_LAUNCH_LINES = """\
 Launch lines that really start N processes:
@@ -549,10 +508,10 @@ class Dist:
         from accelerate.state import AcceleratorState, GradientState
         from torch.nn.parallel import DistributedDataParallel
 
-        # torch 2.13 + gloo: a DDP Reducer still alive when the interpreter exits aborts the
-        # process now and then ("terminate called without an active exception", about 1 in 4
-        # two-rank runs here), turning a finished run into a failed one. Free the reducers
-        # while the process group exists; the models are not trained after cleanup anyway.
+        # With gloo, a DDP Reducer still alive when the interpreter exits aborts the process now
+        # and then ("terminate called without an active exception"), turning a finished run into
+        # a failed one. Free the reducers while the process group exists; the models are not
+        # trained after cleanup anyway.
         for model in getattr(self.accelerator, "_models", []):
             if isinstance(model, DistributedDataParallel):
                 model.reducer = None
@@ -586,13 +545,11 @@ def _resolve(
     stage: int | None = None
     if strategy == "deepspeed":
         launcher_stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
-        if zero_stage == 0:
-            zero_stage = None  # configs write 0 for "unset"
         if launcher_stage is not None and zero_stage is not None and int(launcher_stage) != zero_stage:
             raise DistributedSetupError(
                 f"The accelerate config asks for ZeRO stage {launcher_stage} but the run config "
                 f"asks for zero_stage={zero_stage} (dist.zero_stage). Make them agree, or set "
-                "dist.zero_stage=0 to take the accelerate config's stage."
+                "dist.zero_stage=null to take the accelerate config's stage."
             )
         stage = zero_stage if zero_stage is not None else int(launcher_stage or 2)
         if stage not in ZERO_STAGES:
@@ -619,7 +576,7 @@ def setup(
     """Detect the launcher, start the process group through accelerate, check the world size.
 
     strategy: "ddp", "deepspeed", or "auto" (DeepSpeed iff the accelerate config selects it).
-    zero_stage: 1 or 2; None or 0 takes the accelerate config's stage, else 2.
+    zero_stage: 1 or 2; None takes the accelerate config's stage, else 2.
     mixed_precision: "auto" (bf16 on GPU, fp32 on CPU), "no" or "bf16" (honoured on CPU too);
         resolved once by `resolve_precision` into `Dist.precision`, which the model's forward
         enters. The run config decides; the launcher's --mixed_precision is ignored.

@@ -1,4 +1,11 @@
-"""Shared test set-up: tests run on CPU, with few threads so parallel processes do not fight."""
+"""Shared test set-up: tests run on CPU, with few threads so parallel processes do not fight.
+
+Layout: unit/ (one module, in process, seconds), parity/ (against the official code's recorded
+outputs), integration/ (the tools end to end in one process: train, evaluate, predict, bench,
+faults), distributed/ (real launchers: torchrun, accelerate, DeepSpeed, Slurm).  Helpers that
+several folders use live in helpers.py (importable: this file puts tests/ on sys.path) and as
+fixtures here; the harnesses (train_harness.py, toy_train.py) are scripts in this folder.
+"""
 
 import os
 import sys
@@ -6,11 +13,16 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))
 
 import eagle_dist  # noqa: E402,F401  (torchvision shim before anything imports timm)
 import torch  # noqa: E402
+
+import helpers  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -26,3 +38,10 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def python_exe():
     return sys.executable
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> list[str]:
+    """Tiny synthetic train (24) / val (10) shards, as the two overrides that point a run at them."""
+    folders = helpers.synthetic_shards(tmp_path_factory.mktemp("synthetic"), {"train": 24, "val": 10}, per_shard=7)
+    return [f"data.train_shards={folders['train']}", f"data.val_shards={folders['val']}"]

@@ -26,7 +26,6 @@ import errno
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +41,7 @@ from eagle_dist import distributed as dist_mod  # noqa: E402
 from eagle_dist.checkpoint import CheckpointManager, CheckpointSaveError  # noqa: E402
 from eagle_dist.engine.step import run_step  # noqa: E402
 from eagle_dist.engine.tracking import NullTracker, make_tracker  # noqa: E402
+from helpers import launch_env  # noqa: E402
 
 IN_DIM, HIDDEN, OUT_DIM, BATCH = 8, 16, 4, 16
 SCRIPT = Path(__file__).resolve()
@@ -50,25 +50,6 @@ LAUNCH_TIMEOUT_S = 240  # a hung rendezvous must fail the test, not the CI job
 
 
 # ----------------------------------------------------------------------------- for the tests
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def launch_env(**extra: str) -> dict[str, str]:
-    """Environment for launched ranks: one thread each, the checkout importable."""
-    env = dict(os.environ)
-    for key in [k for k in env if k.startswith(("ACCELERATE_", "MLFLOW_", "SLURM_"))] + [
-        "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-    ]:
-        env.pop(key, None)  # the launcher under test must be the only source of these
-    env["OMP_NUM_THREADS"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env.update(extra)
-    return env
 
 
 def torchrun_cmd(*toy_args: str, nproc: int = 2) -> list[str]:

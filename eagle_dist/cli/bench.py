@@ -38,7 +38,6 @@ import argparse
 import contextlib
 import importlib
 import json
-import math
 import os
 import platform
 import resource
@@ -51,11 +50,12 @@ from pathlib import Path
 import torch
 
 from eagle_dist import profiling
+from eagle_dist.constants import IMAGENET_MEAN, IMAGENET_STD
 
 from eagle_dist.method import eicue
 from eagle_dist.config import ConfigError, load_config, to_dict
 
-# Default per-process batch of the step benchmark (the target in issue 7 is stated for batch 4).
+# Default per-process batch of the step benchmark (the throughput target is stated for batch 4).
 DEFAULT_STEP_BATCH = 4
 # Sections whose times add up to the forward pass; the rest of the step is named separately.
 FORWARD_PARTS = ("backbone", "heads", "eicue", "corr", "nce", "probes")
@@ -78,8 +78,8 @@ def synthetic_images(batch: int, size: int, regions: int = 5, noise: float = 0.0
     rgb_BHW3 = torch.gather(colours_BR3, 1, cell_BHW.reshape(batch, -1, 1).expand(-1, -1, 3))
     rgb_B3HW = rgb_BHW3.reshape(batch, size, size, 3).permute(0, 3, 1, 2)
     rgb_B3HW = (rgb_B3HW + noise * torch.randn(rgb_B3HW.shape, generator=generator)).clamp(0, 1)
-    mean = torch.tensor(eicue.IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(eicue.IMAGENET_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     return ((rgb_B3HW - mean) / std).contiguous()
 
 
@@ -118,16 +118,6 @@ def _machine(device: torch.device) -> dict:
     return info
 
 
-def _quiet_backbone(cfg, device: torch.device):
-    from eagle_dist.method.backbone import FrozenViT
-
-    with warnings.catch_warnings():
-        # Random weights are expected here: speed does not depend on the weights.
-        warnings.simplefilter("ignore")
-        backbone = FrozenViT(cfg.model.backbone, cfg.model.weights, fused_attn=cfg.model.fused_attn)
-    return backbone.to(device)
-
-
 def _write_json(path: str | None, result: dict) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -152,7 +142,7 @@ def _peak_memory(device: torch.device) -> tuple[int, str]:
 def _step_setup(args: argparse.Namespace, cfg):
     """(dist, backbone, heads, optimizer, batch): the trainer's model on one synthetic batch."""
     from eagle_dist import distributed as dist_mod
-    from eagle_dist.method.eagle import EagleHeads, build_optimizer
+    from eagle_dist.method.eagle import build_model, build_optimizer
 
     if args.device != "auto" and dist_mod.detect_launch().world_size == 1:
         device = _pick_device(args.device)
@@ -160,11 +150,10 @@ def _step_setup(args: argparse.Namespace, cfg):
             os.environ["ACCELERATE_USE_CPU"] = "1"  # setup() then stays off the GPU
     # A lone process gets a world of one: the step below is the trainer's, collectives included.
     d = dist_mod.setup(strategy="ddp", mixed_precision=cfg.dist.mixed_precision, grad_clip=cfg.optim.grad_clip,
-                       seed=cfg.train.seed, cpu_threads=args.threads or cfg.dist.cpu_threads or None)
-    torch.manual_seed(cfg.train.seed)
+                       seed=cfg.train.seed, cpu_threads=args.threads or cfg.dist.cpu_threads)
     batch_size, device = cfg.data.batch_size, d.device
-    backbone = _quiet_backbone(cfg, device)
-    heads = EagleHeads(cfg, backbone.out_channels).to(device)
+    # Random weights are expected here (speed does not depend on them): no warning.
+    backbone, heads = build_model(cfg, device, quiet=True)
     if args.channels_last:
         heads = heads.to(memory_format=torch.channels_last)
     if args.compile:
@@ -209,9 +198,23 @@ def _breakdown(step_parts: list[dict], step_median: float, local_parts: list[dic
     return breakdown
 
 
+def _backbone_only(d, backbone, batch: dict, warmup: int, steps: int) -> float:
+    """Median time of the backbone alone on the step's two views (the ratio's denominator)."""
+    times = []
+    for _ in range(warmup + steps):
+        _sync(d.device)
+        t0 = time.perf_counter()
+        with d.precision.context():
+            backbone(batch["img"])
+            backbone(batch["img_aug"])
+        _sync(d.device)
+        times.append(time.perf_counter() - t0)
+    return _median(times[warmup:])
+
+
 def run_step_bench(args: argparse.Namespace) -> dict | None:
     from eagle_dist.engine.step import run_step
-    from eagle_dist.method.eagle import LOSS_NAMES, training_step_losses
+    from eagle_dist.method.eagle import loss_names, training_step_losses
 
     try:
         cfg = load_config(None, [f"data.batch_size={DEFAULT_STEP_BATCH}", *args.overrides])
@@ -233,7 +236,7 @@ def run_step_bench(args: argparse.Namespace) -> dict | None:
                 t0 = time.perf_counter()
                 with contextlib.nullcontext() if sync_grads else heads.no_sync():
                     res = run_step(d, heads, optimizer, forward, batch, step=args.train_step,
-                                   metric_names=LOSS_NAMES, grad_clip=cfg.optim.grad_clip)
+                                   metric_names=loss_names(cfg), grad_clip=cfg.optim.grad_clip)
                 passes.append(res.metrics["backbone_passes"])
                 _sync(device)
                 times.append(time.perf_counter() - t0)
@@ -253,16 +256,7 @@ def run_step_bench(args: argparse.Namespace) -> dict | None:
         local_parts = timed_steps(max(2, args.steps // 2), sync_grads=False)[1] if d.distributed else None
         breakdown = _breakdown(step_parts, step_median, local_parts)
 
-        backbone_times = []
-        for _ in range(args.warmup + args.steps):
-            _sync(device)
-            t0 = time.perf_counter()
-            with d.precision.context():
-                backbone(batch["img"])
-                backbone(batch["img_aug"])
-            _sync(device)
-            backbone_times.append(time.perf_counter() - t0)
-        backbone_only = _median(backbone_times[args.warmup:])
+        backbone_only = _backbone_only(d, backbone, batch, args.warmup, args.steps)
         # Every rank measured its own step; the slowest rank's median sets the pace.
         slowest = float(d.all_reduce_max(torch.tensor(step_median, dtype=torch.float64, device=device)))
     finally:

@@ -60,7 +60,7 @@ PACKAGE = REPO / "eagle_dist"
 # The official COCO-Stuff-27 run (the config defaults) at its per-GPU batch, in bf16.
 OFFICIAL_STEP = ["data.batch_size=32", "dist.mixed_precision=bf16"]
 # The dry run's stand-in: the same commands, sized for a loaded CPU, in fp32 (bf16 autocast on
-# most CPUs is emulated and many times slower; tests/test_precision.py runs the bf16 path on CPU).
+# most CPUs is emulated and many times slower; tests/unit/test_precision.py runs the bf16 path on CPU).
 TINY_STEP = ["model.backbone=vit_tiny_patch16_224", "data.resolution=64", "data.batch_size=2",
              "loss.feature_samples=4", "loss.neg_samples=2", "dist.mixed_precision=no"]
 # The resume check trains the embedded default (configs/default.yaml) on generated shards.

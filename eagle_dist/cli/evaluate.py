@@ -43,26 +43,11 @@ import argparse
 import json
 import math
 import os
-import re
 import sys
 import time
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from eagle_dist import checkpoint as ckpt_mod
-from eagle_dist import config as config_mod
-from eagle_dist.checkpoint import CheckpointError
-from eagle_dist.config import Config
-from eagle_dist.evaluation.inference import (
-    EvaluateError,
-    LoadedModel,
-    load_model,
-    resolve_checkpoint,
-    run_dir_of,
-)
+from eagle_dist.evaluation.inference import EvaluateError, LoadedModel, load_model, resolve_checkpoint
 
 
 # --------------------------------------------------------------------------- report
@@ -181,63 +166,42 @@ def tracking_uri_for(loaded: LoadedModel, explicit: str | None) -> str | None:
     return None
 
 
+def evaluation_metrics(report: dict) -> dict[str, float]:
+    """The scalars of `report` as MLflow metrics: scores, pixel counts, per-class IoU."""
+    values = {f"eval/{name}_{key}": v for name, s in report["metrics"].items() for key, v in s.items()}
+    values["eval/official_dropped_pixels"] = report["pixels"]["dropped_official_cluster"]
+    values["eval/labelled_pixels"] = report["pixels"]["labelled"]
+    for probe_name, per_class in report["per_class_iou"].items():
+        for i, v in enumerate(per_class.values()):
+            values[f"iou/{probe_name}/{i:03d}"] = v  # class names may hold characters MLflow refuses
+    return {k: v for k, v in values.items() if v is not None}
+
+
 def log_to_mlflow(uri: str, report: dict, files: list[Path], experiment: str) -> str | None:
-    """A (nested) MLflow run with the scalars, per-class IoU and files; returns its id or None."""
-    from eagle_dist.engine.tracking import HTTP_ENV_DEFAULTS, TrackingWarning, flatten_params, mask_uri, probe
+    """A (nested) MLflow run with the scalars, per-class IoU and files; its id, None if MLflow failed.
 
-    for key, value in HTTP_ENV_DEFAULTS.items():
-        os.environ.setdefault(key, value)
-    reason = probe(uri)
-    if reason is not None:
-        warnings.warn(f"MLflow at {mask_uri(uri)} is unreachable ({reason}); the results are in "
-                      f"{files[0].parent} only.", TrackingWarning, stacklevel=2)
-        return None
+    Through engine.tracking (the one MLflow client): an unreachable store or an MLflow error
+    costs one warning, the files on disk are already written.
+    """
+    from eagle_dist.engine.tracking import MlflowTracker
+
+    ck = report["checkpoint"]
+    tracker = MlflowTracker(files[0].parent, uri=uri, experiment=experiment, job="evaluation")
     try:
-        import logging
-
-        from mlflow import MlflowClient
-        from mlflow.entities import Metric, Param
-        from mlflow.exceptions import MlflowException
-
-        for name in ("alembic", "mlflow.store.db.utils"):
-            logging.getLogger(name).setLevel(logging.WARNING)
-        client = MlflowClient(tracking_uri=uri)
-        ck = report["checkpoint"]
-        parent = ck.get("mlflow_parent_run_id")
-        tags = {"eagle_dist.kind": "evaluation", "eagle_dist.checkpoint": ck["path"]}
-        experiment_id = None
-        if parent:
-            try:
-                experiment_id = client.get_run(parent).info.experiment_id
-                tags["mlflow.parentRunId"] = parent
-            except MlflowException:
-                warnings.warn(f"the training run {parent} named in the checkpoint is not in {mask_uri(uri)}; "
-                              "logging the evaluation as a top-level run.", TrackingWarning, stacklevel=2)
-        if experiment_id is None:
-            found = client.get_experiment_by_name(experiment)
-            experiment_id = found.experiment_id if found else client.create_experiment(experiment)
-        run = client.create_run(experiment_id, run_name=f"eval-step-{ck['step']:08d}", tags=tags)
-        run_id = run.info.run_id
-        params = flatten_params({"protocol": report["protocol"], "checkpoint": ck, "shards": report["shards"]})
-        client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
-        stamp, step = int(time.time() * 1000), int(ck["step"])
-        values = {f"eval/{name}_{key}": v for name, s in report["metrics"].items() for key, v in s.items()}
-        values["eval/official_dropped_pixels"] = report["pixels"]["dropped_official_cluster"]
-        values["eval/labelled_pixels"] = report["pixels"]["labelled"]
-        for probe_name, per_class in report["per_class_iou"].items():
-            for i, (name, v) in enumerate(per_class.items()):
-                values[f"iou/{probe_name}/{i:03d}"] = v  # class names may hold characters MLflow refuses
-        metrics = [Metric(k, float(v), stamp, step) for k, v in values.items() if v is not None]
-        for i in range(0, len(metrics), 500):
-            client.log_batch(run_id, metrics=metrics[i:i + 500])
+        tracker.start(
+            run_name=f"eval-step-{ck['step']:08d}",
+            params={"protocol": report["protocol"], "checkpoint": ck, "shards": report["shards"]},
+            parent_run_id=ck.get("mlflow_parent_run_id"),
+            tags={"eagle_dist.kind": "evaluation", "eagle_dist.checkpoint": ck["path"]},
+        )
+        tracker.log_metrics(evaluation_metrics(report), step=int(ck["step"]))
         for path in files:
-            client.log_artifact(run_id, str(path))
-        client.set_terminated(run_id)
-        return run_id
-    except Exception as err:  # noqa: BLE001  (the local files are written; MLflow must not fail the job)
-        warnings.warn(f"logging the evaluation to MLflow at {mask_uri(uri)} failed ({err}); the results "
-                      f"are in {files[0].parent}.", TrackingWarning, stacklevel=2)
-        return None
+            tracker.log_artifact(path)
+    except BaseException:
+        tracker.close(status="FAILED")
+        raise
+    tracker.close()
+    return None if tracker.failed else tracker.run_id
 
 
 # --------------------------------------------------------------------------- CLI
@@ -313,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
             "matching": "Hungarian, maximising matched pixels, with extra clusters",
             "n_classes": cfg.model.n_classes,
             "extra_clusters": cfg.model.extra_clusters,
-            "max_batches": cfg.eval.max_batches or None,
+            "max_batches": cfg.eval.max_batches,
             "batch_size_per_rank": cfg.data.val_batch_size,
             "world_size": d.world_size,
         }
@@ -323,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
             protocol["crf_params"] = PARAMS
         t0 = time.perf_counter()
         result = evaluate_stream(
-            loaded.backbone, loaded.heads, cfg, d, max_batches=cfg.eval.max_batches or None, flip=args.flip,
+            loaded.backbone, loaded.heads, cfg, d, max_batches=cfg.eval.max_batches, flip=args.flip,
             n_samples=args.samples, shards=shards, crf_pool=pool, cluster_alpha=cfg.eval.cluster_alpha,
             eicue_samples=False,
         )

@@ -28,7 +28,6 @@ samples keep the original JPEG bytes, or are stored as lossless PNG when the sou
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import io
@@ -36,7 +35,6 @@ import json
 import multiprocessing
 import os
 import re
-import sys
 import tarfile
 import time
 from pathlib import Path
@@ -47,7 +45,7 @@ from PIL import Image
 
 from eagle_dist.errors import EagleError
 from eagle_dist.data import sources
-from eagle_dist.data.sources import BadInput, Item, Source, SourceLayoutError, SyntheticSpec, five_crop_boxes
+from eagle_dist.data.sources import BadInput, Item, Source, SourceLayoutError, five_crop_boxes
 
 BUILDER_VERSION = "1.0"
 IGNORE_VALUE = 255  # stored label value for "no class"; the stream turns it into -1

@@ -58,12 +58,11 @@ import torch.nn.functional as F
 import webdataset as wds
 from PIL import Image
 
+from eagle_dist.constants import IMAGENET_MEAN, IMAGENET_STD
 from eagle_dist.errors import EagleError
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 IGNORE = -1
 STAT_FIELDS = ("samples", "corrupt_samples", "incomplete_samples", "missing_samples", "read_errors")
 # An endless training stream that keeps failing would spin forever; give up after this many

@@ -4,7 +4,11 @@
     tracker.start(run_name="synthetic-default", params=flat_config, run_id=saved_run_id)
     tracker.log_metrics({"loss": 0.3, "images_per_s": 41.0}, step=120)
     tracker.log_artifact(run_dir / "config.yaml")
-    tracker.close()
+    tracker.close(status="FAILED")      # "FINISHED" (default), "FAILED" or "KILLED"
+
+    # a run nested under another (what `eagle-dist evaluate` does under the training run):
+    tracker = MlflowTracker(out_dir, uri=uri, job="evaluation")
+    tracker.start(run_name="eval-step-00000400", params=..., parent_run_id=train_run_id, tags={...})
 
     mlflow ui --backend-store-uri sqlite:///<abs run_dir>/mlflow.db     # browse a local run
 
@@ -17,7 +21,7 @@ first (one JSON object per call: step, time, metrics), and `log_text`/`log_dict`
 written into the run folder before upload. An unreachable server (checked with a 2-second
 probe before the first request) or an MLflow error mid-run produces ONE warning that names the
 URI (credentials masked) and what to do; the tracker then stops talking to MLflow for the rest
-of the run and training goes on. To keep a dead server from stalling a step for minutes we
+of the run and the job goes on.  This module is the only MLflow client in eagle-dist. To keep a dead server from stalling a step for minutes we
 lower MLflow's HTTP timeout/retries (MLFLOW_HTTP_REQUEST_TIMEOUT=10 s,
 MLFLOW_HTTP_REQUEST_MAX_RETRIES=2, MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR=1) unless already set.
 """
@@ -46,6 +50,7 @@ PROBE_TIMEOUT_S = 2.0
 METRICS_FILE = "metrics.jsonl"
 MAX_PARAM_VALUE = 6000  # MLflow's limit on a param value's length
 PARAMS_PER_BATCH = 100  # MLflow's limit per log_batch call
+METRICS_PER_BATCH = 1000  # MLflow's limit per log_batch call
 
 
 class TrackingWarning(UserWarning):
@@ -109,7 +114,8 @@ class NullTracker:
     uri_for_display: str = ""
     active = False
 
-    def start(self, run_name: str, params: Mapping[str, Any], run_id: str | None = None) -> None:
+    def start(self, run_name: str, params: Mapping[str, Any], run_id: str | None = None,
+              parent_run_id: str | None = None, tags: Mapping[str, str] | None = None) -> None:
         pass
 
     def log_params(self, params: Mapping[str, Any]) -> None:
@@ -134,13 +140,16 @@ class NullTracker:
 class MlflowTracker:
     """MLflow client for rank 0 that never stops training and never loses a metric."""
 
-    def __init__(self, run_dir: str | os.PathLike, uri: str | None = None, experiment: str = "eagle-dist"):
+    def __init__(self, run_dir: str | os.PathLike, uri: str | None = None, experiment: str = "eagle-dist",
+                 job: str = "training"):
         self.run_dir = Path(run_dir)
+        self.job = job  # what goes on when MLflow fails (named in the warning)
         self.uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri(self.run_dir)
         self.uri_for_display = mask_uri(self.uri)
         self.experiment = experiment
         self.run_id: str | None = None
         self.active = False  # True while MLflow calls are being made
+        self.failed = False  # MLflow failed at some point (warned once; files only since)
         self._client: Any = None
         self._warned = False
         self._closed = False
@@ -152,11 +161,12 @@ class MlflowTracker:
 
     def _disable(self, what: str, err: BaseException | str) -> None:
         self.active = False
+        self.failed = True
         if self._warned:
             return
         self._warned = True
         warnings.warn(
-            f"MLflow tracking at {self.uri_for_display} failed while {what} ({err}). Training "
+            f"MLflow tracking at {self.uri_for_display} failed while {what} ({err}). {self.job.capitalize()} "
             f"continues; metrics keep going to {self._metrics_path} and files stay in "
             f"{self.run_dir}. Check that the server is up (or unset MLFLOW_TRACKING_URI / set "
             "tracking.uri to use the local sqlite store) and restart to resume logging into "
@@ -167,8 +177,12 @@ class MlflowTracker:
 
     # -- lifecycle
 
-    def start(self, run_name: str, params: Mapping[str, Any], run_id: str | None = None) -> None:
-        """Create (or with `run_id`, continue) the MLflow run and log the params."""
+    def start(self, run_name: str, params: Mapping[str, Any], run_id: str | None = None,
+              parent_run_id: str | None = None, tags: Mapping[str, str] | None = None) -> None:
+        """Create (or with `run_id`, continue) the MLflow run and log the params.
+
+        parent_run_id: nest a new run under that run (in its experiment); tags: set on a new run.
+        """
         self.run_dir.mkdir(parents=True, exist_ok=True)
         # Keep the id even if MLflow is down, so checkpoints still carry it and a later resume
         # with the server back continues the same run.
@@ -178,13 +192,13 @@ class MlflowTracker:
             self._disable("connecting", f"unreachable: {unreachable}")
             return
         try:
-            self._start(run_name, run_id)
+            self._start(run_name, run_id, parent_run_id, dict(tags or {}))
             self.active = True
             self.log_params(params)
         except Exception as err:  # noqa: BLE001  (any MLflow/HTTP/DB error must not stop training)
             self._disable("starting the run", err)
 
-    def _start(self, run_name: str, run_id: str | None) -> None:
+    def _start(self, run_name: str, run_id: str | None, parent_run_id: str | None, tags: dict[str, str]) -> None:
         from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException
 
@@ -204,16 +218,33 @@ class MlflowTracker:
                     TrackingWarning,
                     stacklevel=3,
                 )
-        experiment = client.get_experiment_by_name(self.experiment)
-        if experiment is not None:
-            experiment_id = experiment.experiment_id
-        elif self.uri.startswith("sqlite:") and self.uri == default_uri(self.run_dir):
+        experiment_id = self._parent_experiment(parent_run_id, tags) if parent_run_id else None
+        if experiment_id is None:
+            experiment_id = self._experiment_id()
+        self.run_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+
+    def _experiment_id(self) -> str:
+        found = self._client.get_experiment_by_name(self.experiment)
+        if found is not None:
+            return found.experiment_id
+        if self.uri.startswith("sqlite:") and self.uri == default_uri(self.run_dir):
             # The run folder's own store keeps its artifacts next to it, not in ./mlruns.
             artifacts = (self.run_dir.resolve() / "mlartifacts").as_uri()
-            experiment_id = client.create_experiment(self.experiment, artifact_location=artifacts)
-        else:
-            experiment_id = client.create_experiment(self.experiment)
-        self.run_id = client.create_run(experiment_id, run_name=run_name).info.run_id
+            return self._client.create_experiment(self.experiment, artifact_location=artifacts)
+        return self._client.create_experiment(self.experiment)
+
+    def _parent_experiment(self, parent_run_id: str, tags: dict[str, str]) -> str | None:
+        """The parent run's experiment id (and the nesting tag in `tags`), None if it is gone."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            experiment_id = self._client.get_run(parent_run_id).info.experiment_id
+        except MlflowException:
+            warnings.warn(f"the parent run {parent_run_id} is not in {self.uri_for_display}; logging a "
+                          "top-level run instead.", TrackingWarning, stacklevel=4)
+            return None
+        tags["mlflow.parentRunId"] = parent_run_id
+        return experiment_id
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log params (nested dicts are flattened to dotted keys). On a resumed run, params
@@ -261,7 +292,8 @@ class MlflowTracker:
         stamp = int(now * 1000)
         batch = [Metric(k, v, stamp, int(step)) for k, v in values.items() if math.isfinite(v)]
         try:
-            self._client.log_batch(self.run_id, metrics=batch)
+            for i in range(0, len(batch), METRICS_PER_BATCH):
+                self._client.log_batch(self.run_id, metrics=batch[i : i + METRICS_PER_BATCH])
         except Exception as err:  # noqa: BLE001
             self._disable(f"logging metrics at step {step}", err)
 
@@ -289,7 +321,7 @@ class MlflowTracker:
         self.log_artifact(local, str(Path(name).parent) if Path(name).parent != Path(".") else None)
 
     def close(self, status: str = "FINISHED") -> None:
-        """Mark the run FINISHED (or FAILED / KILLED). Safe to call twice."""
+        """Mark the run FINISHED (or FAILED / KILLED). Safe to call twice: the first status stays."""
         if self._closed:
             return
         self._closed = True
@@ -302,9 +334,10 @@ class MlflowTracker:
 
 
 def make_tracker(
-    is_main: bool, run_dir: str | os.PathLike, uri: str | None = None, experiment: str = "eagle-dist"
+    is_main: bool, run_dir: str | os.PathLike, uri: str | None = None, experiment: str = "eagle-dist",
+    job: str = "training",
 ) -> MlflowTracker | NullTracker:
     """MlflowTracker on rank 0, NullTracker on every other rank."""
     if not is_main:
         return NullTracker()
-    return MlflowTracker(run_dir, uri=uri, experiment=experiment)
+    return MlflowTracker(run_dir, uri=uri, experiment=experiment, job=job)

@@ -29,7 +29,7 @@ workers).  SIGUSR1 is the pre-timeout signal launch/slurm/train.sbatch asks Slur
 the save, rank 0 runs `scontrol requeue $SLURM_JOB_ID` (see `requeue_slurm_job`) and the
 requeued job resumes from that checkpoint with the same run folder and MLflow run.  SIGTERM
 saves and exits without requeueing: `scancel` sends SIGTERM, and a job that requeues itself
-on SIGTERM comes back after every scancel (checked on Slurm 22.05); Slurm's own preemption
+on SIGTERM comes back after every scancel; Slurm's own preemption
 with PreemptMode=REQUEUE requeues the job by itself.  A DataError from any rank's stream
 (shards that yield nothing usable) and NaN/Inf losses in `train.max_bad_steps` steps in a row
 stop every rank with a checkpoint and one message.  Corrupt or truncated shard members are
@@ -38,13 +38,13 @@ skipped by the stream; the running totals are logged as `data/*` metrics.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -54,7 +54,7 @@ from eagle_dist import config as config_mod
 from eagle_dist.config import Config
 from eagle_dist.distributed import slurm_job_id
 from eagle_dist.engine.step import run_step
-from eagle_dist.method.eagle import EagleHeads, build_optimizer, loss_names, training_step_losses
+from eagle_dist.method.eagle import EagleHeads, build_model, build_optimizer, loss_names, training_step_losses
 
 
 class TrainingError(EagleError, RuntimeError):
@@ -73,7 +73,7 @@ def requeue_slurm_job(job_id: str, scontrol: str = "scontrol", timeout_s: float 
     """Put Slurm job `job_id` back in the queue: None on success, else why it failed.
 
     Slurm then ends the running job (SIGTERM, then SIGKILL after KillWait) and starts it again
-    with the same job id once its requeue delay has passed (about two minutes on 22.05).
+    with the same job id once its requeue delay has passed.
     """
     try:
         done = subprocess.run([scontrol, "requeue", str(job_id)], capture_output=True, text=True,
@@ -95,9 +95,9 @@ class Trainer:
             zero_stage=cfg.dist.zero_stage,
             mixed_precision=cfg.dist.mixed_precision,
             grad_clip=cfg.optim.grad_clip,
-            expected_world_size=cfg.dist.expected_world_size or None,
+            expected_world_size=cfg.dist.expected_world_size,
             seed=cfg.train.seed,
-            cpu_threads=cfg.dist.cpu_threads or None,
+            cpu_threads=cfg.dist.cpu_threads,
             micro_batch_size=cfg.data.batch_size,
         )
         self.device = self.dist.device
@@ -109,6 +109,7 @@ class Trainer:
         self.skipped_steps = 0
         self.stop_signal: str | None = None  # "SIGUSR1" / "SIGTERM" once the ranks agreed to stop
         self._start_step = 0
+        self.outcome = "FINISHED"  # the MLflow run's final status (close() sets it)
         self._loader = None  # the current segment's loader (its skip counters)
         self._skips_done = dict.fromkeys(SKIP_FIELDS, 0)  # this rank, finished segments
         self._skips_before = dict.fromkeys(SKIP_FIELDS, 0)  # all ranks, runs before a resume
@@ -116,13 +117,26 @@ class Trainer:
         self._install_signal_handlers()
 
         try:
-            self._prepare_data()
-            self._build_model()
-            self._resume_or_start()
+            with self._outcome_recorded():
+                self._prepare_data()
+                self._build_model()
+                self._resume_or_start()
         except BaseException:
             # launch/train.py only closes a trainer it got back: tear the process group (and a
             # started MLflow run) down here, or a bad shard folder leaves other ranks hanging.
             self.close()
+            raise
+
+    @contextlib.contextmanager
+    def _outcome_recorded(self):
+        """An error marks the MLflow run FAILED (Ctrl-C: KILLED) when close() ends it."""
+        try:
+            yield
+        except KeyboardInterrupt:
+            self.outcome = "KILLED"
+            raise
+        except BaseException:
+            self.outcome = "FAILED"
             raise
 
     # ------------------------------------------------------------------ set-up
@@ -239,25 +253,9 @@ class Trainer:
         self.dist.barrier()
 
     def _build_model(self) -> None:
-        from eagle_dist.method.backbone import FrozenViT
-
         cfg = self.cfg
-        torch.manual_seed(cfg.train.seed)  # identical head initialisation on every rank
-        with warnings.catch_warnings():
-            # The random-init warning once per job, not once per rank; none when an official
-            # checkpoint provides the backbone.
-            if not self.dist.is_main or cfg.model.init_from:
-                warnings.simplefilter("ignore")
-            self.backbone = FrozenViT(cfg.model.backbone, cfg.model.weights, fused_attn=cfg.model.fused_attn)
-        heads = EagleHeads(cfg, self.backbone.out_channels)
-        if cfg.model.init_from:
-            from eagle_dist.method.official import load_official_checkpoint
-
-            official = load_official_checkpoint(cfg.model.init_from)
-            official.load_into(self.backbone, heads)
-            self.dist.print(f"initialised the backbone and all heads from {cfg.model.init_from} "
-                            f"(official step {official.global_step})")
-        self.backbone.to(self.device)
+        # The random-init warning once per job, not once per rank.
+        self.backbone, heads = build_model(cfg, self.device, quiet=not self.dist.is_main, say=self.dist.print)
         optimizer = build_optimizer(heads, cfg, self.global_batch)
         self.heads, self.optimizer = self.dist.prepare(heads, optimizer)
         # Per-rank randomness (dropout masks, correspondence samples) after the shared init.
@@ -286,7 +284,7 @@ class Trainer:
             run_id = extra.get("mlflow_run_id")
             self.dist.print(f"resumed from {latest} at step {self.step}")
         self.tracker = make_tracker(
-            self.dist.is_main, self.run_dir, uri=cfg.tracking.uri or None, experiment=cfg.tracking.experiment
+            self.dist.is_main, self.run_dir, uri=cfg.tracking.uri, experiment=cfg.tracking.experiment
         )
         self.tracker.start(
             run_name=self.run_dir.name, params=config_mod.flatten(self._public_config()), run_id=run_id
@@ -308,14 +306,14 @@ class Trainer:
 
     def _report_unfinished_checkpoints(self) -> None:
         """Say which checkpoint folders the resume ignores because their save never finished."""
-        from eagle_dist.checkpoint import MARKER, TMP_PREFIX, is_complete
+        from eagle_dist.checkpoint import MARKER, STEP_PREFIX, TMP_PREFIX, is_complete
 
         root = self.run_dir / "checkpoints"
         if not self.dist.is_main or not root.is_dir():
             return
         # A temporary folder is unfinished even with its marker: the rename is the commit.
         unfinished = sorted(p.name for p in root.iterdir() if p.is_dir() and (
-            p.name.startswith(TMP_PREFIX) or (p.name.startswith("step-") and not is_complete(p))))
+            p.name.startswith(TMP_PREFIX) or (p.name.startswith(STEP_PREFIX) and not is_complete(p))))
         if unfinished:
             self.dist.print(
                 f"ignoring unfinished checkpoint folder(s) in {root}: {', '.join(unfinished)} (their save "
@@ -438,6 +436,10 @@ class Trainer:
 
     def train(self) -> dict:
         """Steps until `train.max_steps` (or a stop signal); the final evaluation and checkpoint."""
+        with self._outcome_recorded():
+            return self._loop()
+
+    def _loop(self) -> dict:
         from eagle_dist.data.stream import DataError
 
         d = self.dist
@@ -514,6 +516,7 @@ class Trainer:
     def _stop_for_signal(self, requeue: bool) -> None:
         """Every rank: checkpoint, then (SIGUSR1 under Slurm) rank 0 requeues the job."""
         self._save(reason="preemption")
+        self.outcome = "KILLED"  # not FINISHED: a resume sets the same MLflow run RUNNING again
         d = self.dist
         what = "SIGUSR1 (Slurm's pre-timeout signal)" if requeue else "SIGTERM"
         d.print(f"stop requested by {what}: saved step {self.step} in {self.ckpt.root}")
@@ -546,11 +549,11 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):
             if cfg.model.unlabeled:
                 result = evaluate_unlabeled(self.backbone, self.raw_heads, cfg, self.dist, shards=self.eval_shards,
-                                            max_batches=cfg.eval.max_batches or None)
+                                            max_batches=cfg.eval.max_batches)
             else:
                 result = evaluate_stream(
                     self.backbone, self.raw_heads, cfg, self.dist,
-                    max_batches=cfg.eval.max_batches or None, kmeans_baseline=final, shards=self.eval_shards,
+                    max_batches=cfg.eval.max_batches, kmeans_baseline=final, shards=self.eval_shards,
                 )
         metrics = {f"eval/{k}": v for k, v in result.scalars().items()}
         self.tracker.log_metrics(metrics, step=self.step)
@@ -590,9 +593,10 @@ class Trainer:
                 self.tracker.log_artifact(path, artifact_path="figures")
 
     def close(self) -> None:
+        """End the MLflow run with `self.outcome` and tear the process group down."""
         tracker = getattr(self, "tracker", None)
         if tracker is not None:
-            tracker.close()
+            tracker.close(status=self.outcome)
         self.dist.cleanup()
 
 

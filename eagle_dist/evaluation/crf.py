@@ -69,7 +69,7 @@ def require():
 
 def to_uint8(img_B3HW: torch.Tensor) -> np.ndarray:
     """ImageNet-normalised images -> ``[B, H, W, 3]`` uint8 RGB, truncating like ``to_pil_image``."""
-    from eagle_dist.data.stream import IMAGENET_MEAN, IMAGENET_STD
+    from eagle_dist.constants import IMAGENET_MEAN, IMAGENET_STD
 
     mean = torch.tensor(IMAGENET_MEAN, device=img_B3HW.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=img_B3HW.device).view(1, 3, 1, 1)

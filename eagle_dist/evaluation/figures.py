@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+from eagle_dist.constants import IMAGENET_MEAN, IMAGENET_STD
+
 
 
 def palette(n: int) -> np.ndarray:
@@ -42,7 +42,7 @@ def colorize(labels: np.ndarray, n: int) -> np.ndarray:
 
 def denormalize(img_3HW: torch.Tensor) -> np.ndarray:
     arr = img_3HW.detach().cpu().float().numpy().transpose(1, 2, 0)
-    return (np.clip(arr * IMAGENET_STD + IMAGENET_MEAN, 0, 1) * 255).astype(np.uint8)
+    return (np.clip(arr * np.asarray(IMAGENET_STD, np.float32) + np.asarray(IMAGENET_MEAN, np.float32), 0, 1) * 255).astype(np.uint8)
 
 
 def font(size: int = 13) -> ImageFont.ImageFont:

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +25,6 @@ from eagle_dist import config as config_mod
 from eagle_dist.checkpoint import CheckpointError
 from eagle_dist.config import Config
 
-_STEP_DIR = re.compile(r"step-(\d{8,})")
 
 
 class EvaluateError(EagleError, RuntimeError):
@@ -54,7 +51,7 @@ def resolve_checkpoint(path: str | os.PathLike, step: int | None = None) -> tupl
         if step is not None:
             raise EvaluateError(f"--step {step} applies to run folders, not to the checkpoint file {path}")
         return path, "official checkpoint"
-    named = _STEP_DIR.fullmatch(path.name)
+    named = ckpt_mod.STEP_DIR_RE.fullmatch(path.name)
     if named or (path / ckpt_mod.STATE_FILE).is_file():
         if step is not None and ckpt_mod.step_dir_name(step) != path.name:
             raise EvaluateError(f"--step {step} contradicts the step folder {path}; give one of the two")
@@ -145,23 +142,14 @@ def load_model(step_dir: Path, overrides=(), device: torch.device | str = "cpu",
     """
     from safetensors.torch import load_file
 
-    from eagle_dist.method.backbone import FrozenViT
-    from eagle_dist.method.eagle import EagleHeads
+    from eagle_dist.method.eagle import build_model
 
     if Path(step_dir).is_file():
         return _load_official(Path(step_dir), overrides, device)
     cfg, state = checkpoint_config(step_dir, overrides)
-    torch.manual_seed(cfg.train.seed)  # same draw as Trainer._build_model for a random backbone
-    with warnings.catch_warnings():
-        if quiet or cfg.model.init_from:  # init_from: the backbone comes next, not at random
-            warnings.simplefilter("ignore")
-        backbone = FrozenViT(cfg.model.backbone, cfg.model.weights, fused_attn=cfg.model.fused_attn)
-    if cfg.model.init_from:
-        # A run fine-tuned from an official checkpoint: its frozen backbone is that file's.
-        from eagle_dist.method.official import load_official_checkpoint
-
-        load_official_checkpoint(cfg.model.init_from).load_into(backbone)
-    heads = EagleHeads(cfg, backbone.out_channels)
+    # The trainer's seeded draw for a random backbone; a run fine-tuned from an official checkpoint
+    # (model.init_from) gets that file's frozen backbone.
+    backbone, heads = build_model(cfg, quiet=quiet)
     weights = step_dir / ckpt_mod.MODEL_FILE
     try:
         heads.load_state_dict(load_file(str(weights), device="cpu"), strict=True)
@@ -201,7 +189,7 @@ def load_assignment(path: Path, n_clusters: int, step: int | None) -> list[int]:
 
 def model_input(image: Image.Image, short_side: int, patch: int) -> torch.Tensor:
     """``[1, 3, h, w]`` ImageNet-normalised, shorter side ~ `short_side`, sides multiples of `patch`."""
-    from eagle_dist.data.stream import IMAGENET_MEAN, IMAGENET_STD
+    from eagle_dist.constants import IMAGENET_MEAN, IMAGENET_STD
 
     w, h = image.size
     scale = short_side / min(w, h)

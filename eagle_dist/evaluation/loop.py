@@ -162,6 +162,19 @@ class EvalResult:
 
 
 @torch.no_grad()
+def _predictions(heads, code, img, size, crf_pool, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cluster, linear) label maps of one batch: argmax, or DenseCRF on the log-softmaxes."""
+    scores, logits = probe_predictions(heads, code, size)
+    if crf_pool is None:
+        return scores.argmax(1), logits.argmax(1)
+    from eagle_dist.evaluation.crf import to_uint8
+
+    linear_pred, cluster_pred = crf_pool.refine(
+        to_uint8(img), F.log_softmax(logits, dim=1), F.log_softmax(alpha * scores, dim=1)
+    )
+    return cluster_pred, linear_pred
+
+
 def evaluate_stream(
     backbone,
     heads,
@@ -212,16 +225,8 @@ def evaluate_stream(
         img = batch["img"].to(device, non_blocking=dist.pin_memory)
         label = batch["label"].to(device, non_blocking=dist.pin_memory)
         code = head_code(backbone, heads, img, flip)
-        scores, logits = probe_predictions(heads, code, label.shape[-2:])
-        if crf_pool is not None:
-            from eagle_dist.evaluation.crf import to_uint8
-
-            alpha = cfg.eval.cluster_alpha if cluster_alpha is None else cluster_alpha
-            linear_pred, cluster_pred = crf_pool.refine(
-                to_uint8(img), F.log_softmax(logits, dim=1), F.log_softmax(alpha * scores, dim=1)
-            )
-        else:
-            cluster_pred, linear_pred = scores.argmax(1), logits.argmax(1)
+        alpha = cfg.eval.cluster_alpha if cluster_alpha is None else cluster_alpha
+        cluster_pred, linear_pred = _predictions(heads, code, img, label.shape[-2:], crf_pool, alpha)
         n_images += img.shape[0]
         cluster.update(cluster_pred, label)
         linear.update(linear_pred, label)

@@ -16,7 +16,7 @@ Usage::
     cm.all_reduce_()                           # sum over ranks (one int64 tensor)
     report = cm.compute("cluster")             # {"official": {...}, "strict": {...}, ...}
 
-Parity check: ``.venv/bin/python -m pytest tests/test_parity.py -k metrics``.
+Parity check: ``.venv/bin/python -m pytest tests/parity/test_parity.py -k metrics``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,6 @@
 """EAGLE's trainable part and its training objective (ALGORITHM.md sections 3-8).
 
-    backbone = FrozenViT(cfg.model.backbone, cfg.model.weights)
-    heads = EagleHeads(cfg, backbone.out_channels)
+    backbone, heads = build_model(cfg)        # seeded: every rank and every tool draws the same init
     optimizer = build_optimizer(heads, cfg, world_size=1)
     precision = resolve_precision(cfg.dist.mixed_precision, "cpu")   # or Dist.precision in a run
     out = training_step_losses(backbone, heads, batch, step=0, cfg=cfg, precision=precision)
@@ -36,7 +35,7 @@ from eagle_dist.method.probes import ClusterLookup, LinearProbe
 # The scalars EagleHeads.forward returns in logging order; training_step_losses adds the last one,
 # backbone_passes (the backbone's work in full-batch passes), logged with the losses.
 # The per-view / per-direction terms and the cd means are the other values the official step
-# logs (tests/test_step_parity.py compares them); loss_nce_p/_a are 0 before the u switch, where
+# logs (tests/parity/test_step_parity.py compares them); loss_nce_p/_a are 0 before the u switch, where
 # the InfoNCE is skipped.
 LOSS_NAMES = ("loss", "loss_eigen", "loss_corr", "loss_pos_inter", "loss_neg_inter", "loss_nce", "loss_linear",
               "loss_cluster", "loss_eigen_p", "loss_eigen_a", "loss_nce_p", "loss_nce_a", "cd_pos_inter",
@@ -231,6 +230,36 @@ def param_groups(heads: EagleHeads, cfg: Config, global_batch: int) -> list[dict
     if covered != len(list(heads.parameters())):
         raise RuntimeError("a trainable parameter is in no optimizer group")
     return out
+
+
+def build_model(cfg: Config, device: torch.device | str = "cpu", quiet: bool = False,
+                say=None) -> tuple[nn.Module, EagleHeads]:
+    """(frozen backbone, heads) of `cfg` on `device`; training, evaluation, predict and bench use it.
+
+    Seeded with ``train.seed`` first, so a random backbone and the heads' initialisation are the
+    same on every rank and in every tool that rebuilds the model of a checkpoint (the backbone is
+    not in checkpoints).  ``model.init_from`` (an official EAGLE checkpoint) then overwrites the
+    backbone and every head.  quiet: hide the random-weights warning (ranks other than 0);
+    say: where to report the official initialisation (e.g. ``dist.print``).
+    """
+    import warnings
+
+    from eagle_dist.method.backbone import FrozenViT
+
+    torch.manual_seed(cfg.train.seed)
+    with warnings.catch_warnings():
+        if quiet or cfg.model.init_from:  # init_from: the backbone comes next, not at random
+            warnings.simplefilter("ignore")
+        backbone = FrozenViT(cfg.model.backbone, cfg.model.weights, fused_attn=cfg.model.fused_attn)
+    heads = EagleHeads(cfg, backbone.out_channels)
+    if cfg.model.init_from:
+        from eagle_dist.method.official import load_official_checkpoint
+
+        official = load_official_checkpoint(cfg.model.init_from)
+        official.load_into(backbone, heads)
+        if say is not None:
+            say(f"initialised the backbone and all heads from {cfg.model.init_from} (official step {official.global_step})")
+    return backbone.to(device), heads.to(device)
 
 
 def build_optimizer(heads: EagleHeads, cfg: Config, global_batch: int) -> torch.optim.Optimizer:

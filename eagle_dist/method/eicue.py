@@ -8,7 +8,7 @@ gradient: the reference detaches the graph before the eigensolver.
 
 Run the parity checks of this module with
 
-    .venv/bin/python -m pytest tests/test_parity.py -k "color_affinity or laplacian_eigen"
+    .venv/bin/python -m pytest tests/parity/test_parity.py -k "color_affinity or laplacian_eigen"
 
 Quick use::
 
@@ -18,11 +18,15 @@ Quick use::
 
 from __future__ import annotations
 
+import typing
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from eagle_dist import profiling
+from eagle_dist.config import ColorMode, EigenSolver
+from eagle_dist.constants import IMAGENET_MEAN, IMAGENET_STD
 from eagle_dist.method.eigensolvers import block_krylov_smallest
 
 __all__ = [
@@ -41,11 +45,9 @@ __all__ = [
     "spectral_map",
 ]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
-COLOR_MODES = ("official", "rgb01")
-EIGEN_SOLVERS = ("eigh", "eigh64", "krylov")
+COLOR_MODES = typing.get_args(ColorMode)
+EIGEN_SOLVERS = typing.get_args(EigenSolver)
 
 # The reference divides pixels by 255 (it was written for 0-255 input); with `rgb01` the
 # pixels are already in [0, 1], so the kernel must not divide again.

@@ -17,7 +17,7 @@ Use it through EiCue (``eicue.solver=krylov`` in the config) or directly::
     vals_BK, vecs_BNK = block_krylov_smallest(lap_BNN, k=4)
 
 Accuracy, speed and EiCue-map agreement against ``eigh`` are measured by
-``python -m eagle_dist.bench eigen``; the unit tests are ``tests/test_eigensolvers.py``.
+``python -m eagle_dist.bench eigen``; the unit tests are ``tests/unit/test_eigensolvers.py``.
 
 Notes:
 
@@ -164,7 +164,7 @@ def block_krylov_smallest(
     min_steps = min(min_steps, max_steps)
 
     # Blocks are kept as rows [B, b, N] and multiplied as (X^T L)^T = L X: L is symmetric, and
-    # the thin-left-operand product streams L row-major, ~2.7x faster than L @ X on CPU BLAS.
+    # the thin-left-operand product streams L row-major, faster than L @ X on CPU BLAS.
     width = block * (max_steps + 1)
     Q_AmN = lap_BNN.new_empty(batch, width, n)
     AQ_AmN = lap_BNN.new_empty(batch, width, n)  # A @ basis rows: Rayleigh-Ritz needs no extra pass

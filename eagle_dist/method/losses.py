@@ -10,7 +10,7 @@
 Both run in float32 with autocast switched off: they are cheap next to the backbone, and the
 contrastive logits (divided by 0.07) and the shifted correlations are sensitive to bf16 rounding.
 
-Parity checks: ``.venv/bin/python -m pytest tests/test_parity.py -k "infonce or correspondence"``.
+Parity checks: ``.venv/bin/python -m pytest tests/parity/test_parity.py -k "infonce or correspondence"``.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@
   (32 centroids over the 3-d spectral map, soft assignment with alpha = 1).
 * :class:`LinearProbe`: a 1x1 conv trained with ground truth on detached codes.
 
-Parity check: ``.venv/bin/python -m pytest tests/test_parity.py -k cluster_lookup``.
+Parity check: ``.venv/bin/python -m pytest tests/parity/test_parity.py -k cluster_lookup``.
 """
 
 from __future__ import annotations

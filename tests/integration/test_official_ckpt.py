@@ -6,8 +6,8 @@ outputs for the checkpoint its ``meta["ckpt"]`` names (stored as ``.ckpt`` or ``
 input size of ``meta["sizes"]``.  The model is loaded through ``eagle_dist.evaluation.inference.load_model``, the
 loader evaluate, predict and visualize share.
 
-    .venv/bin/python -m pytest tests/test_official_ckpt.py -rA
-    EAGLE_OFFICIAL_CKPT_REPORT=/tmp/official.jsonl .venv/bin/python -m pytest tests/test_official_ckpt.py -k parity
+    .venv/bin/python -m pytest tests/integration/test_official_ckpt.py -rA
+    EAGLE_OFFICIAL_CKPT_REPORT=/tmp/official.jsonl .venv/bin/python -m pytest tests/integration/test_official_ckpt.py -k parity
         # also writes the largest error of every output and size (with its tolerance) as JSON lines
 """
 
@@ -28,7 +28,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _fixture_dir() -> Path:

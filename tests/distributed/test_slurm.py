@@ -1,7 +1,7 @@
 """launch/slurm/train.sbatch against a real one-node Slurm: pre-timeout signal, checkpoint,
 requeue, resume with the same run folder and MLflow run.
 
-    python -m pytest -m slurm tests/test_slurm.py
+    python -m pytest -m slurm tests/distributed/test_slurm.py
 
 Debian's slurm-wlm (installed here with apt-get when missing and running as root) runs as root
 with auth/none and cred/none, proctrack/linuxproc and task/none, its state and logs in a
@@ -24,9 +24,9 @@ import time
 from pathlib import Path
 
 import pytest
-from test_train import TINY, _env, _free_port, shards  # noqa: F401  (shards is a fixture)
+from helpers import TINY, free_port, launch_env
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SBATCH = REPO / "launch" / "slurm" / "train.sbatch"
 SLURM_TOOLS = ("slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "squeue", "sinfo")
 MAX_STEPS = 40
@@ -53,8 +53,8 @@ def _slurm_conf(root: Path, node: str) -> str:
     return f"""\
 ClusterName=eagletest
 SlurmctldHost={node}(127.0.0.1)
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/none
@@ -153,7 +153,7 @@ def _loss_steps(run_dir: Path) -> list[int]:
 def test_usr1_before_the_time_limit_checkpoints_requeues_and_resumes(slurm, shards, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    env = {**_env(), "SLURM_CONF": slurm["SLURM_CONF"], "EAGLE_DIR": str(REPO),
+    env = {**launch_env(), "SLURM_CONF": slurm["SLURM_CONF"], "EAGLE_DIR": str(REPO),
            "EAGLE_PYTHON": sys.executable, "NPROC_PER_NODE": "2"}
     args = [*TINY, *shards, f"train.output_dir={tmp_path / 'runs'}", "train.run_name=slurm",
             f"train.max_steps={MAX_STEPS}", "train.ckpt_interval=4", "train.eval_interval=1000",

@@ -1,7 +1,7 @@
 """eagle_dist.distributed: launcher detection, world-size refusal, and real 2-process runs on CPU.
 
-    .venv/bin/python -m pytest -q tests/test_dist.py                 # all (about a minute)
-    .venv/bin/python -m pytest -q tests/test_dist.py -m "not multiproc"
+    .venv/bin/python -m pytest -q tests/distributed/test_dist.py                 # all (about a minute)
+    .venv/bin/python -m pytest -q tests/distributed/test_dist.py -m "not multiproc"
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import subprocess
 import pytest
 import torch
 
+import helpers
 import toy_train
 from eagle_dist import distributed as dist_mod
 from eagle_dist.distributed import DistributedSetupError, WorldSizeError, check_world_size, detect_launch
@@ -110,7 +111,7 @@ def test_threads_share_the_cores():
 def test_auto_follows_the_accelerate_deepspeed_config():
     env = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "1"}
     assert dist_mod._resolve("auto", None, "auto", env) == ("deepspeed", 1, "auto")
-    assert dist_mod._resolve("auto", 0, "no", env) == ("deepspeed", 1, "no")
+    assert dist_mod._resolve("auto", 1, "no", env) == ("deepspeed", 1, "no")
     assert dist_mod._resolve("auto", None, "auto", {}) == ("ddp", None, "auto")
     assert dist_mod._resolve("deepspeed", None, "bf16", {}) == ("deepspeed", 2, "bf16")
 
@@ -144,7 +145,7 @@ def clean_env(monkeypatch):
 def test_single_process_setup_and_helpers(clean_env):
     d = dist_mod.setup(mixed_precision="bf16", cpu_threads=1)
     try:
-        # bf16 asked for by name is honoured on CPU too (tests/test_precision.py runs the step).
+        # bf16 asked for by name is honoured on CPU too (tests/unit/test_precision.py runs the step).
         assert (d.rank, d.world_size, d.is_main, d.strategy, d.mixed_precision) == (0, 1, True, "ddp", "bf16")
         assert d.device == torch.device("cpu") and torch.get_num_threads() == 1
         assert d.any_flag(True) and not d.any_flag(False)
@@ -313,9 +314,9 @@ def _node_cmd(launcher: str, node: int, port: int, out) -> list[str]:
 @pytest.mark.parametrize("launcher", ["torchrun", "accelerate"], ids=["torchrun-c10d", "multi_node.yaml"])
 def test_simulated_two_node_run(tmp_path, launcher):
     """Two launcher invocations on 127.0.0.1, one per "node", meeting through c10d rendezvous."""
-    port = toy_train.free_port()
+    port = helpers.free_port()
     procs = [
-        subprocess.Popen(_node_cmd(launcher, node, port, tmp_path), env=toy_train.launch_env(), cwd=toy_train.REPO,
+        subprocess.Popen(_node_cmd(launcher, node, port, tmp_path), env=helpers.launch_env(), cwd=toy_train.REPO,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for node in (0, 1)
     ]

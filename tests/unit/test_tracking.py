@@ -1,6 +1,6 @@
 """eagle_dist.engine.tracking: MLflow runs read back with MlflowClient, resume, unreachable servers.
 
-    .venv/bin/python -m pytest -q tests/test_tracking.py
+    .venv/bin/python -m pytest -q tests/unit/test_tracking.py
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import warnings
 import pytest
 from mlflow import MlflowClient
 
+import helpers
 import toy_train
 from eagle_dist.engine import tracking
 from eagle_dist.engine.tracking import MlflowTracker, NullTracker, TrackingWarning, make_tracker
@@ -23,7 +24,7 @@ def no_outside_tracking_server(monkeypatch):
 
 
 def closed_port_uri(credentials: str = "") -> str:
-    return f"http://{credentials}127.0.0.1:{toy_train.free_port()}"  # nothing listens there
+    return f"http://{credentials}127.0.0.1:{helpers.free_port()}"  # nothing listens there
 
 
 def read_jsonl(run_dir):
@@ -90,6 +91,40 @@ def test_resume_continues_the_same_run(tmp_path):
     assert run.info.status == "FINISHED" and run.data.params == {"lr": "0.01", "new_key": "1"}
     assert [m.step for m in client.get_metric_history(first.run_id, "loss")] == [1, 2]
     assert len(client.search_runs([run.info.experiment_id])) == 1
+
+
+def test_evaluation_logs_a_nested_run_through_the_tracker(tmp_path):
+    from eagle_dist.cli.evaluate import log_to_mlflow
+
+    training = MlflowTracker(tmp_path / "run")
+    training.start("train", {"lr": 0.01})
+    training.close()
+    out = tmp_path / "run" / "eval" / "step-00000004"
+    out.mkdir(parents=True)
+    (out / "metrics.json").write_text("{}")
+    report = {
+        "checkpoint": {"step": 4, "path": "runs/x/checkpoints/step-00000004", "mlflow_parent_run_id": training.run_id},
+        "protocol": {"flip": True}, "shards": "shards/val",
+        "metrics": {"cluster_official": {"mIoU": 50.0, "accuracy": None}},
+        "pixels": {"dropped_official_cluster": 3, "labelled": 10},
+        "per_class_iou": {"cluster_official": {"sky": 40.0, "a/b (c)": 60.0}},
+    }
+    run_id = log_to_mlflow(training.uri, report, [out / "metrics.json"], "eagle-dist")
+
+    client = MlflowClient(tracking_uri=training.uri)
+    child = client.get_run(run_id)
+    assert child.data.tags["mlflow.parentRunId"] == training.run_id
+    assert child.data.tags["eagle_dist.kind"] == "evaluation" and child.info.run_name == "eval-step-00000004"
+    assert child.info.experiment_id == client.get_run(training.run_id).info.experiment_id
+    assert child.data.metrics == {"eval/cluster_official_mIoU": 50.0, "eval/official_dropped_pixels": 3.0,
+                                  "eval/labelled_pixels": 10.0, "iou/cluster_official/000": 40.0,
+                                  "iou/cluster_official/001": 60.0}
+    assert child.data.params["protocol.flip"] == "True" and child.info.status == "FINISHED"
+    assert [a.path for a in client.list_artifacts(run_id)] == ["metrics.json"]
+
+    with pytest.warns(TrackingWarning, match="Evaluation continues") as warned:
+        assert log_to_mlflow(closed_port_uri(), report, [out / "metrics.json"], "eagle-dist") is None
+    assert len([w for w in warned if issubclass(w.category, TrackingWarning)]) == 1
 
 
 @pytest.mark.faults
@@ -176,5 +211,5 @@ def test_training_goes_on_when_the_server_is_unreachable(tmp_path):
 def test_subprocess_helpers_strip_launcher_variables(monkeypatch):
     monkeypatch.setenv("RANK", "7")
     monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
-    env = toy_train.launch_env(EXTRA="1")
+    env = helpers.launch_env(EXTRA="1")
     assert "RANK" not in env and "ACCELERATE_USE_CPU" not in env and env["EXTRA"] == "1"

@@ -11,50 +11,31 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import helpers
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 HAVE_CRF = importlib.util.find_spec("pydensecrf") is not None
 needs_crf = pytest.mark.skipif(not HAVE_CRF, reason="DenseCRF extra not installed: pip install 'eagle-dist[crf]'")
 
-TINY = [
-    "model.backbone=vit_tiny_patch16_224", "model.dim=32", "model.n_classes=4", "model.extra_clusters=1",
-    "model.eigen_clusters=6", "loss.feature_samples=4", "loss.neg_samples=2", "loss.step_schedulers=1",
-    "data.resolution=64", "data.val_resolution=64", "data.batch_size=2", "data.val_batch_size=3",
-    "data.num_workers=1", "data.shuffle_buffer=8", "train.log_interval=1", "train.eval_interval=2",
-    "train.ckpt_interval=2", "train.max_steps=4", "train.keep_last=3", "eval.max_batches=0",
-]
+# The shared tiny run, 4 steps with checkpoints at 2 and 4 (kept), the u switch after step 1.
+TINY = [*helpers.TINY, "loss.step_schedulers=1", "train.max_steps=4", "train.keep_last=3"]
 VAL_IMAGES = 7
 
 
-def _env() -> dict:
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return env
-
-
 def _run(cmd: list[str], ok: bool = True) -> subprocess.CompletedProcess:
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env(), cwd=REPO)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=helpers.launch_env(), cwd=REPO)
     if ok:
         assert out.returncode == 0, f"{' '.join(cmd)}\nSTDOUT:\n{out.stdout[-4000:]}\nSTDERR:\n{out.stderr[-6000:]}"
     return out
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _evaluate(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
@@ -64,15 +45,8 @@ def _evaluate(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A 4-step run with checkpoints at steps 2 and 4, its shards and the trainer's summary."""
-    from eagle_dist.cli import shard
-
     root = tmp_path_factory.mktemp("eval")
-    for split, count in (("train", 12), ("val", VAL_IMAGES)):
-        shard.main([
-            "--source", "synthetic", "--split", split, "--out", str(root / split), "--synthetic-count", str(count),
-            "--synthetic-size", "48x64", "--synthetic-classes", "4", "--samples-per-shard", "3", "--quiet",
-            "--workers", "1",
-        ])
+    helpers.synthetic_shards(root, {"train": 12, "val": VAL_IMAGES}, per_shard=3)
     out = root / "harness"
     _run([sys.executable, str(REPO / "tests" / "train_harness.py"), str(out), *TINY,
           f"data.train_shards={root / 'train'}", f"data.val_shards={root / 'val'}",
@@ -157,7 +131,7 @@ def test_two_processes_give_the_same_confusion_matrices_as_one(trained, tmp_path
               "--cpu-threads", "1", "--crf-workers", "1", "--flip", "--crf" if HAVE_CRF else "--no-crf",
               "data.val_batch_size=1"]
     _evaluate(*common, "--out", str(tmp_path / "one"))
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(helpers.free_port()),
           "-m", "eagle_dist.evaluate", *common, "--out", str(tmp_path / "two")])
     one, two = _read(tmp_path / "one"), _read(tmp_path / "two")
     assert two["protocol"]["world_size"] == 2 and one["protocol"]["world_size"] == 1

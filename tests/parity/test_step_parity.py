@@ -20,8 +20,8 @@ Replay (the only randomness left with dropout 0), by monkeypatching for the dura
 Every call is checked against the recording (shapes, counts), so a step that stops drawing or
 solving where the official one does fails here instead of passing vacuously.
 
-    .venv/bin/python -m pytest tests/test_step_parity.py -rA
-    EAGLE_STEP_REPORT=/tmp/step.jsonl .venv/bin/python -m pytest tests/test_step_parity.py
+    .venv/bin/python -m pytest tests/parity/test_step_parity.py -rA
+    EAGLE_STEP_REPORT=/tmp/step.jsonl .venv/bin/python -m pytest tests/parity/test_step_parity.py
         # also writes the largest error of every quantity and case (with its tolerance) as JSON lines
 """
 
@@ -38,7 +38,7 @@ import numpy as np
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _folder(env: str, default: str) -> Path:

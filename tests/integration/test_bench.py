@@ -1,6 +1,6 @@
 """Smoke tests of ``python -m eagle_dist.bench`` at tiny sizes: the JSON it writes, not its timings.
 
-    .venv/bin/python -m pytest tests/test_bench.py -q
+    .venv/bin/python -m pytest tests/integration/test_bench.py -q
 """
 
 import json

@@ -6,8 +6,8 @@ unknown component fails. Every shape, index list and configuration value is read
 (other fixture sets have other seeds, shapes, batch sizes and crop sizes); the tolerances are
 those of the fixture README.
 
-    .venv/bin/python -m pytest tests/test_parity.py -rA                 # one line per fixture
-    EAGLE_PARITY_REPORT=/tmp/parity.jsonl .venv/bin/python -m pytest tests/test_parity.py
+    .venv/bin/python -m pytest tests/parity/test_parity.py -rA                 # one line per fixture
+    EAGLE_PARITY_REPORT=/tmp/parity.jsonl .venv/bin/python -m pytest tests/parity/test_parity.py
         # also writes every individual check (max error vs tolerance) as JSON lines
 """
 
@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _fixture_dir() -> Path:

@@ -1,12 +1,12 @@
 """Faults and bad input against the real trainer: each one gives a clear message and loses nothing.
 
-    python -m pytest -m faults tests/test_faults.py          # with the unit-level ones elsewhere:
+    python -m pytest -m faults tests/integration/test_faults.py          # with the unit-level ones elsewhere:
     python -m pytest -m "slurm or faults"
 
 Most runs call launch/train.py's main() in this process with a single-process Trainer (CPU,
 tiny config): start-up is paid once and faults are injected by monkeypatching, so the package
 carries no test hooks.  Two need real processes: elastic restarts under torchrun (kills via
-tests/fault_harness.py) and a real MLflow server that is killed mid-run.
+tests/train_harness.py with EAGLE_TEST_FAULTS) and a real MLflow server that is killed mid-run.
 
 Faults covered at the unit level elsewhere (also marked `faults`): config keys and types
 (test_config), unreadable / foreign weights (test_backbone), unmarked checkpoint folders, disk
@@ -34,11 +34,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import TINY, _env, _free_port, shards  # noqa: F401  (shards is a fixture)
+from helpers import TINY, free_port, launch_env
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEFAULT = str(REPO / "configs" / "default.yaml")
-FAULT_HARNESS = str(REPO / "tests" / "fault_harness.py")
+FAULT_HARNESS = str(REPO / "tests" / "train_harness.py")  # it injects the faults of EAGLE_TEST_FAULTS
 
 pytestmark = pytest.mark.faults
 
@@ -89,6 +89,16 @@ def _extra(ckpt: Path) -> dict:
     return json.loads((ckpt / "trainer_state.json").read_text())["extra"]
 
 
+def _mlflow_status(tmp_path: Path, run_name: str = "f") -> str:
+    """Status of the one MLflow run in the run folder's own sqlite store."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{(tmp_path / 'runs' / run_name).resolve()}/mlflow.db")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1
+    return runs[0].info.status
+
+
 def _metric_rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -110,7 +120,7 @@ def _wrap_step(monkeypatch, at_step):
 
 def test_mistyped_config_key_exits_2_and_names_the_key():
     done = subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), "--config", DEFAULT, "optim.lrr=1e-3"],
-                          capture_output=True, text=True, env=_env(), cwd=REPO, timeout=300)
+                          capture_output=True, text=True, env=launch_env(), cwd=REPO, timeout=300)
     assert done.returncode == 2
     assert "config error" in done.stderr and "unknown config key 'optim.lrr'" in done.stderr
     assert "Traceback" not in done.stderr
@@ -263,6 +273,20 @@ def test_nan_and_inf_losses_are_skipped_then_stop_with_a_checkpoint(run, tmp_pat
     assert skipped == {1: 0, 2: 1, 3: 1, 4: 2, 5: 3}  # one lone NaN is skipped, training goes on
 
 
+def test_a_run_stopped_by_an_error_is_marked_failed_in_mlflow(run, tmp_path, monkeypatch):
+    # Trainer.close used to mark the MLflow run FINISHED whatever happened.
+    def poison(step, out):
+        out["loss"] = out["loss"] * float("nan")
+        return out
+
+    _wrap_step(monkeypatch, poison)
+    code, out = run("train.max_steps=4", "train.max_bad_steps=1")
+    assert code == 2 and "the loss was NaN/Inf for 1 steps in a row" in out
+    assert _mlflow_status(tmp_path) == "FAILED"
+    assert run("train.max_steps=2")[0] == 0  # the same run, resumed and finished
+    assert _mlflow_status(tmp_path) == "FINISHED"
+
+
 def test_disk_full_while_saving_keeps_the_previous_checkpoint_and_resume_works(run, tmp_path, monkeypatch):
     from eagle_dist import checkpoint as checkpoint_mod
 
@@ -331,6 +355,7 @@ def test_stop_signal_saves_and_exits_0_and_only_sigusr1_requeues(run, tmp_path, 
     else:
         assert not calls.exists()
         assert "stop requested by SIGTERM" in out and "exiting cleanly" in out
+    assert _mlflow_status(tmp_path, "f-4242") == "KILLED"  # not FINISHED: the run resumes later
 
 
 def test_requeue_without_scontrol_is_reported_not_raised(tmp_path):
@@ -346,14 +371,14 @@ def test_requeue_without_scontrol_is_reported_not_raised(tmp_path):
 @pytest.fixture
 def mlflow_server(tmp_path):
     """A real `mlflow server` on 127.0.0.1 (sqlite backend); yields (uri, db uri, process)."""
-    port = _free_port()
+    port = free_port()
     db = tmp_path / "server.db"
     log = open(tmp_path / "mlflow-server.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{db}",
          "--default-artifact-root", str(tmp_path / "server-artifacts"), "--host", "127.0.0.1",
          "--port", str(port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=_env(), cwd=tmp_path,
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=launch_env(), cwd=tmp_path,
     )
     uri = f"http://127.0.0.1:{port}"
     try:
@@ -427,11 +452,11 @@ def test_torchrun_restarts_after_kill_9_and_never_uses_a_half_written_checkpoint
     kill_step, kill_rank = rng.choice([3, 4, 5]), rng.choice([0, 1])
     expected_resume = max(2, kill_step // 2 * 2)  # checkpoints every 2 steps; step 4 re-saved in attempt 1
     out = tmp_path / "out"
-    env = {**_env(), "EAGLE_TEST_FAULTS": f"save:4:0;step:{kill_step}:{kill_rank}",
+    env = {**launch_env(), "EAGLE_TEST_FAULTS": f"save:4:0;step:{kill_step}:{kill_rank}",
            # torch's shared rendezvous store keeps the last attempt's gloo addresses (see train.sbatch)
            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--max-restarts", "2", "--nnodes", "1",
-           "--nproc_per_node", "2", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{_free_port()}",
+           "--nproc_per_node", "2", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{free_port()}",
            FAULT_HARNESS, str(out), *TINY, shards[1], f"data.train_shards={one_shard}",
            f"train.output_dir={tmp_path / 'runs'}", "train.max_steps=6", "train.eval_interval=1000",
            "dist.cpu_threads=1"]
@@ -515,7 +540,7 @@ def test_reading_shards_never_writes_outside_the_work_folders(tmp_path, monkeypa
 
 
 def test_no_secrets_in_logs_config_or_checkpoints(run, tmp_path, recwarn):
-    secret_uri = f"http://alice:s3cr3t-pw@127.0.0.1:{_free_port()}/?token=t0k3n-value"
+    secret_uri = f"http://alice:s3cr3t-pw@127.0.0.1:{free_port()}/?token=t0k3n-value"
     code, out = run("train.max_steps=2", f"tracking.uri={secret_uri}")
     assert code == 0, out[-4000:]
     run_dir = tmp_path / "runs" / "f"

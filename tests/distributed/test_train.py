@@ -8,69 +8,26 @@ seconds of compute; most of the time is process start-up.
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO, TINY, free_port, launch_env, run_ok
 
-REPO = Path(__file__).resolve().parents[1]
 HARNESS = str(REPO / "tests" / "train_harness.py")
-
-TINY = [
-    "model.backbone=vit_tiny_patch16_224", "model.dim=32", "model.n_classes=4", "model.extra_clusters=1",
-    "model.eigen_clusters=6", "loss.feature_samples=4", "loss.neg_samples=2", "loss.step_schedulers=2",
-    "data.resolution=64", "data.val_resolution=64", "data.batch_size=2", "data.val_batch_size=3",
-    "data.num_workers=1", "data.shuffle_buffer=8", "train.log_interval=1", "train.eval_interval=2",
-    "train.ckpt_interval=2", "eval.max_batches=0",
-]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return env
-
-
-def _run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(), cwd=REPO)
-    assert out.returncode == 0, f"{' '.join(cmd)}\nSTDOUT:\n{out.stdout[-4000:]}\nSTDERR:\n{out.stderr[-6000:]}"
-    return out
 
 
 def _torchrun(nproc: int, *args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-            "--master_port", str(_free_port()), *args]
+            "--master_port", str(free_port()), *args]
 
 
 def _accelerate(config: str, *args: str) -> list[str]:
     # The `accelerate` console script is equivalent; the module form needs no PATH entry.
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-            str(REPO / "launch" / "accelerate" / config), "--main_process_port", str(_free_port()), *args]
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    from eagle_dist.cli import shard
-
-    root = tmp_path_factory.mktemp("synthetic")
-    for split, count in (("train", 24), ("val", 10)):
-        shard.main([
-            "--source", "synthetic", "--split", split, "--out", str(root / split), "--synthetic-count", str(count),
-            "--synthetic-size", "48x64", "--synthetic-classes", "4", "--samples-per-shard", "7", "--quiet",
-            "--workers", "1",
-        ])
-    return [f"data.train_shards={root / 'train'}", f"data.val_shards={root / 'val'}"]
+            str(REPO / "launch" / "accelerate" / config), "--main_process_port", str(free_port()), *args]
 
 
 def _load_ranks(out: Path, n: int) -> list[dict]:
@@ -91,10 +48,10 @@ def _summary(out: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory, shards):
+def referencerun_ok(tmp_path_factory, shards):
     """6 uninterrupted steps, 2 processes, torchrun: the run the resumed one must equal."""
     work = tmp_path_factory.mktemp("ref")
-    _run(_torchrun(2, HARNESS, str(work / "out"), *TINY, *shards, f"train.output_dir={work}/runs",
+    run_ok(_torchrun(2, HARNESS, str(work / "out"), *TINY, *shards, f"train.output_dir={work}/runs",
                    "train.max_steps=6", "train.run_name=ref"))
     return work / "out"
 
@@ -112,7 +69,7 @@ def test_torchrun_ddp_ranks_agree_and_mlflow_has_everything(reference_run):
     run_dir = Path(info["run_dir"])
     assert (run_dir / "checkpoints" / "step-00000006" / "COMPLETE").is_file()
     client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
-    run = client.get_run(info["run_id"])
+    run = client.getrun_ok(info["run_id"])
     assert run.data.params["optim.lr"] == "0.0005" and run.data.params["model.n_classes"] == "4"
     for metric in ("loss", "loss_corr", "images_per_s", "step_time_s", "eval/cluster_official_mIoU",
                    "eval/cluster_strict_mIoU", "eval/linear_official_mIoU"):
@@ -130,9 +87,9 @@ def test_accelerate_kill_and_resume_equals_uninterrupted(tmp_path, shards, refer
     from mlflow.tracking import MlflowClient
 
     common = [*TINY, *shards, f"train.output_dir={tmp_path}/runs", "train.run_name=ref"]
-    _run(_accelerate("cpu_2proc.yaml", HARNESS, str(tmp_path / "first"), *common, "train.max_steps=4"))
+    run_ok(_accelerate("cpu_2proc.yaml", HARNESS, str(tmp_path / "first"), *common, "train.max_steps=4"))
     first = _summary(tmp_path / "first")
-    _run(_accelerate("cpu_2proc.yaml", HARNESS, str(tmp_path / "second"), *common, "train.max_steps=6"))
+    run_ok(_accelerate("cpu_2proc.yaml", HARNESS, str(tmp_path / "second"), *common, "train.max_steps=6"))
     second = _summary(tmp_path / "second")
     assert second["summary"]["trained_steps_this_run"] == 2
     assert second["run_id"] == first["run_id"]
@@ -148,7 +105,7 @@ def test_accelerate_kill_and_resume_equals_uninterrupted(tmp_path, shards, refer
 @pytest.mark.slow
 def test_deepspeed_zero2_two_processes(tmp_path, shards):
     out = tmp_path / "out"
-    _run(_accelerate("deepspeed_zero2.yaml", "--num_processes", "2", HARNESS, str(out), *TINY, *shards,
+    run_ok(_accelerate("deepspeed_zero2.yaml", "--num_processes", "2", HARNESS, str(out), *TINY, *shards,
                      f"train.output_dir={tmp_path}/runs", "train.max_steps=4"))  # strategy auto follows the accelerate config
     info = _summary(out)
     assert info["strategy"] == "deepspeed" and info["world_size"] == 2
@@ -160,7 +117,7 @@ def test_deepspeed_zero2_two_processes(tmp_path, shards):
 @pytest.mark.multiproc
 @pytest.mark.slow
 def test_two_node_rendezvous_on_localhost(tmp_path, shards):
-    port = _free_port()
+    port = free_port()
     out = tmp_path / "out"
     args = [HARNESS, str(out), *TINY, *shards, f"train.output_dir={tmp_path}/runs", "train.max_steps=2"]
     procs = [
@@ -168,7 +125,7 @@ def test_two_node_rendezvous_on_localhost(tmp_path, shards):
             [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),
              "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}",
              "--rdzv_id", "two-node-test", *args],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), cwd=REPO,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=launch_env(), cwd=REPO,
         )
         for rank in (0, 1)
     ]
@@ -183,8 +140,8 @@ def test_two_node_rendezvous_on_localhost(tmp_path, shards):
 @pytest.mark.slow
 def test_unreachable_tracking_server_does_not_stop_training(tmp_path, shards):
     out = tmp_path / "out"
-    dead = f"http://127.0.0.1:{_free_port()}"
-    result = _run([sys.executable, HARNESS, str(out), *TINY, *shards, f"train.output_dir={tmp_path}/runs",
+    dead = f"http://127.0.0.1:{free_port()}"
+    result = run_ok([sys.executable, HARNESS, str(out), *TINY, *shards, f"train.output_dir={tmp_path}/runs",
                    "train.max_steps=2", f"tracking.uri={dead}"])
     assert f"MLflow tracking at {dead} failed while connecting" in result.stderr
     run_dir = Path(_summary(out)["run_dir"])
@@ -198,7 +155,7 @@ def test_bare_accelerate_launch_runs_the_default_on_two_processes(tmp_path, shar
     """`accelerate launch launch/train.py` without an accelerate config or --config: 2 processes."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", str(REPO / "launch" / "train.py"),
            *TINY, *shards, f"train.output_dir={tmp_path}/runs", "train.max_steps=2"]
-    out = _run(cmd)
+    out = run_ok(cmd)
     assert "starting 2 processes with torchrun" in out.stdout
     assert "world size 2 (ddp, gloo, cpu)" in out.stdout
     assert "final results: 2 steps" in out.stdout

@@ -4,7 +4,7 @@ import pytest
 
 from eagle_dist.config import ConfigError, flatten, from_dict, load_config, parse_override, save_yaml, to_dict
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("name", ["cocostuff27", "cityscapes27", "potsdam3", "default", "cocostuff27_dinov2_vits14",
@@ -83,3 +83,17 @@ def test_resolution_must_be_a_multiple_of_the_patch():
         load_config(REPO / "configs" / "cocostuff27_dinov2_vits14.yaml", ["data.val_resolution=320"])
     with pytest.raises(ConfigError, match="data.resolution=100 is not a multiple of the patch size 8"):
         load_config(None, ["data.resolution=100"])
+
+
+def test_unset_values_are_null_and_stored_zeros_still_load():
+    from eagle_dist.config import Config, ConfigError, from_dict, load_config, to_dict
+
+    cfg = Config()
+    assert (cfg.eval.max_batches, cfg.dist.cpu_threads, cfg.dist.zero_stage, cfg.tracking.uri) == (None,) * 4
+    with pytest.raises(ConfigError, match="eval.max_batches must be >= 1 or null"):
+        load_config(None, ["eval.max_batches=0"])
+    assert load_config(None, ["eval.max_batches=null"]).eval.max_batches is None
+    stored = to_dict(Config())  # as a checkpoint written before null meant unset spelled it
+    stored["eval"]["max_batches"], stored["dist"]["zero_stage"], stored["tracking"]["uri"] = 0, 0, ""
+    old = from_dict(stored)
+    assert (old.eval.max_batches, old.dist.zero_stage, old.tracking.uri) == (None, None, None)

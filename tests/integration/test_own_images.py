@@ -1,7 +1,7 @@
 """The README's "Train on your own images" recipe on a folder of generated photos without labels:
 shard -> 2-process training with configs/folder.yaml (tiny overrides) -> predict / visualize.
 
-    PYTHONPATH=$PWD python -m pytest -q tests/test_own_images.py
+    PYTHONPATH=$PWD python -m pytest -q tests/integration/test_own_images.py
 
 One training run (module fixture) serves every check; the model and step count are tiny, so
 most of the time is process start-up.
@@ -11,17 +11,17 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import warnings
 from pathlib import Path
 
 import numpy as np
+import helpers
 import pytest
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 N_SEGMENTS = 5
 BAD_ADVICE = "set model.n_classes=0"  # what the unlabeled path once told users (issue 17)
 
@@ -49,12 +49,6 @@ def _photo(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return np.clip(img + rng.normal(0, 6, img.shape), 0, 255).astype(np.uint8)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> dict:
     """Shard a label-free photo folder and train on it with 2 processes, as the README says."""
@@ -73,7 +67,7 @@ def trained(tmp_path_factory) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
     env.pop("MLFLOW_TRACKING_URI", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), str(REPO / "launch" / "train.py"), "--config", str(REPO / "configs" / "folder.yaml"),
+           str(helpers.free_port()), str(REPO / "launch" / "train.py"), "--config", str(REPO / "configs" / "folder.yaml"),
            *TINY, f"data.train_shards={shards}", f"train.output_dir={work / 'runs'}"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
     assert out.returncode == 0, f"STDOUT:\n{out.stdout[-4000:]}\nSTDERR:\n{out.stderr[-6000:]}"

@@ -1,7 +1,7 @@
 """Unit tests of the numerical core beyond the recorded fixtures: edge cases, equivalence of our
 vectorised forms with plain brute-force versions, and the strict metric protocol.
 
-    .venv/bin/python -m pytest tests/test_core_components.py -q
+    .venv/bin/python -m pytest tests/unit/test_core_components.py -q
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ the repository; format in its README).  Every weight file and input size is read
 ``expected.npz``'s meta; the weight files are looked up as ``<name>`` or ``<name>.gz`` in the
 fixture folder, then in ``$EAGLE_DINOV2_WEIGHTS`` if that is set.
 
-    .venv/bin/python -m pytest tests/test_dinov2.py -rA -s    # prints the largest error per file and size
+    .venv/bin/python -m pytest tests/integration/test_dinov2.py -rA -s    # prints the largest error per file and size
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 from eagle_dist.method.backbone import FrozenViT, WeightsError
 from eagle_dist.method import dinov2
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 ATOL = RTOL = 1e-4  # the fixture README's tolerance
 
 
@@ -182,7 +182,7 @@ def test_a_tiny_run_trains_and_evaluates_on_a_dinov2_backbone(weight_files, tmp_
         "model.extra_clusters=1", "model.eigen_clusters=4", "loss.feature_samples=3", "loss.neg_samples=2",
         "loss.step_schedulers=1", f"data.resolution={side}", f"data.val_resolution={side}", "data.batch_size=2",
         "data.val_batch_size=3", "data.num_workers=0", "data.shuffle_buffer=4", "train.max_steps=2",
-        "train.eval_interval=2", "train.ckpt_interval=2", "eval.max_batches=0",
+        "train.eval_interval=2", "train.ckpt_interval=2",
         f"data.train_shards={tmp_path / 'train'}", f"data.val_shards={tmp_path / 'val'}",
         f"train.output_dir={tmp_path / 'runs'}", "train.run_name=dinov2")
     summary = json.loads((tmp_path / "harness" / "summary.json").read_text())

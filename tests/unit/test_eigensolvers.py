@@ -1,6 +1,6 @@
 """The block Krylov eigensolver against float64 eigh, and its wiring into EiCue.
 
-    .venv/bin/python -m pytest tests/test_eigensolvers.py -q
+    .venv/bin/python -m pytest tests/unit/test_eigensolvers.py -q
 """
 
 import pytest

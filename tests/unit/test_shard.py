@@ -25,7 +25,7 @@ from eagle_dist.data import sources
 from eagle_dist.data.shards import ShardError
 from eagle_dist.data.sources import five_crop_boxes
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def build(*args: str) -> dict:

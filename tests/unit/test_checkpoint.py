@@ -1,7 +1,7 @@
 """eagle_dist.checkpoint: atomic folders, markers, pruning, disk-full safety, exact resume.
 
-    .venv/bin/python -m pytest -q tests/test_checkpoint.py
-    .venv/bin/python -m pytest -q tests/test_checkpoint.py -m "not multiproc"   # seconds
+    .venv/bin/python -m pytest -q tests/unit/test_checkpoint.py
+    .venv/bin/python -m pytest -q tests/unit/test_checkpoint.py -m "not multiproc"   # seconds
 """
 
 from __future__ import annotations

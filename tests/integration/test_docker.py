@@ -1,6 +1,6 @@
 """Static checks of docker/Dockerfile and docker/compose.yaml (no Docker engine needed).
 
-    python -m pytest tests/test_docker.py
+    python -m pytest tests/integration/test_docker.py
 
 The compose file is parsed as YAML with compose's `${VAR:-default}` defaults filled in; the
 Dockerfile is split into instructions (continuations joined, comments dropped).  Every file
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DOCKER = REPO / "docker"
 
 
