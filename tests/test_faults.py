@@ -303,6 +303,41 @@ def test_unfinished_checkpoint_folders_are_ignored_with_a_note(run, tmp_path):
     assert f"resumed from {ckpts / 'step-00000002'} at step 2" in out
 
 
+def _final_heads(tmp_path: Path, run_name: str = "f") -> dict:
+    return torch.load(tmp_path / "runs" / run_name / "final_heads.pt", weights_only=True)
+
+
+def test_damaged_checkpoint_is_moved_aside_and_the_rerun_matches_an_uninterrupted_run(run, tmp_path):
+    from eagle_dist.checkpoint import CheckpointDamagedError, MODEL_FILE
+    from eagle_dist.evaluation.inference import resolve_checkpoint
+
+    assert run("train.max_steps=6", "train.run_name=clean")[0] == 0
+    assert run("train.max_steps=4")[0] == 0
+    ckpts = _ckpt_dir(tmp_path)
+    weights = ckpts / "step-00000004" / MODEL_FILE
+    raw = bytearray(weights.read_bytes())
+    raw[-2] ^= 0x01  # one bit in the last tensor, as a bad copy to shared storage does
+    weights.write_bytes(bytes(raw))
+    before = {p.name for p in (tmp_path / "runs" / "f").rglob("*")}
+
+    for step in (None, 4):  # evaluate / predict refuse it, naming the file and the way out
+        with pytest.raises(CheckpointDamagedError, match="model.safetensors: sha256 differs") as refused:
+            resolve_checkpoint(tmp_path / "runs" / "f", step=step)
+        assert "pass --step N for another one (complete steps: 2)" in str(refused.value)
+
+    code, out = run("train.max_steps=6")
+    assert code == 0, out[-4000:]
+    assert "Traceback" not in out
+    assert f"checkpoint {ckpts / 'step-00000004'} is damaged: model.safetensors: sha256 differs" in out
+    assert f"moved it aside to {ckpts / 'damaged-step-00000004'} (kept, not deleted)" in out
+    assert f"resumed from {ckpts / 'step-00000002'} at step 2" in out
+    after = {p.name for p in (tmp_path / "runs" / "f").rglob("*")}
+    assert before <= after  # nothing written earlier is gone (step 4 was saved again)
+    assert (ckpts / "damaged-step-00000004" / MODEL_FILE).read_bytes() == bytes(raw)
+    clean, resumed = _final_heads(tmp_path, "clean"), _final_heads(tmp_path)
+    assert all(torch.equal(clean[k], resumed[k]) for k in clean)
+
+
 @pytest.mark.parametrize("sig", ["SIGUSR1", "SIGTERM"])
 def test_stop_signal_saves_and_exits_0_and_only_sigusr1_requeues(run, tmp_path, monkeypatch, sig):
     calls = tmp_path / "scontrol-calls"

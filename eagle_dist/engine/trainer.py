@@ -279,7 +279,7 @@ class Trainer:
         if cfg.train.resume:
             self._report_unfinished_checkpoints()
         if latest is not None:
-            extra = self.ckpt.load(latest, self.heads, self.optimizer)
+            extra = self.ckpt.load(latest, self.heads, self.optimizer, verify=False)  # latest() verified it
             self.step = int(extra["step"])
             self.skipped_steps = int(extra.get("skipped_steps", 0))
             self._skips_before.update(extra.get("data_skips", {}))
