@@ -338,6 +338,48 @@ def test_damaged_checkpoint_is_moved_aside_and_the_rerun_matches_an_uninterrupte
     assert all(torch.equal(clean[k], resumed[k]) for k in clean)
 
 
+def _wait_for(path: Path, proc: subprocess.Popen, log: Path, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        assert proc.poll() is None, log.read_text()[-4000:]
+        assert time.monotonic() < deadline, f"{path} never appeared\n{log.read_text()[-4000:]}"
+        time.sleep(0.5)
+
+
+def test_second_trainer_in_a_live_run_folder_is_refused_and_a_killed_holder_is_taken_over(
+        run, shards, tmp_path):
+    import socket
+
+    log = tmp_path / "holder.log"
+    with open(log, "w") as out:
+        holder = subprocess.Popen(
+            [sys.executable, str(REPO / "launch" / "train.py"), "--config", DEFAULT, *TINY, *shards,
+             f"train.output_dir={tmp_path / 'runs'}", "train.run_name=f", "train.eval_interval=1000",
+             "dist.cpu_threads=1", "train.max_steps=100000"],
+            stdout=out, stderr=subprocess.STDOUT, env={**_env(), "EAGLE_NO_RELAUNCH": "1"}, cwd=REPO)
+    try:
+        ckpts = _ckpt_dir(tmp_path)
+        _wait_for(ckpts / "step-00000002" / "COMPLETE", holder, log)
+        code, out = run("train.max_steps=4")
+        assert code == 2 and "Traceback" not in out
+        assert (f"run folder {tmp_path / 'runs' / 'f'} is in use by another training job "
+                f"(host {socket.gethostname()}, pid {holder.pid}, started ") in out
+        assert holder.poll() is None  # the live job goes on untouched
+        holder.kill()  # SIGKILL: no chance to remove its lock
+        holder.wait()
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+    assert (tmp_path / "runs" / "f" / "LOCK").is_file()
+    newest = max(int(p.name[5:]) for p in ckpts.glob("step-*") if (p / "COMPLETE").is_file())
+    code, out = run(f"train.max_steps={newest + 2}")
+    assert code == 0, out[-4000:]
+    assert f"took over the run lock of process {holder.pid} on this host, which no longer runs" in out
+    assert f"resumed from {ckpts / f'step-{newest:08d}'} at step {newest}" in out
+    assert not (tmp_path / "runs" / "f" / "LOCK").exists()  # released at the end
+
+
 @pytest.mark.parametrize("sig", ["SIGUSR1", "SIGTERM"])
 def test_stop_signal_saves_and_exits_0_and_only_sigusr1_requeues(run, tmp_path, monkeypatch, sig):
     calls = tmp_path / "scontrol-calls"

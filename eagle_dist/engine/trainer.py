@@ -101,6 +101,7 @@ class Trainer:
             micro_batch_size=cfg.data.batch_size,
         )
         self.device = self.dist.device
+        self.run_lock = None
         self.run_dir = self._run_dir()
         self.max_steps = config_mod.batches(cfg, cfg.train.max_steps)
         self.global_batch = cfg.data.batch_size * self.dist.world_size
@@ -116,6 +117,7 @@ class Trainer:
         self._install_signal_handlers()
 
         try:
+            self._lock_run_dir()
             self._prepare_data()
             self._build_model()
             self._resume_or_start()
@@ -137,6 +139,26 @@ class Trainer:
             (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         self.dist.barrier()
         return run_dir
+
+    def _lock_run_dir(self) -> None:
+        """Rank 0 takes the run folder's LOCK before anything is read or written there; a refusal
+        (another live job trains into this folder) is raised on every rank together."""
+        from eagle_dist.distributed import elastic_run_id
+        from eagle_dist.engine.runlock import RunLock, RunLockedError
+
+        refusal, took_over = None, None
+        if self.dist.is_main:
+            lock = RunLock(self.run_dir, self.cfg.train.lock_stale_s, slurm_job_id(), elastic_run_id())
+            try:
+                lock.acquire()
+                self.run_lock, took_over = lock, lock.took_over
+            except RunLockedError as err:
+                refusal = str(err)
+        refusal = self.dist.broadcast_object(refusal)
+        if refusal is not None:
+            raise RunLockedError(refusal)
+        if took_over is not None:
+            self.dist.print(f"took over the run lock of {took_over['why']}")
 
     def _install_signal_handlers(self) -> None:
         # Preemption (SLURM's pre-timeout signal) and SIGTERM only set a flag; all ranks agree on
@@ -593,6 +615,8 @@ class Trainer:
         tracker = getattr(self, "tracker", None)
         if tracker is not None:
             tracker.close()
+        if self.run_lock is not None:
+            self.run_lock.release()
         self.dist.cleanup()
 
 
