@@ -57,8 +57,8 @@ def launch_main():
 
 @pytest.fixture(autouse=True)
 def clean_process(monkeypatch):
-    """The Trainer installs SIGUSR1/SIGTERM handlers and reads launcher variables: undo both."""
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM)}
+    """The Trainer installs SIGUSR1/SIGTERM/SIGINT handlers and reads launcher variables: undo both."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_ID",
                 "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "MLFLOW_TRACKING_URI", "ACCELERATE_USE_CPU"):
         monkeypatch.delenv(key, raising=False)
@@ -408,6 +408,82 @@ def test_stop_signal_saves_and_exits_0_and_only_sigusr1_requeues(run, tmp_path, 
     else:
         assert not calls.exists()
         assert "stop requested by SIGTERM" in out and "exiting cleanly" in out
+
+
+def _sigint_run(cmd: list[str], log: Path, **extra_env: str) -> subprocess.Popen:
+    """Start `cmd` in its own process group, as a terminal would run it, output to `log`."""
+    env = {**_env(), **extra_env}
+    env.pop("EAGLE_NO_RELAUNCH", None)
+    with open(log, "w") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+                                start_new_session=True)
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_ctrl_c_to_a_2_process_torchrun_saves_exits_0_and_the_rerun_resumes(tmp_path, shards):
+    # No --config: launch/train.py restarts itself under torchrun with 2 processes (`make train`).
+    base = [sys.executable, str(REPO / "launch" / "train.py"), *TINY, *shards, f"train.output_dir={tmp_path / 'runs'}",
+            "train.run_name=c", "train.eval_interval=1000", "dist.cpu_threads=1"]
+    ckpts = _ckpt_dir(tmp_path, "c")
+    log = tmp_path / "first.log"
+    proc = _sigint_run([*base, "train.max_steps=100000"], log)
+    try:
+        _wait_for(ckpts / "step-00000002" / "COMPLETE", proc, log)
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the launcher, torchrun and both workers
+        code = proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    out = log.read_text()
+    assert code == 0, out[-5000:]
+    assert "Traceback" not in out and "SignalException" not in out, out[-5000:]
+    saved = [line for line in out.splitlines() if line.startswith("stop requested by Ctrl-C (SIGINT)")]
+    assert len(saved) == 1 and "start the same command again to resume" in saved[0], out[-5000:]
+    step = int(saved[0].split("saved step ")[1].split()[0])
+    assert _extra(ckpts / f"step-{step:08d}")["reason"] == "interrupted" and step >= 2
+    assert not (tmp_path / "runs" / "c" / "LOCK").exists()
+
+    done = subprocess.run([*base, f"train.max_steps={step + 1}"], capture_output=True, text=True,
+                          env={k: v for k, v in _env().items() if k != "EAGLE_NO_RELAUNCH"}, cwd=REPO, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"resumed from {ckpts / f'step-{step:08d}'} at step {step}" in done.stdout
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_second_ctrl_c_stops_at_once_without_a_half_checkpoint_under_a_final_name(tmp_path, shards):
+    started = tmp_path / "interrupt-save-started"
+    out = tmp_path / "out"
+    # A plain torchrun, as users type it: it forwards a Ctrl-C to its workers as SIGINT, and a
+    # second one (while it waits for them) as SIGTERM.
+    proc = _sigint_run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", FAULT_HARNESS,
+         str(out), *TINY, *shards, f"train.output_dir={tmp_path / 'runs'}", "train.run_name=d",
+         "train.eval_interval=1000", "dist.cpu_threads=1", "train.max_steps=100000"],
+        tmp_path / "run.log", EAGLE_TEST_SLOW_INTERRUPT_SAVE=str(started))
+    ckpts = _ckpt_dir(tmp_path, "d")
+    try:
+        _wait_for(ckpts / "step-00000002" / "COMPLETE", proc, tmp_path / "run.log")
+        os.killpg(proc.pid, signal.SIGINT)
+        _wait_for(started, proc, tmp_path / "run.log", timeout_s=120)
+        time.sleep(1.5)  # a human's second press
+        os.killpg(proc.pid, signal.SIGINT)
+        code = proc.wait(timeout=30)  # "at once": well before the slowed save could finish
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    text = (tmp_path / "run.log").read_text()
+    assert code != 0
+    assert "eagle-dist: second Ctrl-C: stopped at once at step" in text, text[-5000:]
+    final = sorted(p.name for p in ckpts.iterdir() if p.name.startswith("step-"))
+    assert all((ckpts / name / "COMPLETE").is_file() for name in final)  # complete or absent
+    from eagle_dist.checkpoint import verify_checkpoint
+
+    assert all(verify_checkpoint(ckpts / name) for name in final)
+    assert not (tmp_path / "runs" / "d" / "LOCK").exists()
 
 
 def test_requeue_without_scontrol_is_reported_not_raised(tmp_path):

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -60,6 +61,12 @@ from eagle_dist.method.eagle import EagleHeads, build_optimizer, loss_names, tra
 class TrainingError(EagleError, RuntimeError):
     """A failure the user must act on (bad data, diverged loss, ...)."""
 
+
+# The signals that stop training with a checkpoint, in the order they win when several arrive.
+STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
+# A second SIGINT sooner than this after the first is the same Ctrl-C: torchrun forwards the
+# terminal's SIGINT to its workers, which also got it directly from the terminal.
+SIGINT_REPEAT_S = 1.0
 
 # Stream counters (eagle_dist.data.stream.STAT_FIELDS) that mean a sample was skipped.
 SKIP_FIELDS = ("corrupt_samples", "incomplete_samples", "missing_samples", "read_errors")
@@ -161,17 +168,49 @@ class Trainer:
             self.dist.print(f"took over the run lock of {took_over['why']}")
 
     def _install_signal_handlers(self) -> None:
-        # Preemption (SLURM's pre-timeout signal) and SIGTERM only set a flag; all ranks agree on
-        # it at the next step boundary, save, and exit cleanly.
+        # Preemption (SLURM's pre-timeout signal), SIGTERM and a first Ctrl-C only set a flag; all
+        # ranks agree on it at the next step boundary, save, and exit cleanly.
+        owner = os.getpid()
+
         def handler(signum, _frame):
+            # After a Ctrl-C, a SIGTERM is a launcher giving up waiting (plain torchrun sends one
+            # on a second Ctrl-C): stop at once, as for a second Ctrl-C.
+            if self._first_sigint is not None and os.getpid() == owner and signum == signal.SIGTERM:
+                self._stop_at_once()
             self.stop_signals.add(signum)
 
+        def on_sigint(signum, _frame):
+            if os.getpid() != owner:
+                return  # a forked DataLoader worker: the trainer process decides for it
+            now = time.monotonic()
+            if self._first_sigint is None:
+                self._first_sigint = now
+                self.stop_signals.add(signum)
+                # os.write, not print: print from a handler can hit a half-done print (reentrant).
+                if self.dist.is_main:
+                    os.write(2, b"eagle-dist: Ctrl-C: stopping after this step with a checkpoint "
+                                b"(Ctrl-C again to stop at once without saving)\n")
+            elif now - self._first_sigint > SIGINT_REPEAT_S:
+                self._stop_at_once()
+
         self.stop_signals: set[int] = set()
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
+        self._first_sigint: float | None = None
+        for sig, fn in ((signal.SIGUSR1, handler), (signal.SIGTERM, handler), (signal.SIGINT, on_sigint)):
             try:
-                signal.signal(sig, handler)
+                signal.signal(sig, fn)
             except ValueError:  # not the main thread (e.g. inside some test harnesses)
                 pass
+
+    def _stop_at_once(self) -> None:
+        """Second Ctrl-C: exit now. A save in progress stays an `.incomplete-*` folder (resume
+        ignores it; the next save removes it): a checkpoint is only ever complete or absent."""
+        if self.dist.is_main:
+            os.write(2, (f"eagle-dist: second Ctrl-C: stopped at once at step {self.step} without saving; "
+                         f"the complete checkpoints in {self.run_dir / 'checkpoints'} are intact: start the "
+                         "same command again to resume from the newest\n").encode())
+        if self.run_lock is not None:
+            self.run_lock.release()
+        os._exit(130)  # 128 + SIGINT, what a shell reports for a Ctrl-C
 
     def _prepare_data(self) -> None:
         from eagle_dist.data import stream as data
@@ -424,7 +463,7 @@ class Trainer:
             self.dist, self.heads, self.optimizer, self._forward, batch, step=self.step,
             metric_names=loss_names(self.cfg),
             grad_clip=self.cfg.optim.grad_clip,
-            flags=lambda: {"SIGUSR1": signal.SIGUSR1 in self.stop_signals, "SIGTERM": signal.SIGTERM in self.stop_signals},
+            flags=lambda: {name: getattr(signal, name) in self.stop_signals for name in STOP_SIGNALS},
         )
         if result.missing_batch:
             self._stop_for_data_error(data_error)
@@ -433,8 +472,8 @@ class Trainer:
         else:
             self.bad_steps = 0
         self.step += 1
-        # SIGTERM wins: it must never requeue (see the module docstring).
-        self.stop_signal = next((name for name in ("SIGTERM", "SIGUSR1") if result.flags[name]), None)
+        # SIGTERM and Ctrl-C win over SIGUSR1: they must never requeue (see the module docstring).
+        self.stop_signal = next((name for name in STOP_SIGNALS if result.flags[name]), None)
         return {**result.metrics, "skipped_steps": self.skipped_steps}
 
     def _stop_for_data_error(self, data_error: Exception | None) -> None:
@@ -535,14 +574,17 @@ class Trainer:
 
     def _stop_for_signal(self, requeue: bool) -> None:
         """Every rank: checkpoint, then (SIGUSR1 under Slurm) rank 0 requeues the job."""
-        self._save(reason="preemption")
+        interrupted = self.stop_signal == "SIGINT"
+        self._save(reason="interrupted" if interrupted else "preemption")
         d = self.dist
-        what = "SIGUSR1 (Slurm's pre-timeout signal)" if requeue else "SIGTERM"
-        d.print(f"stop requested by {what}: saved step {self.step} in {self.ckpt.root}")
+        what = {"SIGUSR1": "SIGUSR1 (Slurm's pre-timeout signal)", "SIGINT": "Ctrl-C (SIGINT)"}.get(
+            self.stop_signal, self.stop_signal)
+        saved = f"stop requested by {what}: saved step {self.step} in {self.ckpt.root}"
         job = slurm_job_id()
         if not requeue or job is None:
-            d.print("exiting cleanly; start the same command again to resume from this checkpoint")
+            d.print(f"{saved}; exiting cleanly, start the same command again to resume from this checkpoint")
             return
+        d.print(saved)
         if d.is_main:
             problem = requeue_slurm_job(job)
             if problem is None:
