@@ -263,6 +263,40 @@ def test_nan_and_inf_losses_are_skipped_then_stop_with_a_checkpoint(run, tmp_pat
     assert skipped == {1: 0, 2: 1, 3: 1, 4: 2, 5: 3}  # one lone NaN is skipped, training goes on
 
 
+def test_eigensolver_failures_are_retried_in_float64_then_skipped_then_stop_with_a_checkpoint(
+        run, tmp_path, monkeypatch):
+    from eagle_dist.engine import trainer as trainer_mod
+    from eagle_dist.method import eicue
+
+    # Step 1: the float32 solve fails, the float64 retry works. Steps 3-5: both fail.
+    fails = {1: {"eigh"}, 3: {"eigh", "eigh64"}, 4: {"eigh", "eigh64"}, 5: {"eigh", "eigh64"}}
+    current = {"step": -1}
+    original_eig, original_step = eicue.smallest_eigenpairs, trainer_mod.training_step_losses
+
+    def eigenpairs(lap_BNN, k, solver="eigh"):
+        if solver in fails.get(current["step"], ()):
+            raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge because the input "
+                                           "matrix is ill-conditioned or has too many repeated eigenvalues")
+        return original_eig(lap_BNN, k, solver)
+
+    def step_losses(backbone, heads, batch, step, cfg, **kwargs):
+        current["step"] = step
+        return original_step(backbone, heads, batch, step, cfg, **kwargs)
+
+    monkeypatch.setattr(eicue, "smallest_eigenpairs", eigenpairs)
+    monkeypatch.setattr(trainer_mod, "training_step_losses", step_losses)
+    code, out = run("train.max_steps=10", "train.max_bad_steps=3")
+    assert code == 2 and "Traceback" not in out
+    assert "step 1, rank 0: the eigh eigensolver failed (linalg.eigh: The algorithm failed to converge" in out
+    assert "the float64 retry succeeded" in out
+    assert "step 3, rank 0: the eigensolver failed even in float64" in out
+    assert ("the eigensolver did not converge, even in float64, for 3 steps in a row (at step 5): the affinity "
+            "graphs are degenerate") in out
+    state = _extra(_ckpt_dir(tmp_path) / "step-00000005")
+    assert state["reason"] == "diverged" and state["skipped_steps"] == 3  # step 1 was trained
+    assert (_ckpt_dir(tmp_path) / "step-00000002" / "COMPLETE").is_file()  # nothing earlier lost
+
+
 def test_disk_full_while_saving_keeps_the_previous_checkpoint_and_resume_works(run, tmp_path, monkeypatch):
     from eagle_dist import checkpoint as checkpoint_mod
 

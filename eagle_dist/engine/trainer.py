@@ -38,6 +38,7 @@ skipped by the stream; the running totals are logged as `data/*` metrics.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -64,12 +65,16 @@ class TrainingError(EagleError, RuntimeError):
 
 # The signals that stop training with a checkpoint, in the order they win when several arrive.
 STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
-# A second SIGINT sooner than this after the first is the same Ctrl-C: torchrun forwards the
-# terminal's SIGINT to its workers, which also got it directly from the terminal.
+# A second SIGINT sooner than this after the first is taken as the same Ctrl-C: a launcher that
+# forwards SIGINT to workers still in the terminal's process group delivers each press twice.
 SIGINT_REPEAT_S = 1.0
 
 # Stream counters (eagle_dist.data.stream.STAT_FIELDS) that mean a sample was skipped.
 SKIP_FIELDS = ("corrupt_samples", "incomplete_samples", "missing_samples", "read_errors")
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def _segment_seed(seed: int, segment: int) -> int:
@@ -114,6 +119,8 @@ class Trainer:
         self.global_batch = cfg.data.batch_size * self.dist.world_size
         self.step = 0
         self.bad_steps = 0
+        self._bad_eigen_steps = 0  # of the bad steps in a row, how many were eigensolver failures
+        self._eig_failed = False
         self.skipped_steps = 0
         self.stop_signal: str | None = None  # "SIGUSR1" / "SIGTERM" once the ranks agreed to stop
         self._start_step = 0
@@ -445,9 +452,35 @@ class Trainer:
     # ------------------------------------------------------------------ one step
 
     def _forward(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
-        # Looked up at call time: the fault tests wrap training_step_losses.
-        return training_step_losses(self.backbone, self.heads, batch, step, self.cfg,
-                                    precision=self.dist.precision)
+        """The losses; an eigensolver failure (non-convergence on a degenerate Laplacian) is
+        retried with the float64 decomposition, and if that fails too the step's loss is NaN on
+        this rank, so the step's all-reduce skips the update everywhere and counts it as bad."""
+        self._eig_failed = False
+        try:
+            # Looked up at call time: the fault tests wrap training_step_losses.
+            return training_step_losses(self.backbone, self.heads, batch, step, self.cfg,
+                                        precision=self.dist.precision)
+        except torch.linalg.LinAlgError as err:
+            first = err
+        if self.cfg.eicue.solver != "eigh64":
+            retry_cfg = dataclasses.replace(self.cfg, eicue=dataclasses.replace(self.cfg.eicue, solver="eigh64"))
+            heads = self.raw_heads
+            heads.cfg = retry_cfg  # the heads run EiCue with their own config
+            try:
+                out = training_step_losses(self.backbone, self.heads, batch, step, retry_cfg,
+                                           precision=self.dist.precision)
+                print(f"eagle-dist: step {step}, rank {self.dist.rank}: the {self.cfg.eicue.solver} eigensolver "
+                      f"failed ({_first_line(first)}); the float64 retry succeeded", file=sys.stderr, flush=True)
+                return out
+            except torch.linalg.LinAlgError as err:
+                first = err
+            finally:
+                heads.cfg = self.cfg
+        print(f"eagle-dist: step {step}, rank {self.dist.rank}: the eigensolver failed even in float64 "
+              f"({_first_line(first)}); the step is skipped", file=sys.stderr, flush=True)
+        self._eig_failed = True
+        nan = torch.full((), float("nan"), device=self.device)
+        return {name: nan for name in loss_names(self.cfg)}
 
     def train_step(self, batch: dict | None, data_error: Exception | None = None) -> dict[str, float]:
         """One optimizer step on this rank's `batch`; returns the metrics averaged over ranks.
@@ -463,14 +496,16 @@ class Trainer:
             self.dist, self.heads, self.optimizer, self._forward, batch, step=self.step,
             metric_names=loss_names(self.cfg),
             grad_clip=self.cfg.optim.grad_clip,
-            flags=lambda: {name: getattr(signal, name) in self.stop_signals for name in STOP_SIGNALS},
+            # Which failure made a step bad travels in the same all-reduce as the stop signals.
+            flags=lambda: {**{name: getattr(signal, name) in self.stop_signals for name in STOP_SIGNALS},
+                           "eigensolver_failed": self._eig_failed},
         )
         if result.missing_batch:
             self._stop_for_data_error(data_error)
         if result.nonfinite:
-            self._count_bad_step()
+            self._count_bad_step(eigensolver=result.flags["eigensolver_failed"])
         else:
-            self.bad_steps = 0
+            self.bad_steps = self._bad_eigen_steps = 0
         self.step += 1
         # SIGTERM and Ctrl-C win over SIGUSR1: they must never requeue (see the module docstring).
         self.stop_signal = next((name for name in STOP_SIGNALS if result.flags[name]), None)
@@ -484,16 +519,24 @@ class Trainer:
         reason = str(data_error) if data_error is not None else "the data stream failed on another rank"
         raise TrainingError(f"{reason}\nStopped at step {self.step}{saved}.")
 
-    def _count_bad_step(self) -> None:
+    def _count_bad_step(self, eigensolver: bool) -> None:
         self.skipped_steps += 1
         self.bad_steps += 1
-        self.dist.print(f"step {self.step}: non-finite loss on some rank, update skipped ({self.bad_steps} in a row)")
+        self._bad_eigen_steps = self._bad_eigen_steps + 1 if eigensolver else 0
+        what = "the eigensolver failed" if eigensolver else "non-finite loss"
+        self.dist.print(f"step {self.step}: {what} on some rank, update skipped ({self.bad_steps} in a row)")
         if self.bad_steps >= self.cfg.train.max_bad_steps:
             self._save(reason="diverged")
-            raise TrainingError(
-                f"the loss was NaN/Inf for {self.bad_steps} steps in a row (at step {self.step}); "
-                f"saved a checkpoint in {self.ckpt.root}. Lower the learning rates or check the data."
-            )
+            if self._bad_eigen_steps == self.bad_steps:
+                cause = (f"the eigensolver did not converge, even in float64, for {self.bad_steps} steps in a "
+                         f"row (at step {self.step}): the affinity graphs are degenerate, most likely constant "
+                         "or blank images, or features that collapsed (check the data and lower the learning "
+                         "rates)")
+            else:
+                cause = (f"the loss was NaN/Inf for {self.bad_steps} steps in a row (at step {self.step}), "
+                         "most likely a diverged loss or non-finite features (lower the learning rates or "
+                         "check the data)")
+            raise TrainingError(f"{cause}; saved a checkpoint in {self.ckpt.root}.")
 
     # ------------------------------------------------------------------ loop
 
