@@ -32,7 +32,11 @@ saves and exits without requeueing: `scancel` sends SIGTERM, and a job that requ
 on SIGTERM comes back after every scancel (checked on Slurm 22.05); Slurm's own preemption
 with PreemptMode=REQUEUE requeues the job by itself.  A DataError from any rank's stream
 (shards that yield nothing usable) and NaN/Inf losses in `train.max_bad_steps` steps in a row
-stop every rank with a checkpoint and one message.  Corrupt or truncated shard members are
+stop every rank with a checkpoint and one message.  Ctrl-C (SIGINT) stops like SIGTERM; a
+second one more than SIGINT_REPEAT_S later (or a SIGTERM after it, which is how a plain
+torchrun passes a second Ctrl-C on) exits at once with status 130.  An eigensolver that does not
+converge is retried with the float64 decomposition, then the step is skipped and counted like a
+NaN loss.  Rank 0 holds the run folder's LOCK (eagle_dist/engine/runlock.py) for the whole run.  Corrupt or truncated shard members are
 skipped by the stream; the running totals are logged as `data/*` metrics.
 """
 
