@@ -178,6 +178,10 @@ class TrainConfig:
     seed: int = 0
     resume: bool = True  # resume from the newest complete checkpoint of this run
     max_bad_steps: int = 5  # consecutive NaN/Inf losses before stopping with a checkpoint
+    # A run folder's LOCK whose holder on another node stopped its heartbeat this long ago is
+    # taken over (eagle_dist/engine/runlock.py); same-host and same-Slurm-job holders are
+    # recognised at once.
+    lock_stale_s: float = 600.0
 
 
 @dataclass

@@ -199,6 +199,17 @@ def slurm_job_id(env: Mapping[str, str] | None = None) -> str | None:
     return env.get("SLURM_JOB_ID") or None
 
 
+def elastic_run_id(env: Mapping[str, str] | None = None) -> str | None:
+    """torchrun's rendezvous id (the same for every restart of one torchrun job), or None.
+
+    torchrun's default id for multi-node rendezvous is the literal "none", which every job
+    shares, so it identifies nothing and is dropped; `--standalone` draws a fresh one per job.
+    """
+    env = os.environ if env is None else env
+    run_id = env.get("TORCHELASTIC_RUN_ID") or ""
+    return run_id if run_id and run_id != "none" else None
+
+
 def _is_accelerate_env(env: Mapping[str, str]) -> bool:
     # Every accelerate launcher exports these; torchrun alone never does.
     return "ACCELERATE_MIXED_PRECISION" in env or "ACCELERATE_DYNAMO_BACKEND" in env

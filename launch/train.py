@@ -31,6 +31,7 @@ from eagle_dist.config import ConfigError, load_config  # noqa: E402
 def _relaunch_embedded_default(overrides: list[str]) -> int | None:
     """Exit code of a 2-process torchrun of the embedded default, or None to run here."""
     import os
+    import signal
     import subprocess
 
     import torch
@@ -44,9 +45,37 @@ def _relaunch_embedded_default(overrides: list[str]) -> int | None:
         return None
     print("eagle-dist: embedded default on CPU: starting 2 processes with torchrun "
           "(set EAGLE_NO_RELAUNCH=1 to stay in one process)", flush=True)
+    # Ctrl-C: torchrun starts each worker in a session of its own, so a terminal's SIGINT reaches
+    # only this process and torchrun. torchrun's own handling (forward, wait 30 s, SIGKILL, exit
+    # with a SignalException traceback) is switched off: it ignores SIGINT, and this process
+    # forwards each Ctrl-C to the workers' process groups. The workers decide (first: save and
+    # exit 0; second: stop at once) and torchrun exits as they do.
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "--signals-to-handle", "SIGTERM,SIGHUP,SIGQUIT",
            str(Path(__file__).resolve()), "--config", str(REPO / "configs" / "default.yaml"), *overrides]
-    return subprocess.call(cmd)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited by torchrun (and its workers
+    try:                                                     # until the trainer installs its handler)
+        agent = subprocess.Popen(cmd)
+        signal.signal(signal.SIGINT, lambda *_: _forward_to_children_of(agent.pid, signal.SIGINT))
+        return agent.wait()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _forward_to_children_of(parent: int, sig: int) -> None:
+    """Send `sig` to the process group of every child of `parent` (Linux /proc)."""
+    import os
+
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # exited meanwhile
+        if int(fields[1]) == parent:  # fields[1]: the parent pid
+            try:
+                os.killpg(int(stat.parent.name), sig)
+            except OSError:
+                pass
 
 
 def main(argv: list[str] | None = None) -> int:

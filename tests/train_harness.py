@@ -17,6 +17,9 @@ EAGLE_TEST_FAULTS lists one fault per torchrun attempt (TORCHELASTIC_RESTART_COU
                and the COMPLETE marker are written into `.incomplete-step-K`, the rename into
                place has not happened (only rank 0 commits, so R must be 0)
 
+EAGLE_TEST_SLOW_INTERRUPT_SAVE=FILE makes the checkpoint save that a Ctrl-C asks for touch FILE
+and then take a minute, so a test can press Ctrl-C again in the middle of it.
+
 Attempts with no fault listed run clean.  The faults are monkeypatches made here, so the
 package carries no test hooks.
 """
@@ -27,6 +30,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,6 +85,18 @@ def _inject(kind: str, step: int) -> None:
         checkpoint_mod._fsync_dir = fsync_dir
 
 
+def _slow_interrupt_save(trainer, started: Path) -> None:
+    original = checkpoint_mod.CheckpointManager._write_own_files
+
+    def write_own_files(self, tmp, *args, **kwargs):
+        if signal.SIGINT in trainer.stop_signals:
+            started.touch()
+            time.sleep(60)  # a signal handler runs during the sleep
+        return original(self, tmp, *args, **kwargs)
+
+    checkpoint_mod.CheckpointManager._write_own_files = write_own_files
+
+
 def _record_attempt(trainer, out: Path) -> None:
     ckpt_root = trainer.run_dir / "checkpoints"
     record = {
@@ -101,6 +117,8 @@ def main() -> int:
         fault = _fault_for_this_attempt()
         if fault is not None and fault[2] == trainer.dist.rank:
             _inject(fault[0], fault[1])
+        if os.environ.get("EAGLE_TEST_SLOW_INTERRUPT_SAVE"):
+            _slow_interrupt_save(trainer, Path(os.environ["EAGLE_TEST_SLOW_INTERRUPT_SAVE"]))
         out.mkdir(parents=True, exist_ok=True)
         if trainer.dist.is_main:
             _record_attempt(trainer, out)

@@ -38,6 +38,7 @@ import argparse
 import contextlib
 import importlib
 import json
+import math
 import os
 import platform
 import resource

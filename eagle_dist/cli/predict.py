@@ -33,6 +33,7 @@ different folders or formats get the extension appended to keep their outputs ap
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 

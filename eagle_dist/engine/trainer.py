@@ -32,15 +32,21 @@ saves and exits without requeueing: `scancel` sends SIGTERM, and a job that requ
 on SIGTERM comes back after every scancel; Slurm's own preemption
 with PreemptMode=REQUEUE requeues the job by itself.  A DataError from any rank's stream
 (shards that yield nothing usable) and NaN/Inf losses in `train.max_bad_steps` steps in a row
-stop every rank with a checkpoint and one message.  Corrupt or truncated shard members are
+stop every rank with a checkpoint and one message.  Ctrl-C (SIGINT) stops like SIGTERM; a
+second one more than SIGINT_REPEAT_S later (or a SIGTERM after it, which is how a plain
+torchrun passes a second Ctrl-C on) exits at once with status 130.  An eigensolver that does not
+converge is retried with the float64 decomposition, then the step is skipped and counted like a
+NaN loss.  Rank 0 holds the run folder's LOCK (eagle_dist/engine/runlock.py) for the whole run.  Corrupt or truncated shard members are
 skipped by the stream; the running totals are logged as `data/*` metrics.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -61,8 +67,18 @@ class TrainingError(EagleError, RuntimeError):
     """A failure the user must act on (bad data, diverged loss, ...)."""
 
 
+# The signals that stop training with a checkpoint, in the order they win when several arrive.
+STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
+# A second SIGINT sooner than this after the first is taken as the same Ctrl-C: a launcher that
+# forwards SIGINT to workers still in the terminal's process group delivers each press twice.
+SIGINT_REPEAT_S = 1.0
+
 # Stream counters (eagle_dist.data.stream.STAT_FIELDS) that mean a sample was skipped.
 SKIP_FIELDS = ("corrupt_samples", "incomplete_samples", "missing_samples", "read_errors")
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def _segment_seed(seed: int, segment: int) -> int:
@@ -101,11 +117,14 @@ class Trainer:
             micro_batch_size=cfg.data.batch_size,
         )
         self.device = self.dist.device
+        self.run_lock = None
         self.run_dir = self._run_dir()
         self.max_steps = config_mod.batches(cfg, cfg.train.max_steps)
         self.global_batch = cfg.data.batch_size * self.dist.world_size
         self.step = 0
         self.bad_steps = 0
+        self._bad_eigen_steps = 0  # of the bad steps in a row, how many were eigensolver failures
+        self._eig_failed = False
         self.skipped_steps = 0
         self.stop_signal: str | None = None  # "SIGUSR1" / "SIGTERM" once the ranks agreed to stop
         self._start_step = 0
@@ -118,6 +137,7 @@ class Trainer:
 
         try:
             with self._outcome_recorded():
+                self._lock_run_dir()
                 self._prepare_data()
                 self._build_model()
                 self._resume_or_start()
@@ -152,18 +172,70 @@ class Trainer:
         self.dist.barrier()
         return run_dir
 
+    def _lock_run_dir(self) -> None:
+        """Rank 0 takes the run folder's LOCK before anything is read or written there; a refusal
+        (another live job trains into this folder) is raised on every rank together."""
+        from eagle_dist.distributed import elastic_run_id
+        from eagle_dist.engine.runlock import RunLock, RunLockedError
+
+        refusal, took_over = None, None
+        if self.dist.is_main:
+            lock = RunLock(self.run_dir, self.cfg.train.lock_stale_s, slurm_job_id(), elastic_run_id())
+            try:
+                lock.acquire()
+                self.run_lock, took_over = lock, lock.took_over
+            except RunLockedError as err:
+                refusal = str(err)
+        refusal = self.dist.broadcast_object(refusal)
+        if refusal is not None:
+            raise RunLockedError(refusal)
+        if took_over is not None:
+            self.dist.print(f"took over the run lock of {took_over['why']}")
+
     def _install_signal_handlers(self) -> None:
-        # Preemption (SLURM's pre-timeout signal) and SIGTERM only set a flag; all ranks agree on
-        # it at the next step boundary, save, and exit cleanly.
+        # Preemption (SLURM's pre-timeout signal), SIGTERM and a first Ctrl-C only set a flag; all
+        # ranks agree on it at the next step boundary, save, and exit cleanly.
+        owner = os.getpid()
+
         def handler(signum, _frame):
+            # After a Ctrl-C, a SIGTERM is a launcher giving up waiting (plain torchrun sends one
+            # on a second Ctrl-C): stop at once, as for a second Ctrl-C.
+            if self._first_sigint is not None and os.getpid() == owner and signum == signal.SIGTERM:
+                self._stop_at_once()
             self.stop_signals.add(signum)
 
+        def on_sigint(signum, _frame):
+            if os.getpid() != owner:
+                return  # a forked DataLoader worker: the trainer process decides for it
+            now = time.monotonic()
+            if self._first_sigint is None:
+                self._first_sigint = now
+                self.stop_signals.add(signum)
+                # os.write, not print: print from a handler can hit a half-done print (reentrant).
+                if self.dist.is_main:
+                    os.write(2, b"eagle-dist: Ctrl-C: stopping after this step with a checkpoint "
+                                b"(Ctrl-C again to stop at once without saving)\n")
+            elif now - self._first_sigint > SIGINT_REPEAT_S:
+                self._stop_at_once()
+
         self.stop_signals: set[int] = set()
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
+        self._first_sigint: float | None = None
+        for sig, fn in ((signal.SIGUSR1, handler), (signal.SIGTERM, handler), (signal.SIGINT, on_sigint)):
             try:
-                signal.signal(sig, handler)
+                signal.signal(sig, fn)
             except ValueError:  # not the main thread (e.g. inside some test harnesses)
                 pass
+
+    def _stop_at_once(self) -> None:
+        """Second Ctrl-C: exit now. A save in progress stays an `.incomplete-*` folder (resume
+        ignores it; the next save removes it): a checkpoint is only ever complete or absent."""
+        if self.dist.is_main:
+            os.write(2, (f"eagle-dist: second Ctrl-C: stopped at once at step {self.step} without saving; "
+                         f"the complete checkpoints in {self.run_dir / 'checkpoints'} are intact: start the "
+                         "same command again to resume from the newest\n").encode())
+        if self.run_lock is not None:
+            self.run_lock.release()
+        os._exit(130)  # 128 + SIGINT, what a shell reports for a Ctrl-C
 
     def _prepare_data(self) -> None:
         from eagle_dist.data import stream as data
@@ -277,7 +349,7 @@ class Trainer:
         if cfg.train.resume:
             self._report_unfinished_checkpoints()
         if latest is not None:
-            extra = self.ckpt.load(latest, self.heads, self.optimizer)
+            extra = self.ckpt.load(latest, self.heads, self.optimizer, verify=False)  # latest() verified it
             self.step = int(extra["step"])
             self.skipped_steps = int(extra.get("skipped_steps", 0))
             self._skips_before.update(extra.get("data_skips", {}))
@@ -382,9 +454,35 @@ class Trainer:
     # ------------------------------------------------------------------ one step
 
     def _forward(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
-        # Looked up at call time: the fault tests wrap training_step_losses.
-        return training_step_losses(self.backbone, self.heads, batch, step, self.cfg,
-                                    precision=self.dist.precision)
+        """The losses; an eigensolver failure (non-convergence on a degenerate Laplacian) is
+        retried with the float64 decomposition, and if that fails too the step's loss is NaN on
+        this rank, so the step's all-reduce skips the update everywhere and counts it as bad."""
+        self._eig_failed = False
+        try:
+            # Looked up at call time: the fault tests wrap training_step_losses.
+            return training_step_losses(self.backbone, self.heads, batch, step, self.cfg,
+                                        precision=self.dist.precision)
+        except torch.linalg.LinAlgError as err:
+            first = err
+        if self.cfg.eicue.solver != "eigh64":
+            retry_cfg = dataclasses.replace(self.cfg, eicue=dataclasses.replace(self.cfg.eicue, solver="eigh64"))
+            heads = self.raw_heads
+            heads.cfg = retry_cfg  # the heads run EiCue with their own config
+            try:
+                out = training_step_losses(self.backbone, self.heads, batch, step, retry_cfg,
+                                           precision=self.dist.precision)
+                print(f"eagle-dist: step {step}, rank {self.dist.rank}: the {self.cfg.eicue.solver} eigensolver "
+                      f"failed ({_first_line(first)}); the float64 retry succeeded", file=sys.stderr, flush=True)
+                return out
+            except torch.linalg.LinAlgError as err:
+                first = err
+            finally:
+                heads.cfg = self.cfg
+        print(f"eagle-dist: step {step}, rank {self.dist.rank}: the eigensolver failed even in float64 "
+              f"({_first_line(first)}); the step is skipped", file=sys.stderr, flush=True)
+        self._eig_failed = True
+        nan = torch.full((), float("nan"), device=self.device)
+        return {name: nan for name in loss_names(self.cfg)}
 
     def train_step(self, batch: dict | None, data_error: Exception | None = None) -> dict[str, float]:
         """One optimizer step on this rank's `batch`; returns the metrics averaged over ranks.
@@ -400,17 +498,19 @@ class Trainer:
             self.dist, self.heads, self.optimizer, self._forward, batch, step=self.step,
             metric_names=loss_names(self.cfg),
             grad_clip=self.cfg.optim.grad_clip,
-            flags=lambda: {"SIGUSR1": signal.SIGUSR1 in self.stop_signals, "SIGTERM": signal.SIGTERM in self.stop_signals},
+            # Which failure made a step bad travels in the same all-reduce as the stop signals.
+            flags=lambda: {**{name: getattr(signal, name) in self.stop_signals for name in STOP_SIGNALS},
+                           "eigensolver_failed": self._eig_failed},
         )
         if result.missing_batch:
             self._stop_for_data_error(data_error)
         if result.nonfinite:
-            self._count_bad_step()
+            self._count_bad_step(eigensolver=result.flags["eigensolver_failed"])
         else:
-            self.bad_steps = 0
+            self.bad_steps = self._bad_eigen_steps = 0
         self.step += 1
-        # SIGTERM wins: it must never requeue (see the module docstring).
-        self.stop_signal = next((name for name in ("SIGTERM", "SIGUSR1") if result.flags[name]), None)
+        # SIGTERM and Ctrl-C win over SIGUSR1: they must never requeue (see the module docstring).
+        self.stop_signal = next((name for name in STOP_SIGNALS if result.flags[name]), None)
         return {**result.metrics, "skipped_steps": self.skipped_steps}
 
     def _stop_for_data_error(self, data_error: Exception | None) -> None:
@@ -421,16 +521,24 @@ class Trainer:
         reason = str(data_error) if data_error is not None else "the data stream failed on another rank"
         raise TrainingError(f"{reason}\nStopped at step {self.step}{saved}.")
 
-    def _count_bad_step(self) -> None:
+    def _count_bad_step(self, eigensolver: bool) -> None:
         self.skipped_steps += 1
         self.bad_steps += 1
-        self.dist.print(f"step {self.step}: non-finite loss on some rank, update skipped ({self.bad_steps} in a row)")
+        self._bad_eigen_steps = self._bad_eigen_steps + 1 if eigensolver else 0
+        what = "the eigensolver failed" if eigensolver else "non-finite loss"
+        self.dist.print(f"step {self.step}: {what} on some rank, update skipped ({self.bad_steps} in a row)")
         if self.bad_steps >= self.cfg.train.max_bad_steps:
             self._save(reason="diverged")
-            raise TrainingError(
-                f"the loss was NaN/Inf for {self.bad_steps} steps in a row (at step {self.step}); "
-                f"saved a checkpoint in {self.ckpt.root}. Lower the learning rates or check the data."
-            )
+            if self._bad_eigen_steps == self.bad_steps:
+                cause = (f"the eigensolver did not converge, even in float64, for {self.bad_steps} steps in a "
+                         f"row (at step {self.step}): the affinity graphs are degenerate, most likely constant "
+                         "or blank images, or features that collapsed (check the data and lower the learning "
+                         "rates)")
+            else:
+                cause = (f"the loss was NaN/Inf for {self.bad_steps} steps in a row (at step {self.step}), "
+                         "most likely a diverged loss or non-finite features (lower the learning rates or "
+                         "check the data)")
+            raise TrainingError(f"{cause}; saved a checkpoint in {self.ckpt.root}.")
 
     # ------------------------------------------------------------------ loop
 
@@ -515,15 +623,18 @@ class Trainer:
 
     def _stop_for_signal(self, requeue: bool) -> None:
         """Every rank: checkpoint, then (SIGUSR1 under Slurm) rank 0 requeues the job."""
-        self._save(reason="preemption")
+        interrupted = self.stop_signal == "SIGINT"
+        self._save(reason="interrupted" if interrupted else "preemption")
         self.outcome = "KILLED"  # not FINISHED: a resume sets the same MLflow run RUNNING again
         d = self.dist
-        what = "SIGUSR1 (Slurm's pre-timeout signal)" if requeue else "SIGTERM"
-        d.print(f"stop requested by {what}: saved step {self.step} in {self.ckpt.root}")
+        what = {"SIGUSR1": "SIGUSR1 (Slurm's pre-timeout signal)", "SIGINT": "Ctrl-C (SIGINT)"}.get(
+            self.stop_signal, self.stop_signal)
+        saved = f"stop requested by {what}: saved step {self.step} in {self.ckpt.root}"
         job = slurm_job_id()
         if not requeue or job is None:
-            d.print("exiting cleanly; start the same command again to resume from this checkpoint")
+            d.print(f"{saved}; exiting cleanly, start the same command again to resume from this checkpoint")
             return
+        d.print(saved)
         if d.is_main:
             problem = requeue_slurm_job(job)
             if problem is None:
@@ -597,6 +708,8 @@ class Trainer:
         tracker = getattr(self, "tracker", None)
         if tracker is not None:
             tracker.close(status=self.outcome)
+        if self.run_lock is not None:
+            self.run_lock.release()
         self.dist.cleanup()
 
 

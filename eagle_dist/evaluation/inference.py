@@ -56,6 +56,7 @@ def resolve_checkpoint(path: str | os.PathLike, step: int | None = None) -> tupl
         if step is not None and ckpt_mod.step_dir_name(step) != path.name:
             raise EvaluateError(f"--step {step} contradicts the step folder {path}; give one of the two")
         state = ckpt_mod.read_state(path)  # refuses a folder without its COMPLETE marker
+        _verified(path, path.parent)
         return path, f"step {int(named.group(1)) if named else int(state['step'])}"
     root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     found = ckpt_mod.complete_checkpoints(root)
@@ -65,12 +66,33 @@ def resolve_checkpoint(path: str | os.PathLike, step: int | None = None) -> tupl
             have = ", ".join(str(s) for s, _ in found) or "none"
             raise CheckpointError(f"no checkpoint for step {step} in {root} (complete steps: {have})")
         ckpt_mod.read_state(target)
+        _verified(target, root)
         return target, f"step {step}"
     if not found:
         partial = sorted(p.name for p in root.glob("*step-*")) if root.is_dir() else []
         hint = f" (only incomplete folders: {', '.join(partial)})" if partial else ""
         raise CheckpointError(f"no complete checkpoint in {root}{hint}; train first or pass a step folder")
+    # The newest is refused too when damaged, not silently replaced by an older one: a score
+    # reported for "last" must be the last checkpoint's.
+    _verified(found[-1][1], root)
     return found[-1][1], "last"
+
+
+def _verified(step_dir: Path, root: Path) -> None:
+    """Refuse a checkpoint whose files do not match the digests recorded at save time.
+
+    Nothing is moved here (evaluation may run next to a training run that owns the folder);
+    training's resume moves damaged checkpoints aside itself.
+    """
+    try:
+        ckpt_mod.verify_checkpoint(step_dir)
+    except ckpt_mod.CheckpointDamagedError as err:
+        others = [s for s, p in ckpt_mod.complete_checkpoints(root) if p != step_dir]
+        hint = f"pass --step N for another one (complete steps: {', '.join(map(str, others))})" if others \
+            else "no other complete checkpoint exists"
+        raise ckpt_mod.CheckpointDamagedError(
+            f"{err}. It is refused: {hint}; `python -m eagle_dist.checkpoint verify {root}` checks them all."
+        ) from None
 
 
 def run_dir_of(step_dir: Path) -> Path:

@@ -57,8 +57,8 @@ def launch_main():
 
 @pytest.fixture(autouse=True)
 def clean_process(monkeypatch):
-    """The Trainer installs SIGUSR1/SIGTERM handlers and reads launcher variables: undo both."""
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM)}
+    """The Trainer installs SIGUSR1/SIGTERM/SIGINT handlers and reads launcher variables: undo both."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_ID",
                 "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "MLFLOW_TRACKING_URI", "ACCELERATE_USE_CPU"):
         monkeypatch.delenv(key, raising=False)
@@ -287,6 +287,40 @@ def test_a_run_stopped_by_an_error_is_marked_failed_in_mlflow(run, tmp_path, mon
     assert _mlflow_status(tmp_path) == "FINISHED"
 
 
+def test_eigensolver_failures_are_retried_in_float64_then_skipped_then_stop_with_a_checkpoint(
+        run, tmp_path, monkeypatch):
+    from eagle_dist.engine import trainer as trainer_mod
+    from eagle_dist.method import eicue
+
+    # Step 1: the float32 solve fails, the float64 retry works. Steps 3-5: both fail.
+    fails = {1: {"eigh"}, 3: {"eigh", "eigh64"}, 4: {"eigh", "eigh64"}, 5: {"eigh", "eigh64"}}
+    current = {"step": -1}
+    original_eig, original_step = eicue.smallest_eigenpairs, trainer_mod.training_step_losses
+
+    def eigenpairs(lap_BNN, k, solver="eigh"):
+        if solver in fails.get(current["step"], ()):
+            raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge because the input "
+                                           "matrix is ill-conditioned or has too many repeated eigenvalues")
+        return original_eig(lap_BNN, k, solver)
+
+    def step_losses(backbone, heads, batch, step, cfg, **kwargs):
+        current["step"] = step
+        return original_step(backbone, heads, batch, step, cfg, **kwargs)
+
+    monkeypatch.setattr(eicue, "smallest_eigenpairs", eigenpairs)
+    monkeypatch.setattr(trainer_mod, "training_step_losses", step_losses)
+    code, out = run("train.max_steps=10", "train.max_bad_steps=3")
+    assert code == 2 and "Traceback" not in out
+    assert "step 1, rank 0: the eigh eigensolver failed (linalg.eigh: The algorithm failed to converge" in out
+    assert "the float64 retry succeeded" in out
+    assert "step 3, rank 0: the eigensolver failed even in float64" in out
+    assert ("the eigensolver did not converge, even in float64, for 3 steps in a row (at step 5): the affinity "
+            "graphs are degenerate") in out
+    state = _extra(_ckpt_dir(tmp_path) / "step-00000005")
+    assert state["reason"] == "diverged" and state["skipped_steps"] == 3  # step 1 was trained
+    assert (_ckpt_dir(tmp_path) / "step-00000002" / "COMPLETE").is_file()  # nothing earlier lost
+
+
 def test_disk_full_while_saving_keeps_the_previous_checkpoint_and_resume_works(run, tmp_path, monkeypatch):
     from eagle_dist import checkpoint as checkpoint_mod
 
@@ -327,6 +361,83 @@ def test_unfinished_checkpoint_folders_are_ignored_with_a_note(run, tmp_path):
     assert f"resumed from {ckpts / 'step-00000002'} at step 2" in out
 
 
+def _final_heads(tmp_path: Path, run_name: str = "f") -> dict:
+    return torch.load(tmp_path / "runs" / run_name / "final_heads.pt", weights_only=True)
+
+
+def test_damaged_checkpoint_is_moved_aside_and_the_rerun_matches_an_uninterrupted_run(run, tmp_path):
+    from eagle_dist.checkpoint import CheckpointDamagedError, MODEL_FILE
+    from eagle_dist.evaluation.inference import resolve_checkpoint
+
+    assert run("train.max_steps=6", "train.run_name=clean")[0] == 0
+    assert run("train.max_steps=4")[0] == 0
+    ckpts = _ckpt_dir(tmp_path)
+    weights = ckpts / "step-00000004" / MODEL_FILE
+    raw = bytearray(weights.read_bytes())
+    raw[-2] ^= 0x01  # one bit in the last tensor, as a bad copy to shared storage does
+    weights.write_bytes(bytes(raw))
+    before = {p.name for p in (tmp_path / "runs" / "f").rglob("*")}
+
+    for step in (None, 4):  # evaluate / predict refuse it, naming the file and the way out
+        with pytest.raises(CheckpointDamagedError, match="model.safetensors: sha256 differs") as refused:
+            resolve_checkpoint(tmp_path / "runs" / "f", step=step)
+        assert "pass --step N for another one (complete steps: 2)" in str(refused.value)
+
+    code, out = run("train.max_steps=6")
+    assert code == 0, out[-4000:]
+    assert "Traceback" not in out
+    assert f"checkpoint {ckpts / 'step-00000004'} is damaged: model.safetensors: sha256 differs" in out
+    assert f"moved it aside to {ckpts / 'damaged-step-00000004'} (kept, not deleted)" in out
+    assert f"resumed from {ckpts / 'step-00000002'} at step 2" in out
+    after = {p.name for p in (tmp_path / "runs" / "f").rglob("*")}
+    assert before <= after  # nothing written earlier is gone (step 4 was saved again)
+    assert (ckpts / "damaged-step-00000004" / MODEL_FILE).read_bytes() == bytes(raw)
+    clean, resumed = _final_heads(tmp_path, "clean"), _final_heads(tmp_path)
+    assert all(torch.equal(clean[k], resumed[k]) for k in clean)
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, log: Path, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        assert proc.poll() is None, log.read_text()[-4000:]
+        assert time.monotonic() < deadline, f"{path} never appeared\n{log.read_text()[-4000:]}"
+        time.sleep(0.5)
+
+
+def test_second_trainer_in_a_live_run_folder_is_refused_and_a_killed_holder_is_taken_over(
+        run, shards, tmp_path):
+    import socket
+
+    log = tmp_path / "holder.log"
+    with open(log, "w") as out:
+        holder = subprocess.Popen(
+            [sys.executable, str(REPO / "launch" / "train.py"), "--config", DEFAULT, *TINY, *shards,
+             f"train.output_dir={tmp_path / 'runs'}", "train.run_name=f", "train.eval_interval=1000",
+             "dist.cpu_threads=1", "train.max_steps=100000"],
+            stdout=out, stderr=subprocess.STDOUT, env={**launch_env(), "EAGLE_NO_RELAUNCH": "1"}, cwd=REPO)
+    try:
+        ckpts = _ckpt_dir(tmp_path)
+        _wait_for(ckpts / "step-00000002" / "COMPLETE", holder, log)
+        code, out = run("train.max_steps=4")
+        assert code == 2 and "Traceback" not in out
+        assert (f"run folder {tmp_path / 'runs' / 'f'} is in use by another training job "
+                f"(host {socket.gethostname()}, pid {holder.pid}, started ") in out
+        assert holder.poll() is None  # the live job goes on untouched
+        holder.kill()  # SIGKILL: no chance to remove its lock
+        holder.wait()
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+    assert (tmp_path / "runs" / "f" / "LOCK").is_file()
+    newest = max(int(p.name[5:]) for p in ckpts.glob("step-*") if (p / "COMPLETE").is_file())
+    code, out = run(f"train.max_steps={newest + 2}")
+    assert code == 0, out[-4000:]
+    assert f"took over the run lock of process {holder.pid} on this host, which no longer runs" in out
+    assert f"resumed from {ckpts / f'step-{newest:08d}'} at step {newest}" in out
+    assert not (tmp_path / "runs" / "f" / "LOCK").exists()  # released at the end
+
+
 @pytest.mark.parametrize("sig", ["SIGUSR1", "SIGTERM"])
 def test_stop_signal_saves_and_exits_0_and_only_sigusr1_requeues(run, tmp_path, monkeypatch, sig):
     calls = tmp_path / "scontrol-calls"
@@ -356,6 +467,82 @@ def test_stop_signal_saves_and_exits_0_and_only_sigusr1_requeues(run, tmp_path, 
         assert not calls.exists()
         assert "stop requested by SIGTERM" in out and "exiting cleanly" in out
     assert _mlflow_status(tmp_path, "f-4242") == "KILLED"  # not FINISHED: the run resumes later
+
+
+def _sigint_run(cmd: list[str], log: Path, **extra_env: str) -> subprocess.Popen:
+    """Start `cmd` in its own process group, as a terminal would run it, output to `log`."""
+    env = {**launch_env(), **extra_env}
+    env.pop("EAGLE_NO_RELAUNCH", None)
+    with open(log, "w") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+                                start_new_session=True)
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_ctrl_c_to_a_2_process_torchrun_saves_exits_0_and_the_rerun_resumes(tmp_path, shards):
+    # No --config: launch/train.py restarts itself under torchrun with 2 processes (`make train`).
+    base = [sys.executable, str(REPO / "launch" / "train.py"), *TINY, *shards, f"train.output_dir={tmp_path / 'runs'}",
+            "train.run_name=c", "train.eval_interval=1000", "dist.cpu_threads=1"]
+    ckpts = _ckpt_dir(tmp_path, "c")
+    log = tmp_path / "first.log"
+    proc = _sigint_run([*base, "train.max_steps=100000"], log)
+    try:
+        _wait_for(ckpts / "step-00000002" / "COMPLETE", proc, log)
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the launcher, torchrun and both workers
+        code = proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    out = log.read_text()
+    assert code == 0, out[-5000:]
+    assert "Traceback" not in out and "SignalException" not in out, out[-5000:]
+    saved = [line for line in out.splitlines() if line.startswith("stop requested by Ctrl-C (SIGINT)")]
+    assert len(saved) == 1 and "start the same command again to resume" in saved[0], out[-5000:]
+    step = int(saved[0].split("saved step ")[1].split()[0])
+    assert _extra(ckpts / f"step-{step:08d}")["reason"] == "interrupted" and step >= 2
+    assert not (tmp_path / "runs" / "c" / "LOCK").exists()
+
+    done = subprocess.run([*base, f"train.max_steps={step + 1}"], capture_output=True, text=True,
+                          env={k: v for k, v in launch_env().items() if k != "EAGLE_NO_RELAUNCH"}, cwd=REPO, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"resumed from {ckpts / f'step-{step:08d}'} at step {step}" in done.stdout
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_second_ctrl_c_stops_at_once_without_a_half_checkpoint_under_a_final_name(tmp_path, shards):
+    started = tmp_path / "interrupt-save-started"
+    out = tmp_path / "out"
+    # A plain torchrun, as users type it: it forwards a Ctrl-C to its workers as SIGINT, and a
+    # second one (while it waits for them) as SIGTERM.
+    proc = _sigint_run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", FAULT_HARNESS,
+         str(out), *TINY, *shards, f"train.output_dir={tmp_path / 'runs'}", "train.run_name=d",
+         "train.eval_interval=1000", "dist.cpu_threads=1", "train.max_steps=100000"],
+        tmp_path / "run.log", EAGLE_TEST_SLOW_INTERRUPT_SAVE=str(started))
+    ckpts = _ckpt_dir(tmp_path, "d")
+    try:
+        _wait_for(ckpts / "step-00000002" / "COMPLETE", proc, tmp_path / "run.log")
+        os.killpg(proc.pid, signal.SIGINT)
+        _wait_for(started, proc, tmp_path / "run.log", timeout_s=120)
+        time.sleep(1.5)  # a human's second press
+        os.killpg(proc.pid, signal.SIGINT)
+        code = proc.wait(timeout=30)  # "at once": well before the slowed save could finish
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    text = (tmp_path / "run.log").read_text()
+    assert code != 0
+    assert "eagle-dist: second Ctrl-C: stopped at once at step" in text, text[-5000:]
+    final = sorted(p.name for p in ckpts.iterdir() if p.name.startswith("step-"))
+    assert all((ckpts / name / "COMPLETE").is_file() for name in final)  # complete or absent
+    from eagle_dist.checkpoint import verify_checkpoint
+
+    assert all(verify_checkpoint(ckpts / name) for name in final)
+    assert not (tmp_path / "runs" / "d" / "LOCK").exists()
 
 
 def test_requeue_without_scontrol_is_reported_not_raised(tmp_path):

@@ -129,6 +129,69 @@ def test_stale_temp_folders_are_cleaned_and_a_step_can_be_saved_again(tmp_path, 
     assert [p.name for p in tmp_path.iterdir()] == ["step-00000006"]
 
 
+def _damage(path, kind: str) -> str:
+    """Damage one file of checkpoint `path` the way copies and disks do; the expected reason."""
+    weights = path / ck.MODEL_FILE
+    if kind == "truncated":
+        weights.write_bytes(weights.read_bytes()[:100])
+        return "model.safetensors: 100 bytes, the save recorded"
+    if kind == "altered":
+        raw = bytearray(weights.read_bytes())
+        raw[-3] ^= 0x40  # inside the last tensor: safetensors would load it silently
+        weights.write_bytes(bytes(raw))
+        return "model.safetensors: sha256 differs from the one recorded at save time"
+    if kind == "missing":
+        (path / ck.RNG_DIR / "rank-00000.pt").unlink()
+        return "rng/rank-00000.pt: missing"
+    (path / ck.MARKER).write_text('{"step": 4, "files": {"model.safe')  # cut off mid-copy
+    return "COMPLETE: unreadable"
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("kind", ["truncated", "altered", "missing", "marker"])
+def test_damaged_checkpoint_is_refused_moved_aside_and_resume_falls_back(tmp_path, d, kind, capsys):
+    model, optimizer, _ = make_training()
+    mgr = CheckpointManager(tmp_path, keep_last=5, dist=d)
+    older = mgr.save(2, model, optimizer, {"step": 2})
+    newest = mgr.save(4, model, optimizer, {"step": 4})
+    recorded = json.loads((newest / ck.MARKER).read_text())["files"]
+    assert set(recorded) == {ck.STATE_FILE, ck.MODEL_FILE, ck.OPTIMIZER_FILE, "rng/rank-00000.pt"}
+    assert recorded[ck.MODEL_FILE]["sha256"] == ck.file_digest(newest / ck.MODEL_FILE)
+    reason = _damage(newest, kind)
+
+    with pytest.raises(ck.CheckpointDamagedError, match=f"checkpoint {newest} is damaged: {reason}"):
+        mgr.load(newest, model, optimizer)  # asked for by name: refused, left where it is
+    assert ck.main(["verify", str(tmp_path)]) == 1
+    listing = capsys.readouterr().out
+    assert "step-00000002  ok" in listing and f"step-00000004  DAMAGED: {reason}" in listing
+
+    assert mgr.latest() == older  # resume: reported, moved aside, the previous one is used
+    err = capsys.readouterr().err
+    assert f"checkpoint {newest} is damaged: {reason}" in err
+    assert f"moved it aside to {tmp_path / 'damaged-step-00000004'} (kept, not deleted)" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["damaged-step-00000004", "step-00000002"]
+    assert mgr.load(older, model, optimizer)["step"] == 2
+    mgr.save(4, model, optimizer, {"step": 4})  # training redoes the step; the damaged copy stays
+    mgr.save(6, model, optimizer, {"step": 6})
+    assert (tmp_path / "damaged-step-00000004").is_dir() and mgr.latest() == tmp_path / "step-00000006"
+
+
+@pytest.mark.faults
+def test_checkpoint_without_digests_still_loads_with_one_note(tmp_path, d, capsys):
+    model, optimizer, _ = make_training()
+    mgr = CheckpointManager(tmp_path, keep_last=5, dist=d)
+    for step in (1, 2):
+        path = mgr.save(step, model, optimizer, {"step": step})
+        # The marker as eagle-dist wrote it before digests were recorded.
+        (path / ck.MARKER).write_text(json.dumps({"step": step, "world_size": 1, "completed_at": 0.0}))
+    ck._warned_legacy.clear()
+    assert mgr.latest() == path and mgr.load(path, model, optimizer)["step"] == 2
+    assert mgr.load(tmp_path / "step-00000001", model, optimizer)["step"] == 1
+    assert capsys.readouterr().err.count("saved before checkpoints recorded sha256 digests") == 1
+    assert ck.main(["verify", str(path)]) == 0
+    assert "unchecked (saved before checkpoints recorded digests)" in capsys.readouterr().out
+
+
 def _no_space(*_args, **_kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
 
@@ -214,11 +277,15 @@ def test_wrong_architecture_and_wrong_strategy_are_clear_errors(tmp_path, d):
         mgr.load(path, wide, None)
     state = json.loads((path / ck.STATE_FILE).read_text())
     (path / ck.STATE_FILE).write_text(json.dumps({**state, "strategy": "deepspeed"}))
+    with pytest.raises(ck.CheckpointDamagedError, match="trainer_state.json"):
+        mgr.load(path, model, optimizer)  # edited after the save: the digest sees it first
+    # A checkpoint really written by such a run carries matching digests: skip them to get
+    # to the checks behind.
     with pytest.raises(CheckpointError, match="written by a deepspeed run"):
-        mgr.load(path, model, optimizer)
+        mgr.load(path, model, optimizer, verify=False)
     (path / ck.STATE_FILE).write_text(json.dumps({**state, "format": 99}))
     with pytest.raises(CheckpointError, match="format 99"):
-        mgr.load(path, model, optimizer)
+        mgr.load(path, model, optimizer, verify=False)
 
 
 # --------------------------------------------------------------------------- multi-process
