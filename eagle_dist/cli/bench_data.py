@@ -34,7 +34,7 @@ from PIL import Image
 
 from eagle_dist.data import stream as data
 
-from eagle_dist.cli import shard as shard_cli
+from eagle_dist.cli import parse_size
 from eagle_dist.data import shards as shard
 
 from eagle_dist.data import sources
@@ -211,7 +211,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m eagle_dist.bench data", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--count", type=int, default=160, help="synthetic source images")
-    p.add_argument("--size", type=shard_cli.parse_size, default=(480, 640), help="HEIGHTxWIDTH of the source images")
+    p.add_argument("--size", type=parse_size, default=(480, 640), help="HEIGHTxWIDTH of the source images")
     p.add_argument("--classes", type=int, default=6)
     p.add_argument("--workers", default=",".join(str(n) for n in sorted({1, min(4, os.cpu_count() or 1)})),
                    help="comma-separated worker counts to measure")

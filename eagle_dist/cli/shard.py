@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 from pathlib import Path
 
+from eagle_dist.cli import parse_size
 from eagle_dist.data import sources
 from eagle_dist.data.shards import MANIFEST, ShardError, ShardOptions, build, merge
 from eagle_dist.data.sources import SyntheticSpec
+
 
 def _default_workers() -> int:
     try:
@@ -41,14 +42,6 @@ def _slurm_parts() -> tuple[int, int]:
         return 1, 0
     first = int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
     return int(count), int(task) - first
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """argparse type for HEIGHTxWIDTH."""
-    m = re.fullmatch(r"(\d+)x(\d+)", text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"size must look like HEIGHTxWIDTH (e.g. 160x224), got {text!r}")
-    return int(m.group(1)), int(m.group(2))
 
 
 def _parser() -> argparse.ArgumentParser:
