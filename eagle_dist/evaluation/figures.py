@@ -177,6 +177,42 @@ SAMPLE_TITLES = {"label": "ground truth", "cluster_class": "cluster prediction",
                  "eicue": "EiCue segments"}
 
 
+def _tile_size(samples: list[dict], min_tile: int) -> tuple[int, int]:
+    """(height, width) of a grid tile: the sample size, enlarged (nearest) to at least `min_tile`."""
+    h, w = samples[0]["image"].shape[-2:]
+    factor = max(1, -(-min_tile // min(h, w)))
+    return h * factor, w * factor
+
+
+def _grid_with_legend(rows: list[list[np.ndarray]], titles: list[str], names: list[str], caption: str,
+                      path: Path) -> Path:
+    """Tiles in rows under column titles, then a legend: a swatch of palette colour k and names[k],
+    in as many columns as fit the grid's width."""
+    th, tw = rows[0][0].shape[:2]
+    gap, header = 4, 24
+    fnt, big = font(13), font(14)
+    grid_w = len(titles) * (tw + gap) - gap
+    entry_w = 22 + max(_text_width(c, fnt) for c in names) + 16
+    per_row = max(1, grid_w // entry_w)
+    legend_h = 30 + 20 * -(-len(names) // per_row)
+    img = Image.new("RGB", (grid_w, header + len(rows) * (th + gap) + legend_h), "white")
+    draw = ImageDraw.Draw(img)
+    for i, title in enumerate(titles):
+        draw.text((i * (tw + gap) + tw // 2, header // 2), title, fill="black", font=big, anchor="mm")
+    for r, tiles in enumerate(rows):
+        for i, tile in enumerate(tiles):
+            img.paste(Image.fromarray(tile), (i * (tw + gap), header + r * (th + gap)))
+    pal = palette(len(names))
+    y0 = header + len(rows) * (th + gap) + 8
+    draw.text((2, y0), caption, fill=(60, 60, 60), font=fnt)
+    for k, name in enumerate(names):
+        x, y = (k % per_row) * entry_w + 2, y0 + 22 + (k // per_row) * 20
+        draw.rectangle([x, y, x + 14, y + 14], fill=tuple(int(v) for v in pal[k]), outline=(80, 80, 80))
+        draw.text((x + 20, y + 7), name, fill="black", font=fnt, anchor="lm")
+    img.save(path)
+    return path
+
+
 def sample_grid_png(samples: list[dict], path: Path, class_names: list[str],
                     columns: tuple[str, ...] | None = None, min_tile: int = 160) -> Path:
     """One row per sample: the image, then the maps in ``columns``, with titles and a class legend.
@@ -189,10 +225,7 @@ def sample_grid_png(samples: list[dict], path: Path, class_names: list[str],
     """
     cols = list(columns) if columns else [k for k in SAMPLE_TITLES if k in samples[0]]
     n = len(class_names)
-    h, w = samples[0]["image"].shape[-2:]
-    factor = max(1, -(-min_tile // min(h, w)))
-    th, tw, gap = h * factor, w * factor, 4
-    fnt, big = font(13), font(14)
+    th, tw = _tile_size(samples, min_tile)
 
     def up(arr: np.ndarray) -> np.ndarray:
         return np.asarray(Image.fromarray(arr).resize((tw, th), Image.NEAREST))
@@ -210,31 +243,10 @@ def sample_grid_png(samples: list[dict], path: Path, class_names: list[str],
             else:
                 tiles.append(up(colorize(lab, n)))
         rows.append(tiles)
-    header = 24
     titles = ["image"] + [SAMPLE_TITLES.get(k, k) for k in cols]
-    grid_w = len(titles) * (tw + gap) - gap
-    # Legend: a swatch and the name of every class, in as many columns as fit the grid's width.
-    entry_w = 22 + max(_text_width(c, fnt) for c in class_names) + 16
-    per_row = max(1, grid_w // entry_w)
-    legend_h = 30 + 20 * -(-n // per_row)
-    img = Image.new("RGB", (grid_w, header + len(rows) * (th + gap) + legend_h), "white")
-    draw = ImageDraw.Draw(img)
-    for i, title in enumerate(titles):
-        draw.text((i * (tw + gap) + tw // 2, header // 2), title, fill="black", font=big, anchor="mm")
-    for r, tiles in enumerate(rows):
-        for i, tile in enumerate(tiles):
-            img.paste(Image.fromarray(tile), (i * (tw + gap), header + r * (th + gap)))
-    pal = palette(n)
-    y0 = header + len(rows) * (th + gap) + 8
-    draw.text((2, y0), "classes (ground truth, cluster and linear predictions; black: unlabelled, or a cluster "
-              "without a class)",
-              fill=(60, 60, 60), font=fnt)
-    for c, name in enumerate(class_names):
-        x, y = (c % per_row) * entry_w + 2, y0 + 22 + (c // per_row) * 20
-        draw.rectangle([x, y, x + 14, y + 14], fill=tuple(int(v) for v in pal[c]), outline=(80, 80, 80))
-        draw.text((x + 20, y + 7), name, fill="black", font=fnt, anchor="lm")
-    img.save(path)
-    return path
+    caption = ("classes (ground truth, cluster and linear predictions; black: unlabelled, or a cluster "
+               "without a class)")
+    return _grid_with_legend(rows, titles, list(class_names), caption, path)
 
 
 def _with_header(img: Image.Image, titles: list[str], tile_w: int, height: int = 20) -> Image.Image:
@@ -324,10 +336,7 @@ def segment_grid_png(samples: list[dict], path: Path, n_segments: int, min_tile:
     region that survives the augmentation keeps its colour), blended with the image.  A legend of
     the segment colours ends the figure.
     """
-    h, w = samples[0]["image"].shape[-2:]
-    factor = max(1, -(-min_tile // min(h, w)))
-    th, tw, gap = h * factor, w * factor, 4
-    fnt, big = font(13), font(14)
+    th, tw = _tile_size(samples, min_tile)
 
     def up(arr: np.ndarray) -> np.ndarray:
         return np.asarray(Image.fromarray(arr).resize((tw, th), Image.NEAREST))
@@ -342,25 +351,6 @@ def segment_grid_png(samples: list[dict], path: Path, n_segments: int, min_tile:
             tiles.append(overlay(image, ids, n_eicue, 0.6))
         rows.append(tiles)
     titles = ["image", "segments", "EiCue", "EiCue (augmented view)"]
-    header, grid_w = 24, len(titles) * (tw + gap) - gap
     names = [f"segment {k}" for k in range(n_segments)]
-    entry_w = 22 + max(_text_width(c, fnt) for c in names) + 16
-    per_row = max(1, grid_w // entry_w)
-    legend_h = 30 + 20 * -(-n_segments // per_row)
-    img = Image.new("RGB", (grid_w, header + len(rows) * (th + gap) + legend_h), "white")
-    draw = ImageDraw.Draw(img)
-    for i, title in enumerate(titles):
-        draw.text((i * (tw + gap) + tw // 2, header // 2), title, fill="black", font=big, anchor="mm")
-    for r, tiles in enumerate(rows):
-        for i, tile in enumerate(tiles):
-            img.paste(Image.fromarray(tile), (i * (tw + gap), header + r * (th + gap)))
-    pal = palette(n_segments)
-    y0 = header + len(rows) * (th + gap) + 8
-    draw.text((2, y0), "segments (no labels: ids of the cluster probe, the colours predict uses)", fill=(60, 60, 60),
-              font=fnt)
-    for k, name in enumerate(names):
-        x, y = (k % per_row) * entry_w + 2, y0 + 22 + (k // per_row) * 20
-        draw.rectangle([x, y, x + 14, y + 14], fill=tuple(int(v) for v in pal[k]), outline=(80, 80, 80))
-        draw.text((x + 20, y + 7), name, fill="black", font=fnt, anchor="lm")
-    img.save(path)
-    return path
+    caption = "segments (no labels: ids of the cluster probe, the colours predict uses)"
+    return _grid_with_legend(rows, titles, names, caption, path)
