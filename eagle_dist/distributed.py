@@ -41,11 +41,14 @@ import contextlib
 import datetime
 import os
 import re
+import signal
 import socket
+import subprocess
 import sys
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -292,6 +295,49 @@ def detect_launch(env: Mapping[str, str] | None = None) -> LaunchInfo:
             else "no launcher"
         ),
     )
+
+
+def relaunch_under_torchrun(script: str | Path, args: list[str], reason: str, nproc: int = 2) -> int | None:
+    """Exit code of an `nproc`-process torchrun of `script args`, or None to run here.
+
+    Only a lone process on a CPU machine with at least `nproc` cores relaunches (a run that wants
+    `nproc` processes, started as one); EAGLE_NO_RELAUNCH=1 keeps it in one process.
+    """
+    info = detect_launch()
+    if info.world_size != 1 or info.promised_min_world_size != 1 or torch.cuda.is_available():
+        return None
+    if (os.cpu_count() or 1) < nproc or os.environ.get("EAGLE_NO_RELAUNCH"):
+        return None
+    print(f"eagle-dist: {reason}: starting {nproc} processes with torchrun "
+          "(set EAGLE_NO_RELAUNCH=1 to stay in one process)", flush=True)
+    # Ctrl-C: torchrun starts each worker in a session of its own, so a terminal's SIGINT reaches
+    # only this process and torchrun. torchrun's own handling (forward, wait 30 s, SIGKILL, exit
+    # with a SignalException traceback) is switched off: it ignores SIGINT, and this process
+    # forwards each Ctrl-C to the workers' process groups. The workers decide (first: save and
+    # exit 0; second: stop at once) and torchrun exits as they do.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           "--signals-to-handle", "SIGTERM,SIGHUP,SIGQUIT", str(script), *args]
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited by torchrun (and its workers
+    try:                                                     # until the trainer installs its handler)
+        agent = subprocess.Popen(cmd)
+        signal.signal(signal.SIGINT, lambda *_: _forward_to_children_of(agent.pid, signal.SIGINT))
+        return agent.wait()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _forward_to_children_of(parent: int, sig: int) -> None:
+    """Send `sig` to the process group of every child of `parent` (Linux /proc)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # exited meanwhile
+        if int(fields[1]) == parent:  # fields[1]: the parent pid
+            try:
+                os.killpg(int(stat.parent.name), sig)
+            except OSError:
+                pass
 
 
 def check_world_size(actual: int, info: LaunchInfo, expected_world_size: int | None) -> None:
@@ -572,6 +618,56 @@ def _resolve(
     return strategy, stage, mixed_precision
 
 
+def _make_accelerator(
+    info: LaunchInfo,
+    strategy: str,
+    stage: int | None,
+    on_gpu: bool,
+    grad_clip: float,
+    expected_world_size: int | None,
+    micro_batch_size: int,
+    find_unused_parameters: bool,
+    timeout_s: float,
+) -> Any:
+    """The Accelerator of `setup`, which starts the process group (DDP or DeepSpeed)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+    # A lone process must not name a backend: accelerate would then look for a process
+    # group that nobody started. Refuse a broken launcher promise before any init.
+    if info.world_size == 1 and strategy == "ddp":
+        check_world_size(1, info, expected_world_size)
+        handlers: list[Any] = []
+    else:
+        backend = "nccl" if on_gpu else "gloo"
+        timeout = datetime.timedelta(seconds=timeout_s)
+        handlers = [InitProcessGroupKwargs(backend=backend, timeout=timeout)]
+    if strategy == "deepspeed":
+        if info.launcher == "none":
+            # DeepSpeed always wants a process group; give a lone process a world of one
+            # instead of letting DeepSpeed go looking for MPI.
+            os.environ.update(
+                RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+            )
+        if not on_gpu:
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+            _skip_deepspeed_shm_op()
+        return Accelerator(
+            deepspeed_plugin=_deepspeed_plugin(stage, grad_clip, micro_batch_size),
+            mixed_precision="no",  # precision is Dist.precision's autocast (see Precision)
+            kwargs_handlers=handlers,
+        )
+    return Accelerator(
+        cpu=not on_gpu,
+        mixed_precision="no",  # precision is Dist.precision's autocast (see Precision)
+        kwargs_handlers=[
+            *handlers,
+            DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters),
+        ],
+    )
+
+
 def setup(
     strategy: str = "auto",
     zero_stage: int | None = None,
@@ -599,8 +695,7 @@ def setup(
     cpu_threads: torch threads per rank; None = usable cores // ranks on this node.
     micro_batch_size: per-rank batch size, which DeepSpeed insists on knowing.
     """
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, set_seed
+    from accelerate.utils import set_seed
 
     if expected_world_size is not None and expected_world_size < 1:
         raise DistributedSetupError(f"expected_world_size must be >= 1 or None, got {expected_world_size}")
@@ -615,41 +710,10 @@ def setup(
 
     threads = cpu_threads_for(info.local_world_size, cpu_threads)
     torch.set_num_threads(threads)
-
-    # A lone process must not name a backend: accelerate would then look for a process
-    # group that nobody started. Refuse a broken launcher promise before any init.
-    if info.world_size == 1 and strategy == "ddp":
-        check_world_size(1, info, expected_world_size)
-        handlers: list[Any] = []
-    else:
-        backend = "nccl" if on_gpu else "gloo"
-        timeout = datetime.timedelta(seconds=timeout_s)
-        handlers = [InitProcessGroupKwargs(backend=backend, timeout=timeout)]
-    if strategy == "deepspeed":
-        if info.launcher == "none":
-            # DeepSpeed always wants a process group; give a lone process a world of one
-            # instead of letting DeepSpeed go looking for MPI.
-            os.environ.update(
-                RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
-            )
-        if not on_gpu:
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
-            _skip_deepspeed_shm_op()
-        accelerator = Accelerator(
-            deepspeed_plugin=_deepspeed_plugin(stage, grad_clip, micro_batch_size),
-            mixed_precision="no",  # precision is Dist.precision's autocast (see Precision)
-            kwargs_handlers=handlers,
-        )
-    else:
-        accelerator = Accelerator(
-            cpu=not on_gpu,
-            mixed_precision="no",  # precision is Dist.precision's autocast (see Precision)
-            kwargs_handlers=[
-                *handlers,
-                DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters),
-            ],
-        )
+    accelerator = _make_accelerator(
+        info, strategy, stage, on_gpu, grad_clip, expected_world_size, micro_batch_size,
+        find_unused_parameters, timeout_s,
+    )
 
     d = Dist(
         accelerator=accelerator,
