@@ -101,6 +101,41 @@ class EagleHeads(nn.Module):
             centroid_mode=lc.centroid_mode, variant=lc.nce_variant,
         )
 
+    def _correspondence(self, khat_x, khat_p, khat_a, code_x, code_p, code_a):
+        """The correspondence loss terms and L_corr (weighted positive + negative)."""
+        lc = self.cfg.loss
+        corr = losses.correspondence_loss(
+            khat_x, khat_p, khat_a, code_x, code_p, code_a,
+            feature_samples=lc.feature_samples, neg_samples=lc.neg_samples,
+            pointwise=lc.pointwise, zero_clamp=lc.zero_clamp, stabalize=lc.stabalize,
+            shift_value=lc.shift_value, shift_bias=lc.shift_bias, detach_shift=lc.detach_shift,
+        )
+        loss_corr = lc.correspondence_weight * (
+            lc.pos_inter_weight * corr["pos_inter_loss"] + lc.neg_inter_weight * corr["neg_inter_loss"]
+        )
+        return corr, loss_corr
+
+    def _nce_both_ways(self, code_p, code_a, khat_p, khat_a, map_p, map_a, u: float):
+        """L_nce (P against A and A against P, weighted) and the two unweighted directions."""
+        lc = self.cfg.loss
+        if u > 0:
+            with profiling.section("heads"):
+                z_p = self.projection(code_p)
+                z_a = self.projection(code_a)
+            with profiling.section("nce"):
+                kappa_p = losses.key_similarity_weights(khat_p)
+                kappa_a = losses.key_similarity_weights(khat_a)
+                nce_p = self._nce(z_p, z_a, map_p, kappa_p)
+                nce_a = self._nce(z_a, z_p, map_a, kappa_a)
+                loss_nce = lc.local_pos_weight * nce_p + lc.local_pos_aug_weight * nce_a
+            # The two directions before their weights (official: loss/local_pos(_aug)_loss).
+            return loss_nce, {"loss_nce_p": nce_p.detach(), "loss_nce_a": nce_a.detach()}
+        # Before the switch the official loss multiplies L_nce by 0: its gradients are exact
+        # zeros.  Skipping it is the same update; touching the projection keeps every
+        # parameter in the graph, as DDP requires, with the same zero gradients.
+        loss_nce = sum(p.sum() for p in self.projection.parameters()) * 0.0
+        return loss_nce, {"loss_nce_p": loss_nce.detach(), "loss_nce_a": loss_nce.detach()}  # 0: not computed
+
     # ------------------------------------------------------------------ forward
 
     def forward(
@@ -112,7 +147,6 @@ class EagleHeads(nn.Module):
         label: torch.Tensor,
         u: float,
     ) -> dict[str, torch.Tensor]:
-        lc = self.cfg.loss
         # profiling.section: named parts for `python -m eagle_dist.bench step`; no-ops otherwise.
         with profiling.section("heads"):
             code_x = self.seg_head(kk_img)  # view x ("img")
@@ -128,34 +162,8 @@ class EagleHeads(nn.Module):
             _, map_a, loss_eig_a = self.eicue(code_a, color_aug, self.eigen_probe_aug)
 
         with profiling.section("corr"):
-            corr = losses.correspondence_loss(
-                khat_x, khat_p, khat_a, code_x, code_p, code_a,
-                feature_samples=lc.feature_samples, neg_samples=lc.neg_samples,
-                pointwise=lc.pointwise, zero_clamp=lc.zero_clamp, stabalize=lc.stabalize,
-                shift_value=lc.shift_value, shift_bias=lc.shift_bias, detach_shift=lc.detach_shift,
-            )
-            loss_corr = lc.correspondence_weight * (
-                lc.pos_inter_weight * corr["pos_inter_loss"] + lc.neg_inter_weight * corr["neg_inter_loss"]
-            )
-
-        if u > 0:
-            with profiling.section("heads"):
-                z_p = self.projection(code_p)
-                z_a = self.projection(code_a)
-            with profiling.section("nce"):
-                kappa_p = losses.key_similarity_weights(khat_p)
-                kappa_a = losses.key_similarity_weights(khat_a)
-                nce_p = self._nce(z_p, z_a, map_p, kappa_p)
-                nce_a = self._nce(z_a, z_p, map_a, kappa_a)
-                loss_nce = lc.local_pos_weight * nce_p + lc.local_pos_aug_weight * nce_a
-            # The two directions before their weights (official: loss/local_pos(_aug)_loss).
-            nce_terms = {"loss_nce_p": nce_p.detach(), "loss_nce_a": nce_a.detach()}
-        else:
-            # Before the switch the official loss multiplies L_nce by 0: its gradients are exact
-            # zeros.  Skipping it is the same update; touching the projection keeps every
-            # parameter in the graph, as DDP requires, with the same zero gradients.
-            loss_nce = sum(p.sum() for p in self.projection.parameters()) * 0.0
-            nce_terms = {"loss_nce_p": loss_nce.detach(), "loss_nce_a": loss_nce.detach()}  # 0: not computed
+            corr, loss_corr = self._correspondence(khat_x, khat_p, khat_a, code_x, code_p, code_a)
+        loss_nce, nce_terms = self._nce_both_ways(code_p, code_a, khat_p, khat_a, map_p, map_a, u)
 
         with profiling.section("probes"):
             feats_x = code_x.detach()

@@ -133,19 +133,8 @@ def block_krylov_smallest(
         seed: seed of the private generator of the random start block.
         return_info: also return a :class:`KrylovInfo`.
     """
-    if lap_BNN.ndim != 3 or lap_BNN.shape[1] != lap_BNN.shape[2]:
-        raise ValueError(f"block_krylov_smallest expects square matrices [B, N, N], got {tuple(lap_BNN.shape)}")
+    _check_args(lap_BNN, k, block, min_steps, max_steps, init)
     batch, n, _ = lap_BNN.shape
-    if not 1 <= k <= n:
-        raise ValueError(f"k={k} eigenpairs requested from {n}x{n} matrices")
-    if block < k:
-        raise ValueError(f"block={block} is narrower than k={k}; the block must hold the wanted vectors")
-    if not 0 <= min_steps <= max_steps:
-        raise ValueError(f"need 0 <= min_steps <= max_steps, got min_steps={min_steps}, max_steps={max_steps}")
-    if init is not None and (init.ndim != 3 or init.shape[:2] != (batch, n)):
-        raise ValueError(f"init must be [B={batch}, N={n}, j] start vectors, got {tuple(init.shape)}")
-    if not lap_BNN.dtype.is_floating_point:
-        raise ValueError(f"block_krylov_smallest needs a floating-point matrix, got {lap_BNN.dtype}")
     device = lap_BNN.device
     info = KrylovInfo(
         steps=torch.zeros(batch, dtype=torch.long), converged=torch.zeros(batch, dtype=torch.bool),
@@ -163,6 +152,38 @@ def block_krylov_smallest(
         return (*out, info) if return_info else out
     min_steps = min(min_steps, max_steps)
 
+    vals_Bk, vecs_BkN = _krylov_iterations(lap_BNN, k, block, min_steps, max_steps, tol, init, seed, info)
+    if fallback and tol > 0:
+        _dense_fallback(lap_BNN, k, vals_Bk, vecs_BkN, info)
+    out = (vals_Bk, vecs_BkN.mT.contiguous())
+    return (*out, info) if return_info else out
+
+
+def _check_args(lap_BNN: torch.Tensor, k: int, block: int, min_steps: int, max_steps: int,
+                init: torch.Tensor | None) -> None:
+    if lap_BNN.ndim != 3 or lap_BNN.shape[1] != lap_BNN.shape[2]:
+        raise ValueError(f"block_krylov_smallest expects square matrices [B, N, N], got {tuple(lap_BNN.shape)}")
+    batch, n, _ = lap_BNN.shape
+    if not 1 <= k <= n:
+        raise ValueError(f"k={k} eigenpairs requested from {n}x{n} matrices")
+    if block < k:
+        raise ValueError(f"block={block} is narrower than k={k}; the block must hold the wanted vectors")
+    if not 0 <= min_steps <= max_steps:
+        raise ValueError(f"need 0 <= min_steps <= max_steps, got min_steps={min_steps}, max_steps={max_steps}")
+    if init is not None and (init.ndim != 3 or init.shape[:2] != (batch, n)):
+        raise ValueError(f"init must be [B={batch}, N={n}, j] start vectors, got {tuple(init.shape)}")
+    if not lap_BNN.dtype.is_floating_point:
+        raise ValueError(f"block_krylov_smallest needs a floating-point matrix, got {lap_BNN.dtype}")
+
+
+def _krylov_iterations(
+    lap_BNN: torch.Tensor, k: int, block: int, min_steps: int, max_steps: int, tol: float,
+    init: torch.Tensor | None, seed: int, info: KrylovInfo,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block Lanczos with Rayleigh-Ritz until every image converged or ran ``max_steps``:
+    ``(vals [B, k] ascending, vecs [B, k, N] as rows)``; fills ``info`` per image."""
+    batch, n, _ = lap_BNN.shape
+    device = lap_BNN.device
     # Blocks are kept as rows [B, b, N] and multiplied as (X^T L)^T = L X: L is symmetric, and
     # the thin-left-operand product streams L row-major, faster than L @ X on CPU BLAS.
     width = block * (max_steps + 1)
@@ -210,16 +231,19 @@ def block_krylov_smallest(
                     finished_A = finished_A[keep_A]
             prev_res_A = res_A
         Q_AmN[:, hi:hi + block] = _orthonormalize_against(AQ_AmN[:, lo:hi], Q_AmN[:, :hi])
+    return vals_Bk, vecs_BkN
 
+
+def _dense_fallback(lap_BNN: torch.Tensor, k: int, vals_Bk: torch.Tensor, vecs_BkN: torch.Tensor,
+                    info: KrylovInfo) -> None:
+    """Overwrite the unconverged images' pairs with dense ``eigh`` ones, in place."""
     stuck_B = ~info["converged"]
-    if fallback and tol > 0 and bool(stuck_B.any()):
-        rows = stuck_B.nonzero().squeeze(1).to(device)
+    if bool(stuck_B.any()):
+        rows = stuck_B.nonzero().squeeze(1).to(lap_BNN.device)
         dense_vals, dense_vecs = torch.linalg.eigh(lap_BNN[rows])
         vals_Bk[rows] = dense_vals[:, :k]
         vecs_BkN[rows] = dense_vecs[:, :, :k].mT
         info["fallback"][stuck_B] = True
-    out = (vals_Bk, vecs_BkN.mT.contiguous())
-    return (*out, info) if return_info else out
 
 
 def _keep_filled(buf_AmN: torch.Tensor, keep_A: torch.Tensor, filled: int) -> torch.Tensor:

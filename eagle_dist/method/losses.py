@@ -440,6 +440,40 @@ def draw_correspondence_randomness(batch: int, samples: int, neg_samples: int, d
     return coords, perms_NB
 
 
+def _correspondence_draws(batch: int, feature_samples: int, neg_samples: int, device: torch.device,
+                          coords, perms: torch.Tensor | None, generator: torch.Generator | None):
+    """The coordinates ``(c1, c2, c3)`` and ``perms [n_neg, B]`` to use: the given ones, else drawn
+    (all of them, in the reference's order, even when only some are missing)."""
+    if coords is None or (perms is None and neg_samples > 0):
+        drawn_coords, drawn_perms = draw_correspondence_randomness(
+            batch, feature_samples, neg_samples, device=device, generator=generator)
+        coords = drawn_coords if coords is None else coords
+        perms = drawn_perms if perms is None else perms
+    coords = tuple(c.to(device) for c in coords)
+    if perms is None:
+        perms = torch.zeros(0, batch, dtype=torch.long, device=device)
+    return coords, perms.to(device).long()
+
+
+def _negative_terms(feats_BCHW: torch.Tensor, code_BCHW: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor,
+                    perms_NB: torch.Tensor, flags: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss and cd of every negative n (x at coords1 against ``x[perm_n]`` at coords2):
+    ``[n_neg, B, S, S, S, S]`` each."""
+    n_neg, batch = perms_NB.shape
+    c2_all = c2.repeat(n_neg, 1, 1, 1)
+    source = perms_NB.reshape(-1)
+
+    def negatives(t):  # x[perm_n] at coords2 for every n: [n_neg, B, C, S, S]
+        sampled = sample_points(t, c2_all, source)
+        return sampled.view(n_neg, batch, *sampled.shape[1:])
+
+    return _correspondence_terms(
+        sample_points(feats_BCHW, c1).unsqueeze(0), negatives(feats_BCHW),
+        sample_points(code_BCHW, c1).unsqueeze(0), negatives(code_BCHW),
+        False, **flags,
+    )
+
+
 def correspondence_loss(
     feats: torch.Tensor,
     feats_pos: torch.Tensor,
@@ -481,16 +515,8 @@ def correspondence_loss(
                     ("code_pos", code_pos), ("code_pos_aug", code_pos_aug)):
         if t.ndim != 4 or t.shape[0] != batch:
             raise ValueError(f"correspondence_loss: {name} must be [{batch}, C, H, W], got {tuple(t.shape)}")
-    if coords is None or (perms is None and neg_samples > 0):
-        drawn_coords, drawn_perms = draw_correspondence_randomness(
-            batch, feature_samples, neg_samples, device=feats.device, generator=generator)
-        coords = drawn_coords if coords is None else coords
-        perms = drawn_perms if perms is None else perms
-    c1, c2, c3 = (c.to(feats.device) for c in coords)
-    if perms is None:
-        perms = torch.zeros(0, batch, dtype=torch.long, device=feats.device)
-    perms = perms.to(feats.device).long()
-    n_neg = perms.shape[0]
+    (c1, c2, c3), perms = _correspondence_draws(batch, feature_samples, neg_samples, feats.device,
+                                                coords, perms, generator)
     flags = dict(pointwise=pointwise, zero_clamp=zero_clamp, stabalize=stabalize, shift_value=shift_value,
                  shift_bias=shift_bias, detach_shift=detach_shift)
 
@@ -503,19 +529,9 @@ def correspondence_loss(
             True, **flags,
         )
         side = pos_loss.shape[2:]
+        n_neg = perms.shape[0]
         if n_neg > 0:
-            c2_all = c2.repeat(n_neg, 1, 1, 1)
-            source = perms.reshape(-1)
-
-            def negatives(t):  # x[perm_n] at coords2 for every n: [n_neg, B, C, S, S]
-                sampled = sample_points(t, c2_all, source)
-                return sampled.view(n_neg, batch, *sampled.shape[1:])
-
-            neg_loss, neg_cd = _correspondence_terms(
-                sample_points(feats, c1).unsqueeze(0), negatives(feats),
-                sample_points(code, c1).unsqueeze(0), negatives(code),
-                False, **flags,
-            )
+            neg_loss, neg_cd = _negative_terms(feats, code, c1, c2, perms, flags)
             neg_loss, neg_cd = neg_loss.reshape(n_neg * batch, *side), neg_cd.reshape(n_neg * batch, *side)
             neg_mean = neg_loss.mean()
         else:
