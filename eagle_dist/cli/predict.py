@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -115,30 +116,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from tqdm import tqdm
+@dataclass
+class LabelScheme:
+    """What the written ids mean: the cluster->class lookup (None: ids as the probe gives them),
+    the names for the legend, how many ids can occur, and a note for the log and legend.json."""
 
-    from eagle_dist.evaluation import figures
-    from eagle_dist.errors import USER_ERRORS
-    from eagle_dist.evaluation.inference import EvaluateError, load_assignment, load_model, resolve_checkpoint, segment
+    lookup: np.ndarray | None
+    class_names: list[str] | None
+    n_colors: int
+    ids_note: str
+    raw_clusters: bool  # ids are cluster (segment) ids, not class ids
 
-    args = parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    try:
-        step_dir, selection = resolve_checkpoint(args.checkpoint, args.step)
-        loaded = load_model(step_dir, device=device)
-    except (*USER_ERRORS, EvaluateError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+
+def label_scheme(args: argparse.Namespace, loaded, step_dir: Path) -> LabelScheme:
+    """The ids to write for `--probe` / `--assignment`; EvaluateError when they cannot be used."""
+    from eagle_dist.evaluation.inference import EvaluateError, load_assignment
+
     cfg = loaded.cfg
     n_classes, n_clusters = cfg.model.n_classes, cfg.model.cluster_count
-    short_side = args.resolution or cfg.data.val_resolution
     if cfg.model.unlabeled and (args.probe == "linear" or args.assignment):
-        print(f"error: {step_dir} was trained without labels (model.n_classes=0): it has no linear probe and no "
-              "cluster->class table; leave out --probe linear / --assignment to write its segments",
-              file=sys.stderr)
-        return 2
-
+        raise EvaluateError(f"{step_dir} was trained without labels (model.n_classes=0): it has no linear probe "
+                            "and no cluster->class table; leave out --probe linear / --assignment to write its segments")
     table, class_names = None, None
     if args.probe == "cluster" and not cfg.model.unlabeled:
         path = Path(args.assignment) if args.assignment else loaded.eval_dir / "assignment.json"
@@ -147,11 +145,9 @@ def main(argv: list[str] | None = None) -> int:
                 table = load_assignment(path, n_clusters, None if args.assignment else loaded.step)
                 class_names = json.loads(path.read_text()).get("class_names")
             except (ValueError, OSError) as err:
-                print(f"error: cannot use the cluster->class table {path}: {err}", file=sys.stderr)
-                return 2
+                raise EvaluateError(f"cannot use the cluster->class table {path}: {err}") from err
         elif args.assignment:
-            print(f"error: assignment file not found: {path}", file=sys.stderr)
-            return 2
+            raise EvaluateError(f"assignment file not found: {path}")
     if cfg.model.unlabeled:
         ids_note, n_colors = f"segment ids 0..{n_clusters - 1} (trained without labels)", n_clusters
     elif args.probe == "linear":
@@ -162,19 +158,19 @@ def main(argv: list[str] | None = None) -> int:
         ids_note, n_colors = (f"raw cluster ids (no table at {path}: run eagle_dist.cli.evaluate on this "
                               "checkpoint, or pass --assignment)"), n_clusters
     lookup = None if table is None else np.asarray([c if c >= 0 else UNMATCHED for c in table], dtype=np.int64)
+    return LabelScheme(lookup, class_names, n_colors, ids_note, raw_clusters=table is None and args.probe == "cluster")
 
-    files, missing = list_inputs(args.input)
-    for item in missing:
-        print(f"warning: {item} does not exist; skipped", file=sys.stderr)
-    if not files:
-        print(f"error: no image files found in {' '.join(args.input)} "
-              f"(extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})", file=sys.stderr)
-        return 1
-    out = Path(args.out)
-    (out / "labels").mkdir(parents=True, exist_ok=True)
-    (out / "overlays").mkdir(parents=True, exist_ok=True)
-    print(f"checkpoint {step_dir} ({selection}); {len(files)} images; labels are {ids_note}")
 
+def segment_files(files: list[Path], loaded, labels: LabelScheme, short_side: int, args: argparse.Namespace,
+                  out: Path) -> tuple[int, list[tuple[Path, str]], np.ndarray]:
+    """Write the label PNG and overlay of every readable file: (written, skipped with reasons,
+    pixels per id)."""
+    from tqdm import tqdm
+
+    from eagle_dist.evaluation import figures
+    from eagle_dist.evaluation.inference import segment
+
+    n_colors, lookup = labels.n_colors, labels.lookup
     skipped: list[tuple[Path, str]] = []
     written = 0
     pixels = np.zeros(n_colors, dtype=np.int64)  # per drawn id, for the legend
@@ -195,12 +191,47 @@ def main(argv: list[str] | None = None) -> int:
         Image.fromarray(figures.overlay(np.asarray(image), colour_ids, n_colors, args.alpha)).save(
             out / "overlays" / f"{stem}.png")
         written += 1
+    return written, skipped, pixels
 
+
+def main(argv: list[str] | None = None) -> int:
+    from eagle_dist.errors import USER_ERRORS
+    from eagle_dist.evaluation.inference import EvaluateError, load_model, resolve_checkpoint
+
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        step_dir, selection = resolve_checkpoint(args.checkpoint, args.step)
+        loaded = load_model(step_dir, device=device)
+    except (*USER_ERRORS, EvaluateError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        labels = label_scheme(args, loaded, step_dir)
+    except EvaluateError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    short_side = args.resolution or loaded.cfg.data.val_resolution
+
+    files, missing = list_inputs(args.input)
+    for item in missing:
+        print(f"warning: {item} does not exist; skipped", file=sys.stderr)
+    if not files:
+        print(f"error: no image files found in {' '.join(args.input)} "
+              f"(extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})", file=sys.stderr)
+        return 1
+    out = Path(args.out)
+    (out / "labels").mkdir(parents=True, exist_ok=True)
+    (out / "overlays").mkdir(parents=True, exist_ok=True)
+    print(f"checkpoint {step_dir} ({selection}); {len(files)} images; labels are {labels.ids_note}")
+
+    written, skipped, pixels = segment_files(files, loaded, labels, short_side, args, out)
+    n_colors = labels.n_colors
     if written:
-        kind = "segment" if table is None and args.probe == "cluster" else "class"
-        names = list(class_names or [])[:n_colors] if kind == "class" else []
+        kind = "segment" if labels.raw_clusters else "class"
+        names = list(labels.class_names or [])[:n_colors] if kind == "class" else []
         names += [f"{kind} {i}" for i in range(len(names), n_colors)]
-        legend = write_legend(out, names, pixels, n_colors, ids_note)
+        legend = write_legend(out, names, pixels, n_colors, labels.ids_note)
         print(f"segmented {written} of {len(files)} images into {out}/labels and {out}/overlays; "
               f"colours and pixel shares in {legend}")
     else:
