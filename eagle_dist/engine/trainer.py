@@ -570,6 +570,9 @@ class Trainer:
                 data_error = err
             metrics = self.train_step(batch, data_error)
             if self.stop_signal is not None:
+                # The step was taken: its metrics belong to this run (the resume starts after it).
+                if self.step % self.cfg.train.log_interval == 0:
+                    self._log(metrics)
                 # Stop the DataLoader workers now: Slurm's end-of-job SIGTERM after the requeue
                 # would kill them and torch would turn that into an error during shutdown.
                 batches.close()

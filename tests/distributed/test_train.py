@@ -48,7 +48,7 @@ def _summary(out: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def referencerun_ok(tmp_path_factory, shards):
+def reference_run(tmp_path_factory, shards):
     """6 uninterrupted steps, 2 processes, torchrun: the run the resumed one must equal."""
     work = tmp_path_factory.mktemp("ref")
     run_ok(_torchrun(2, HARNESS, str(work / "out"), *TINY, *shards, f"train.output_dir={work}/runs",
@@ -69,7 +69,7 @@ def test_torchrun_ddp_ranks_agree_and_mlflow_has_everything(reference_run):
     run_dir = Path(info["run_dir"])
     assert (run_dir / "checkpoints" / "step-00000006" / "COMPLETE").is_file()
     client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
-    run = client.getrun_ok(info["run_id"])
+    run = client.get_run(info["run_id"])
     assert run.data.params["optim.lr"] == "0.0005" and run.data.params["model.n_classes"] == "4"
     for metric in ("loss", "loss_corr", "images_per_s", "step_time_s", "eval/cluster_official_mIoU",
                    "eval/cluster_strict_mIoU", "eval/linear_official_mIoU"):
