@@ -45,3 +45,16 @@ def shards(tmp_path_factory) -> list[str]:
     """Tiny synthetic train (24) / val (10) shards, as the two overrides that point a run at them."""
     folders = helpers.synthetic_shards(tmp_path_factory.mktemp("synthetic"), {"train": 24, "val": 10}, per_shard=7)
     return [f"data.train_shards={folders['train']}", f"data.val_shards={folders['val']}"]
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    """No launcher variables in the environment (an in-process world of one); torch's thread
+    count restored afterwards.  Yields the monkeypatch so a test can set its own."""
+    threads = torch.get_num_threads()
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                "ACCELERATE_USE_CPU", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_MIXED_PRECISION",
+                "ACCELERATE_DYNAMO_BACKEND", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS"):
+        monkeypatch.delenv(key, raising=False)
+    yield monkeypatch
+    torch.set_num_threads(threads)

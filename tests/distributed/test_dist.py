@@ -131,15 +131,7 @@ def test_contradictions_are_refused(args, env, match):
 # --------------------------------------------------------------------------- in-process setup
 
 
-@pytest.fixture
-def clean_env(monkeypatch):
-    threads = torch.get_num_threads()
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                "ACCELERATE_USE_CPU", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_MIXED_PRECISION",
-                "ACCELERATE_DYNAMO_BACKEND", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS"):
-        monkeypatch.delenv(key, raising=False)
-    yield monkeypatch
-    torch.set_num_threads(threads)
+# clean_env: tests/conftest.py
 
 
 def test_single_process_setup_and_helpers(clean_env):

@@ -115,19 +115,14 @@ def test_off_does_not_switch_off_a_callers_autocast():
 
 
 @pytest.fixture
-def clean_env(monkeypatch):
-    threads = torch.get_num_threads()
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                "ACCELERATE_USE_CPU", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_MIXED_PRECISION",
-                "ACCELERATE_DYNAMO_BACKEND", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS"):
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the CPU case, also on a GPU machine
-    yield monkeypatch
-    torch.set_num_threads(threads)
+def cpu_env(clean_env):
+    """conftest's clean_env, and the CPU case even on a GPU machine."""
+    clean_env.setattr(torch.cuda, "is_available", lambda: False)
+    return clean_env
 
 
 @pytest.mark.parametrize("requested", ["auto", "no", "bf16"])
-def test_what_setup_logs_is_what_the_step_runs(clean_env, requested):
+def test_what_setup_logs_is_what_the_step_runs(cpu_env, requested):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         d = dist_mod.setup(mixed_precision=requested, cpu_threads=1)
@@ -135,7 +130,7 @@ def test_what_setup_logs_is_what_the_step_runs(clean_env, requested):
         logged = re.search(r"mixed_precision=(\w+)", dist_mod.describe(d)).group(1)
         # Autocast is the one mechanism: accelerate must not wrap the forward or cast weights.
         assert d.accelerator.mixed_precision == "no"
-        seen = _step_dtypes(d.precision, "eigh", clean_env)
+        seen = _step_dtypes(d.precision, "eigh", cpu_env)
     finally:
         d.cleanup()
     ran = {"bf16": torch.bfloat16, "no": torch.float32}[logged]
