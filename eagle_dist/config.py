@@ -36,6 +36,7 @@ ColorMode = Literal["official", "rgb01"]
 EigenSolver = Literal["eigh", "eigh64", "krylov"]
 Strategy = Literal["auto", "ddp", "deepspeed"]
 MixedPrecision = Literal["auto", "no", "bf16"]
+StepUnit = Literal["batch", "pl_optimizer_calls"]
 
 
 class ConfigError(EagleError, ValueError):
@@ -170,7 +171,7 @@ class TrainConfig:
     # "batch": one step = one optimizer step on one global batch (eagle-dist, PL <= 1.5).
     # "pl_optimizer_calls": step counts in this config follow PL >= 1.6 manual optimisation, where
     # each of the 7 official optimizers counts; counts are divided by 7 to get batches.
-    step_unit: Literal["batch", "pl_optimizer_calls"] = "batch"
+    step_unit: StepUnit = "batch"
     log_interval: int = 10
     eval_interval: int = 100
     ckpt_interval: int = 500
@@ -428,8 +429,8 @@ def save_yaml(cfg: Config, path: str | Path) -> None:
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
 
 
-def batches(cfg: Config, count: int) -> int:
-    """Convert a step count written in `train.step_unit` into optimizer steps (batches)."""
-    if cfg.train.step_unit == "pl_optimizer_calls":
+def step_batches(step_unit: StepUnit, count: int) -> int:
+    """Convert a step count written in `step_unit` (``train.step_unit``) into optimizer steps (batches)."""
+    if step_unit == "pl_optimizer_calls":
         return max(1, count // 7)  # the official code steps 7 optimizers per batch
     return count

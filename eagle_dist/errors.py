@@ -11,5 +11,10 @@ class EagleError(Exception):
     """A problem with the user's input, files or environment; the message says what to do."""
 
 
+def key_list(keys: list[str], limit: int = 8) -> str:
+    """The first `limit` of `keys` for an error message, with the total when there are more."""
+    return ", ".join(keys[:limit]) + (f" ... ({len(keys)} in all)" if len(keys) > limit else "")
+
+
 # Kept for callers that want a tuple to put in an `except` clause.
 USER_ERRORS: tuple[type[BaseException], ...] = (EagleError,)

@@ -64,14 +64,14 @@ def _die() -> None:
 
 def _inject(kind: str, step: int) -> None:
     if kind == "step":
-        original_step = trainer_mod.training_step_losses
+        original_forward = trainer_mod.Trainer._forward
 
-        def step_losses(backbone, heads, batch, at_step, cfg, **kwargs):
+        def forward(self, batch, at_step):
             if at_step == step:
                 _die()
-            return original_step(backbone, heads, batch, at_step, cfg, **kwargs)
+            return original_forward(self, batch, at_step)
 
-        trainer_mod.training_step_losses = step_losses
+        trainer_mod.Trainer._forward = forward
     else:
         original_fsync_dir = checkpoint_mod._fsync_dir
         doomed = f"{checkpoint_mod.TMP_PREFIX}{checkpoint_mod.step_dir_name(step)}"

@@ -159,7 +159,7 @@ def _step_setup(args: argparse.Namespace, cfg):
         heads = heads.to(memory_format=torch.channels_last)
     if args.compile:
         heads.seg_head = torch.compile(heads.seg_head)
-    optimizer = build_optimizer(heads, cfg, global_batch=batch_size * d.world_size)
+    optimizer = build_optimizer(heads, cfg.optim, global_batch=batch_size * d.world_size)
     heads, optimizer = d.prepare(heads, optimizer)
     heads.train()
 
@@ -215,7 +215,7 @@ def _backbone_only(d, backbone, batch: dict, warmup: int, steps: int) -> float:
 
 def run_step_bench(args: argparse.Namespace) -> dict | None:
     from eagle_dist.engine.step import run_step
-    from eagle_dist.method.eagle import loss_names, training_step_losses
+    from eagle_dist.method.eagle import loss_names, momentum, training_step_losses
 
     try:
         cfg = load_config(None, [f"data.batch_size={DEFAULT_STEP_BATCH}", *args.overrides])
@@ -224,8 +224,10 @@ def run_step_bench(args: argparse.Namespace) -> dict | None:
     d, backbone, heads, optimizer, batch = _step_setup(args, cfg)
     device = d.device
 
+    u = momentum(cfg.loss, args.train_step, cfg.train.step_unit)
+
     def forward(batch_, _step):  # the step index stays at --train-step (the u switch on)
-        return training_step_losses(backbone, heads, batch_, args.train_step, cfg, precision=d.precision)
+        return training_step_losses(backbone, heads, batch_, u, precision=d.precision)
 
     passes = []
 
@@ -237,7 +239,7 @@ def run_step_bench(args: argparse.Namespace) -> dict | None:
                 t0 = time.perf_counter()
                 with contextlib.nullcontext() if sync_grads else heads.no_sync():
                     res = run_step(d, heads, optimizer, forward, batch, step=args.train_step,
-                                   metric_names=loss_names(cfg), grad_clip=cfg.optim.grad_clip)
+                                   metric_names=loss_names(cfg.model), grad_clip=cfg.optim.grad_clip)
                 passes.append(res.metrics["backbone_passes"])
                 _sync(device)
                 times.append(time.perf_counter() - t0)

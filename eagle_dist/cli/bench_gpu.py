@@ -464,8 +464,8 @@ def audit_syncs(args: argparse.Namespace) -> dict:
         precision = dist_mod.resolve_precision(cfg.dist.mixed_precision, device)
         torch.manual_seed(cfg.train.seed)
         backbone = _quiet_backbone(cfg, device)
-        heads = EagleHeads(cfg, backbone.out_channels).to(device).train()
-        optimizer = build_optimizer(heads, cfg, global_batch=cfg.data.batch_size)
+        heads = EagleHeads(cfg.model, cfg.eicue, cfg.loss, backbone.out_channels).to(device).train()
+        optimizer = build_optimizer(heads, cfg.optim, global_batch=cfg.data.batch_size)
         gen = torch.Generator().manual_seed(cfg.train.seed)
         img = synthetic_images(cfg.data.batch_size, cfg.data.resolution, generator=gen)
         size = (cfg.data.batch_size, cfg.data.resolution, cfg.data.resolution)
@@ -473,7 +473,7 @@ def audit_syncs(args: argparse.Namespace) -> dict:
                  "label": torch.randint(-1, cfg.model.n_classes, size, generator=gen).to(device)}
 
         def step() -> None:
-            out = training_step_losses(backbone, heads, batch, 1000, cfg, precision=precision)  # NCE on
+            out = training_step_losses(backbone, heads, batch, cfg.loss.momentum_limit, precision=precision)  # NCE on
             out["loss"].backward()
             torch.nn.utils.clip_grad_norm_(heads.parameters(), cfg.optim.grad_clip)
             optimizer.step()

@@ -40,6 +40,7 @@ MLflow failure only costs a warning.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -287,9 +288,8 @@ def main(argv: list[str] | None = None) -> int:
             protocol["crf_params"] = PARAMS
         t0 = time.perf_counter()
         result = evaluate_stream(
-            loaded.backbone, loaded.heads, cfg, d, max_batches=cfg.eval.max_batches, flip=args.flip,
-            n_samples=args.samples, shards=shards, crf_pool=pool, cluster_alpha=cfg.eval.cluster_alpha,
-            eicue_samples=False,
+            loaded.backbone, loaded.heads, d, cfg.data, dataclasses.replace(cfg.eval, flip=bool(args.flip)),
+            n_samples=args.samples, shards=shards, crf_pool=pool, seed=cfg.train.seed, eicue_samples=False,
         )
         wall = time.perf_counter() - t0
         if d.is_main:

@@ -10,6 +10,7 @@
         batch["label"]           # int64 [B, 224, 224], -1 = ignore
         batch["key"]             # list of sample keys
     val = build_val_loader("shards/cocostuff27/val", batch_size=16, rank=r, world_size=w, num_workers=4)
+    train = train_loader(cfg.data, rank=r, world_size=w, seed=0)   # the same from the config's data section
     train.stats, val.stats       # {"samples", "corrupt_samples", "incomplete_samples",
                                  #  "missing_samples", "read_errors"}
 
@@ -58,6 +59,7 @@ import torch.nn.functional as F
 import webdataset as wds
 from PIL import Image
 
+from eagle_dist.config import DataConfig
 from eagle_dist.constants import IMAGENET_MEAN, IMAGENET_STD
 from eagle_dist.errors import EagleError
 
@@ -477,3 +479,23 @@ def build_val_loader(shard_dir: str | Path, batch_size: int, rank: int, world_si
     loader = wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers, pin_memory=pin_memory)
     num_batches = sum(math.ceil(n / batch_size) for n in per_worker)
     return StreamLoader(loader, stats, manifest, num_batches, sum(per_worker))
+
+
+def train_loader(section: DataConfig, rank: int, world_size: int, seed: int, steps_per_epoch: int | None = None,
+                 pin_memory: bool = False) -> StreamLoader:
+    """:func:`build_train_loader` over ``train_shards`` with the ``data`` section's batch, workers,
+    resolution, blur and shuffle settings."""
+    return build_train_loader(
+        section.train_shards, batch_size=section.batch_size, rank=rank, world_size=world_size,
+        num_workers=section.num_workers, seed=seed, resolution=section.resolution, blur_p=section.blur_p,
+        shuffle_buffer=section.shuffle_buffer, steps_per_epoch=steps_per_epoch, pin_memory=pin_memory,
+    )
+
+
+def val_loader(section: DataConfig, shards: str | Path, rank: int, world_size: int,
+               pin_memory: bool = False) -> StreamLoader:
+    """:func:`build_val_loader` over `shards` with the ``data`` section's ``val_batch_size``,
+    ``num_workers`` and ``val_resolution``."""
+    return build_val_loader(shards, batch_size=section.val_batch_size, rank=rank, world_size=world_size,
+                            num_workers=section.num_workers, resolution=section.val_resolution,
+                            pin_memory=pin_memory)

@@ -60,7 +60,7 @@ from eagle_dist import config as config_mod
 from eagle_dist.config import Config
 from eagle_dist.distributed import slurm_job_id
 from eagle_dist.engine.step import run_step
-from eagle_dist.method.eagle import EagleHeads, build_model, build_optimizer, loss_names, training_step_losses
+from eagle_dist.method.eagle import EagleHeads, build_model, build_optimizer, loss_names, momentum, training_step_losses
 
 
 class TrainingError(EagleError, RuntimeError):
@@ -119,7 +119,7 @@ class Trainer:
         self.device = self.dist.device
         self.run_lock = None
         self.run_dir = self._run_dir()
-        self.max_steps = config_mod.batches(cfg, cfg.train.max_steps)
+        self.max_steps = config_mod.step_batches(cfg.train.step_unit, cfg.train.max_steps)
         self.global_batch = cfg.data.batch_size * self.dist.world_size
         self.step = 0
         self.bad_steps = 0
@@ -328,7 +328,7 @@ class Trainer:
         cfg = self.cfg
         # The random-init warning once per job, not once per rank.
         self.backbone, heads = build_model(cfg, self.device, quiet=not self.dist.is_main, say=self.dist.print)
-        optimizer = build_optimizer(heads, cfg, self.global_batch)
+        optimizer = build_optimizer(heads, cfg.optim, self.global_batch)
         self.heads, self.optimizer = self.dist.prepare(heads, optimizer)
         # Per-rank randomness (dropout masks, correspondence samples) after the shared init.
         torch.manual_seed(cfg.train.seed + 1000 * (self.dist.rank + 1))
@@ -403,19 +403,9 @@ class Trainer:
         seg_len = max(1, cfg.train.ckpt_interval)
         segment, offset = divmod(start_step, seg_len)
         while True:
-            loader = data.build_train_loader(
-                cfg.data.train_shards,
-                batch_size=cfg.data.batch_size,
-                rank=self.dist.rank,
-                world_size=self.dist.world_size,
-                num_workers=cfg.data.num_workers,
-                seed=_segment_seed(cfg.train.seed, segment),
-                resolution=cfg.data.resolution,
-                blur_p=cfg.data.blur_p,
-                shuffle_buffer=cfg.data.shuffle_buffer,
-                steps_per_epoch=seg_len,
-                pin_memory=self.dist.pin_memory,
-            )
+            loader = data.train_loader(cfg.data, rank=self.dist.rank, world_size=self.dist.world_size,
+                                       seed=_segment_seed(cfg.train.seed, segment), steps_per_epoch=seg_len,
+                                       pin_memory=self.dist.pin_memory)
             self._loader = loader
             for i, batch in enumerate(loader):
                 if i >= offset:
@@ -458,31 +448,25 @@ class Trainer:
         retried with the float64 decomposition, and if that fails too the step's loss is NaN on
         this rank, so the step's all-reduce skips the update everywhere and counts it as bad."""
         self._eig_failed = False
+        u = momentum(self.cfg.loss, step, self.cfg.train.step_unit)
         try:
-            # Looked up at call time: the fault tests wrap training_step_losses.
-            return training_step_losses(self.backbone, self.heads, batch, step, self.cfg,
-                                        precision=self.dist.precision)
+            return training_step_losses(self.backbone, self.heads, batch, u, precision=self.dist.precision)
         except torch.linalg.LinAlgError as err:
             first = err
         if self.cfg.eicue.solver != "eigh64":
-            retry_cfg = dataclasses.replace(self.cfg, eicue=dataclasses.replace(self.cfg.eicue, solver="eigh64"))
-            heads = self.raw_heads
-            heads.cfg = retry_cfg  # the heads run EiCue with their own config
             try:
-                out = training_step_losses(self.backbone, self.heads, batch, step, retry_cfg,
-                                           precision=self.dist.precision)
+                with self.raw_heads.eigensolver("eigh64"):
+                    out = training_step_losses(self.backbone, self.heads, batch, u, precision=self.dist.precision)
                 print(f"eagle-dist: step {step}, rank {self.dist.rank}: the {self.cfg.eicue.solver} eigensolver "
                       f"failed ({_first_line(first)}); the float64 retry succeeded", file=sys.stderr, flush=True)
                 return out
             except torch.linalg.LinAlgError as err:
                 first = err
-            finally:
-                heads.cfg = self.cfg
         print(f"eagle-dist: step {step}, rank {self.dist.rank}: the eigensolver failed even in float64 "
               f"({_first_line(first)}); the step is skipped", file=sys.stderr, flush=True)
         self._eig_failed = True
         nan = torch.full((), float("nan"), device=self.device)
-        return {name: nan for name in loss_names(self.cfg)}
+        return {name: nan for name in loss_names(self.cfg.model)}
 
     def train_step(self, batch: dict | None, data_error: Exception | None = None) -> dict[str, float]:
         """One optimizer step on this rank's `batch`; returns the metrics averaged over ranks.
@@ -496,7 +480,7 @@ class Trainer:
             batch = self.dist.to_device(batch)
         result = run_step(
             self.dist, self.heads, self.optimizer, self._forward, batch, step=self.step,
-            metric_names=loss_names(self.cfg),
+            metric_names=loss_names(self.cfg.model),
             grad_clip=self.cfg.optim.grad_clip,
             # Which failure made a step bad travels in the same all-reduce as the stop signals.
             flags=lambda: {**{name: getattr(signal, name) in self.stop_signals for name in STOP_SIGNALS},
@@ -662,12 +646,12 @@ class Trainer:
         # loader start-up draws a seed): a run that evaluates more often trains identically.
         with torch.random.fork_rng(devices=[]):
             if cfg.model.unlabeled:
-                result = evaluate_unlabeled(self.backbone, self.raw_heads, cfg, self.dist, shards=self.eval_shards,
-                                            max_batches=cfg.eval.max_batches)
+                result = evaluate_unlabeled(self.backbone, self.raw_heads, self.dist, cfg.data, shards=self.eval_shards,
+                                            max_batches=cfg.eval.max_batches, seed=cfg.train.seed)
             else:
-                result = evaluate_stream(
-                    self.backbone, self.raw_heads, cfg, self.dist,
-                    max_batches=cfg.eval.max_batches, kmeans_baseline=final, shards=self.eval_shards,
+                result = evaluate_stream(  # in-training protocol: no flip TTA, no CRF
+                    self.backbone, self.raw_heads, self.dist, cfg.data, dataclasses.replace(cfg.eval, flip=False),
+                    kmeans_baseline=final, shards=self.eval_shards, seed=cfg.train.seed,
                 )
         metrics = {f"eval/{k}": v for k, v in result.scalars().items()}
         self.tracker.log_metrics(metrics, step=self.step)

@@ -11,6 +11,7 @@ every figure of a run.
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -226,10 +227,7 @@ def sample_grid_png(samples: list[dict], path: Path, class_names: list[str],
     cols = list(columns) if columns else [k for k in SAMPLE_TITLES if k in samples[0]]
     n = len(class_names)
     th, tw = _tile_size(samples, min_tile)
-
-    def up(arr: np.ndarray) -> np.ndarray:
-        return np.asarray(Image.fromarray(arr).resize((tw, th), Image.NEAREST))
-
+    up = functools.partial(_resize_nearest, size=(tw, th))
     rows = []
     for s in samples:
         image = up(denormalize(s["image"]))
@@ -238,8 +236,7 @@ def sample_grid_png(samples: list[dict], path: Path, class_names: list[str],
             lab = s[key].numpy()
             if key == "eicue":
                 # Blended with the image, segment colours do not read as the legend's classes.
-                ids = np.asarray(Image.fromarray(lab.astype(np.int32)).resize((tw, th), Image.NEAREST))
-                tiles.append(overlay(image, ids, int(lab.max()) + 1, 0.6))
+                tiles.append(_eicue_tile(image, lab, int(lab.max()) + 1))
             else:
                 tiles.append(up(colorize(lab, n)))
         rows.append(tiles)
@@ -247,6 +244,17 @@ def sample_grid_png(samples: list[dict], path: Path, class_names: list[str],
     caption = ("classes (ground truth, cluster and linear predictions; black: unlabelled, or a cluster "
                "without a class)")
     return _grid_with_legend(rows, titles, list(class_names), caption, path)
+
+
+def _resize_nearest(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """`arr` (an image or an id map) at `size` = (width, height), nearest neighbour."""
+    return np.asarray(Image.fromarray(arr).resize(size, Image.NEAREST))
+
+
+def _eicue_tile(image_HW3: np.ndarray, ids_hw: np.ndarray, n_ids: int) -> np.ndarray:
+    """EiCue ids drawn over the image at its size, in their own segment colours."""
+    ids = _resize_nearest(ids_hw.astype(np.int32), (image_HW3.shape[1], image_HW3.shape[0]))
+    return overlay(image_HW3, ids, n_ids, 0.6)
 
 
 def _with_header(img: Image.Image, titles: list[str], tile_w: int, height: int = 20) -> Image.Image:
@@ -337,18 +345,13 @@ def segment_grid_png(samples: list[dict], path: Path, n_segments: int, min_tile:
     the segment colours ends the figure.
     """
     th, tw = _tile_size(samples, min_tile)
-
-    def up(arr: np.ndarray) -> np.ndarray:
-        return np.asarray(Image.fromarray(arr).resize((tw, th), Image.NEAREST))
-
+    up = functools.partial(_resize_nearest, size=(tw, th))
     rows = []
     for s in samples:
         image = up(denormalize(s["image"]))
         tiles = [image, up(colorize(s["cluster"].numpy(), n_segments))]
         n_eicue = int(max(s["eicue"].max(), s["eicue_aug"].max())) + 1
-        for key in ("eicue", "eicue_aug"):
-            ids = np.asarray(Image.fromarray(s[key].numpy().astype(np.int32)).resize((tw, th), Image.NEAREST))
-            tiles.append(overlay(image, ids, n_eicue, 0.6))
+        tiles += [_eicue_tile(image, s[key].numpy(), n_eicue) for key in ("eicue", "eicue_aug")]
         rows.append(tiles)
     titles = ["image", "segments", "EiCue", "EiCue (augmented view)"]
     names = [f"segment {k}" for k in range(n_segments)]

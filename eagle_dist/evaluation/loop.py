@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from eagle_dist.config import DataConfig, EvalConfig
 from eagle_dist.evaluation import metrics
 
 
@@ -178,42 +179,38 @@ def _predictions(heads, code, img, size, crf_pool, alpha: float) -> tuple[torch.
 def evaluate_stream(
     backbone,
     heads,
-    cfg,
     dist,
-    max_batches: int | None = None,
-    flip: bool = False,
+    data_cfg: DataConfig,
+    eval_cfg: EvalConfig,
+    *,
     kmeans_baseline: bool = False,
     n_samples: int = 4,
     shards: str | None = None,
     crf_pool=None,
-    cluster_alpha: float | None = None,
+    seed: int = 0,
     eicue_samples: bool = True,
 ) -> EvalResult:
     """Evaluate `heads` on the validation shards; collective: every rank must call it.
 
+    The loader follows the ``data`` section (``val_*``, ``num_workers``; `shards` replaces
+    ``val_shards``), the protocol the ``eval`` section (``max_batches``, ``flip``,
+    ``cluster_alpha``), the class counts the heads' own ``model`` section.
     With ``crf_pool`` (an :class:`eagle_dist.evaluation.crf.CRFPool`) both probes go through DenseCRF: the
     linear probe as log-softmax of its logits, the cluster probe as log-softmax of
     ``cluster_alpha`` x cosine (the official final protocol; the temperature changes nothing
     without the CRF, since the argmax is the same).  ``eicue_samples`` adds the EiCue map of
-    the first images to ``samples`` (the trainer's figure).
+    the first images to ``samples`` (the trainer's figure); `seed` seeds the k-means baseline.
     """
     from eagle_dist.data import stream as data
 
-    shards = shards or cfg.data.val_shards
+    shards = shards or data_cfg.val_shards
     manifest = data.read_manifest(shards)
-    n, e = cfg.model.n_classes, cfg.model.extra_clusters
+    n, e = heads.model_cfg.n_classes, heads.model_cfg.extra_clusters
+    max_batches, flip = eval_cfg.max_batches, eval_cfg.flip
     device = dist.device
     was_training = heads.training
     heads.eval()
-    loader = data.build_val_loader(
-        shards,
-        batch_size=cfg.data.val_batch_size,
-        rank=dist.rank,
-        world_size=dist.world_size,
-        num_workers=cfg.data.num_workers,
-        resolution=cfg.data.val_resolution,
-        pin_memory=dist.pin_memory,
-    )
+    loader = data.val_loader(data_cfg, shards, rank=dist.rank, world_size=dist.world_size, pin_memory=dist.pin_memory)
     cluster = metrics.ConfusionMatrix(n, e, device=device)
     linear = metrics.ConfusionMatrix(n, 0, device=device)
     kept_images: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -225,8 +222,7 @@ def evaluate_stream(
         img = batch["img"].to(device, non_blocking=dist.pin_memory)
         label = batch["label"].to(device, non_blocking=dist.pin_memory)
         code = head_code(backbone, heads, img, flip)
-        alpha = cfg.eval.cluster_alpha if cluster_alpha is None else cluster_alpha
-        cluster_pred, linear_pred = _predictions(heads, code, img, label.shape[-2:], crf_pool, alpha)
+        cluster_pred, linear_pred = _predictions(heads, code, img, label.shape[-2:], crf_pool, eval_cfg.cluster_alpha)
         n_images += img.shape[0]
         cluster.update(cluster_pred, label)
         linear.update(linear_pred, label)
@@ -245,7 +241,7 @@ def evaluate_stream(
     n_images = int(dist.all_reduce_sum(torch.tensor([n_images], dtype=torch.int64, device=device)).item())
     kmeans = None
     if kmeans_baseline:
-        kmeans = _kmeans_baseline(kept_images, n, e, dist, cfg.train.seed)
+        kmeans = _kmeans_baseline(kept_images, n, e, dist, seed)
     if was_training:
         heads.train()
     names = [c["name"] if isinstance(c, dict) else str(c) for c in manifest["classes"]]
@@ -374,25 +370,23 @@ class UnlabeledEvalResult:
 
 
 @torch.no_grad()
-def evaluate_unlabeled(backbone, heads, cfg, dist, shards: str, max_batches: int | None = None,
-                       n_samples: int = 4) -> UnlabeledEvalResult:
+def evaluate_unlabeled(backbone, heads, dist, data_cfg: DataConfig, shards: str, max_batches: int | None = None,
+                       n_samples: int = 4, seed: int = 0) -> UnlabeledEvalResult:
     """Label-free evaluation on `shards` (their labels, if any, are not read); collective.
 
-    The augmented view is drawn from a generator seeded with ``train.seed`` and the rank, so
-    two evaluations of the same weights give the same numbers.
+    The loader and the augmentation follow the ``data`` section (``val_*``, ``num_workers``,
+    ``blur_p``).  The augmented view is drawn from a generator seeded with `seed` (the run's
+    ``train.seed``) and the rank, so two evaluations of the same weights give the same numbers.
     """
     from eagle_dist.data import stream as data
     from eagle_dist.evaluation import figures
 
     device = dist.device
-    k_seg, k_eig = cfg.model.cluster_count, cfg.model.eigen_clusters
+    k_seg, k_eig = heads.model_cfg.cluster_count, heads.model_cfg.eigen_clusters
     was_training = heads.training
     heads.eval()
-    loader = data.build_val_loader(
-        shards, batch_size=cfg.data.val_batch_size, rank=dist.rank, world_size=dist.world_size,
-        num_workers=cfg.data.num_workers, resolution=cfg.data.val_resolution,
-    )
-    generator = torch.Generator().manual_seed(cfg.train.seed * 1009 + dist.rank)
+    loader = data.val_loader(data_cfg, shards, rank=dist.rank, world_size=dist.world_size)
+    generator = torch.Generator().manual_seed(seed * 1009 + dist.rank)
     pixels = torch.zeros(k_seg, dtype=torch.float64, device=device)
     images = torch.zeros(k_seg, dtype=torch.float64, device=device)
     agreement = torch.zeros(2, dtype=torch.float64, device=device)  # sum over images, image count
@@ -402,7 +396,7 @@ def evaluate_unlabeled(backbone, heads, cfg, dist, shards: str, max_batches: int
         if max_batches is not None and i >= max_batches:
             break
         img = batch["img"].to(device)
-        img_aug = data.photometric_aug(batch["img"], cfg.data.blur_p, generator).to(device)
+        img_aug = data.photometric_aug(batch["img"], data_cfg.blur_p, generator).to(device)
         code = heads.seg_head(backbone(img))
         code_aug = heads.seg_head(backbone(img_aug))
         b = img.shape[0]
@@ -415,7 +409,7 @@ def evaluate_unlabeled(backbone, heads, cfg, dist, shards: str, max_batches: int
         pixels += onehot_BK.sum(0)
         images += (onehot_BK > 0).to(torch.float64).sum(0)
         spectral, eicue_BHW, _ = heads.eicue(code, img, heads.eigen_probe)
-        color_aug = img_aug if cfg.eicue.color_from_aug_view else img  # as in training (quirk 8)
+        color_aug = img_aug if heads.color_from_aug_view else img  # as in training (quirk 8)
         _, eicue_aug_BHW, _ = heads.eicue(code_aug, color_aug, heads.eigen_probe_aug)
         agree_B, table_BK = _matched_agreement(eicue_BHW.reshape(b, -1), eicue_aug_BHW.reshape(b, -1), k_eig)
         agreement += torch.tensor([float(agree_B.sum()), b], dtype=torch.float64, device=device)

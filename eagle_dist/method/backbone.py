@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eagle_dist.errors import EagleError
+from eagle_dist.errors import EagleError, key_list
 import eagle_dist  # noqa: F401  (installs the torchvision shim before timm is imported)
 import timm
 from timm.models.vision_transformer import Block as VitBlock
@@ -108,17 +108,15 @@ def load_vit_weights(vit: nn.Module, path: str | Path, arch: str) -> None:
     unexpected = sorted(set(sd) - set(own))
     mismatched = sorted(k for k in set(own) & set(sd) if own[k].shape != sd[k].shape)
     if missing or unexpected or mismatched:
-        def show(keys):
-            return ", ".join(keys[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "")
         parts = []
         if missing:
-            parts.append(f"missing keys: {show(missing)}")
+            parts.append(f"missing keys: {key_list(missing)}")
         if unexpected:
-            parts.append(f"unexpected keys: {show(unexpected)}")
+            parts.append(f"unexpected keys: {key_list(unexpected)}")
         if mismatched:
             parts.append(
                 "shape mismatch: "
-                + show([f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in mismatched])
+                + key_list([f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in mismatched])
             )
         raise WeightsError(
             f"{path} does not fit the backbone architecture; " + "; ".join(parts)

@@ -1,10 +1,15 @@
 """EAGLE's trainable part and its training objective (ALGORITHM.md sections 3-8).
 
     backbone, heads = build_model(cfg)        # seeded: every rank and every tool draws the same init
-    optimizer = build_optimizer(heads, cfg, world_size=1)
+    optimizer = build_optimizer(heads, cfg.optim, global_batch=4)
     precision = resolve_precision(cfg.dist.mixed_precision, "cpu")   # or Dist.precision in a run
-    out = training_step_losses(backbone, heads, batch, step=0, cfg=cfg, precision=precision)
+    u = momentum(cfg.loss, step=0, step_unit=cfg.train.step_unit)
+    out = training_step_losses(backbone, heads, batch, u, precision=precision)
     out["loss"].backward(); optimizer.step()
+
+Each component takes its own config section: ``EagleHeads`` the ``model``, ``eicue`` and
+``loss`` sections, the optimizer ``optim``, the u schedule ``loss`` (and the step unit);
+``build_model`` is the one place that hands them out.
 
 The frozen backbone is not part of ``EagleHeads``: it stays outside DDP / the DeepSpeed engine
 and runs once per distinct image.  ``img`` and ``img_pos`` of the official code are the same
@@ -17,6 +22,8 @@ reuse ``img``'s keys (about 1.5 passes per step instead of 2; see ``augmented_in
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,7 +33,7 @@ from eagle_dist import profiling
 from eagle_dist.method import eicue
 
 from eagle_dist.method import losses
-from eagle_dist.config import Config, batches
+from eagle_dist.config import Config, EiCueConfig, LossConfig, ModelConfig, OptimConfig, StepUnit, step_batches
 from eagle_dist.distributed import Precision
 from eagle_dist.method.heads import ProjectionHead, SegHead
 from eagle_dist.method.probes import ClusterLookup, LinearProbe
@@ -42,9 +49,9 @@ LOSS_NAMES = ("loss", "loss_eigen", "loss_corr", "loss_pos_inter", "loss_neg_int
               "cd_neg_inter", "u", "backbone_passes")
 
 
-def loss_names(cfg: Config) -> tuple[str, ...]:
+def loss_names(model: ModelConfig) -> tuple[str, ...]:
     """LOSS_NAMES of this model: without labels there is no linear probe, hence no loss_linear."""
-    return tuple(n for n in LOSS_NAMES if n != "loss_linear") if cfg.model.unlabeled else LOSS_NAMES
+    return tuple(n for n in LOSS_NAMES if n != "loss_linear") if model.unlabeled else LOSS_NAMES
 
 
 def _no_autocast(device_type: str):
@@ -54,10 +61,14 @@ def _no_autocast(device_type: str):
 class EagleHeads(nn.Module):
     """Every trainable module; ``forward`` returns all losses of one training batch."""
 
-    def __init__(self, cfg: Config, in_channels: int):
+    def __init__(self, model: ModelConfig, eicue_cfg: EiCueConfig, loss: LossConfig, in_channels: int):
         super().__init__()
-        m = cfg.model
-        self.cfg = cfg
+        m = model
+        self.model_cfg = model
+        self.loss_cfg = loss
+        # The graph, the Laplacian and the eigensolver (no parameters: nothing in the state dict).
+        self.spectral = eicue.EiCue.from_config(eicue_cfg, k=m.eigen_k)
+        self.color_from_aug_view = eicue_cfg.color_from_aug_view  # quirk 8
         self.seg_head = SegHead(in_channels, m.dim, m.dropout)
         self.projection = ProjectionHead(m.dim)
         self.cluster_probe = ClusterLookup(m.dim, m.cluster_count)
@@ -68,33 +79,39 @@ class EagleHeads(nn.Module):
         self.eigen_probe = ClusterLookup(m.eigen_k - 1, m.eigen_clusters)
         self.eigen_probe_aug = ClusterLookup(m.eigen_k - 1, m.eigen_clusters)
 
+    @contextlib.contextmanager
+    def eigensolver(self, solver: str):
+        """Run EiCue with another eigensolver inside the block (the trainer's float64 retry)."""
+        eicue._check_choice("solver", solver, eicue.EIGEN_SOLVERS)
+        before, self.spectral.solver = self.spectral.solver, solver
+        try:
+            yield
+        finally:
+            self.spectral.solver = before
+
     # ------------------------------------------------------------------ pieces
 
     def eicue(self, code_BDHW: torch.Tensor, color_img: torch.Tensor, probe: ClusterLookup):
         """Spectral map of one view, its EiCue map (argmax cluster ids) and the probe loss."""
-        cfg = self.cfg
         b, d, h, w = code_BDHW.shape
         with torch.no_grad(), _no_autocast(code_BDHW.device.type):
             code_BND = code_BDHW.detach().float().flatten(2).transpose(1, 2)
-            vecs_BNK = eicue.eigen_vectors(
-                color_img.float(), code_BND, (h, w), cfg.model.eigen_k,
-                color_mode=cfg.eicue.color_mode, sigma=cfg.eicue.color_sigma, solver=cfg.eicue.solver,
-            )
+            vecs_BNK = self.spectral.vectors(color_img.float(), code_BND, (h, w))
             spectral_BKHW = vecs_BNK[..., 1:].transpose(1, 2).reshape(b, -1, h, w)
         loss, probs = probe(spectral_BKHW, alpha=1.0)
         return spectral_BKHW, probs.argmax(1), loss
 
     def _nce_labels(self, eicue_map_BHW: torch.Tensor) -> torch.Tensor:
         labels = eicue_map_BHW.reshape(eicue_map_BHW.shape[0], -1)
-        if self.cfg.loss.prototype_scope == "image":
+        if self.loss_cfg.prototype_scope == "image":
             # Offsetting ids per image gives each image its own prototypes with the same
             # batch-wide medoid machinery.
-            offsets = torch.arange(labels.shape[0], device=labels.device)[:, None] * self.cfg.model.eigen_clusters
+            offsets = torch.arange(labels.shape[0], device=labels.device)[:, None] * self.model_cfg.eigen_clusters
             labels = labels + offsets
         return labels.reshape(-1)
 
     def _nce(self, z_anchor, z_other, eicue_map, kappa):
-        lc = self.cfg.loss
+        lc = self.loss_cfg
         return losses.object_centric_nce(
             z_anchor, z_other, self._nce_labels(eicue_map), kappa,
             tau=lc.contrastive_temp, global_weight=lc.global_loss_weight,
@@ -103,7 +120,7 @@ class EagleHeads(nn.Module):
 
     def _correspondence(self, khat_x, khat_p, khat_a, code_x, code_p, code_a):
         """The correspondence loss terms and L_corr (weighted positive + negative)."""
-        lc = self.cfg.loss
+        lc = self.loss_cfg
         corr = losses.correspondence_loss(
             khat_x, khat_p, khat_a, code_x, code_p, code_a,
             feature_samples=lc.feature_samples, neg_samples=lc.neg_samples,
@@ -117,7 +134,7 @@ class EagleHeads(nn.Module):
 
     def _nce_both_ways(self, code_p, code_a, khat_p, khat_a, map_p, map_a, u: float):
         """L_nce (P against A and A against P, weighted) and the two unweighted directions."""
-        lc = self.cfg.loss
+        lc = self.loss_cfg
         if u > 0:
             with profiling.section("heads"):
                 z_p = self.projection(code_p)
@@ -156,7 +173,7 @@ class EagleHeads(nn.Module):
             khat_p = self.seg_head.dropped(kk_img)
             khat_a = self.seg_head.dropped(kk_aug)
 
-        color_aug = img_aug if self.cfg.eicue.color_from_aug_view else img  # quirk 8
+        color_aug = img_aug if self.color_from_aug_view else img  # quirk 8
         with profiling.section("eicue"):
             _, map_p, loss_eig_p = self.eicue(code_p, img, self.eigen_probe)
             _, map_a, loss_eig_a = self.eicue(code_a, color_aug, self.eigen_probe_aug)
@@ -211,20 +228,21 @@ class EagleHeads(nn.Module):
         return out
 
 
-def momentum(cfg: Config, step: int) -> float:
-    """u of section 8: 0 up to and including `step_schedulers`, then `momentum_limit`."""
-    return cfg.loss.momentum_limit if step > batches(cfg, cfg.loss.step_schedulers) else 0.0
+def momentum(loss: LossConfig, step: int, step_unit: StepUnit = "batch") -> float:
+    """u of section 8: 0 up to and including `step_schedulers` (counted in `step_unit`, the
+    ``train.step_unit``), then `momentum_limit`."""
+    return loss.momentum_limit if step > step_batches(step_unit, loss.step_schedulers) else 0.0
 
 
-def lr_scale(cfg: Config, global_batch: int) -> float:
-    ratio = global_batch / cfg.optim.reference_global_batch
-    return {"none": 1.0, "linear": ratio, "sqrt": ratio ** 0.5}[cfg.optim.lr_scaling]
+def lr_scale(optim: OptimConfig, global_batch: int) -> float:
+    ratio = global_batch / optim.reference_global_batch
+    return {"none": 1.0, "linear": ratio, "sqrt": ratio ** 0.5}[optim.lr_scaling]
 
 
-def param_groups(heads: EagleHeads, cfg: Config, global_batch: int) -> list[dict]:
+def param_groups(heads: EagleHeads, optim: OptimConfig, global_batch: int) -> list[dict]:
     """Named groups with the official learning rates (one Adam == the official seven)."""
-    o = cfg.optim
-    scale = lr_scale(cfg, global_batch)
+    o = optim
+    scale = lr_scale(optim, global_batch)
     groups = [
         ("seg_head", heads.seg_head, o.lr * scale),
         ("projection", heads.projection, o.lr_proj * scale),
@@ -244,6 +262,9 @@ def build_model(cfg: Config, device: torch.device | str = "cpu", quiet: bool = F
                 say=None) -> tuple[nn.Module, EagleHeads]:
     """(frozen backbone, heads) of `cfg` on `device`; training, evaluation, predict and bench use it.
 
+    The one function that reads several sections: the backbone takes ``model``, the heads
+    ``model``, ``eicue`` and ``loss``, the seed comes from ``train``.
+
     Seeded with ``train.seed`` first, so a random backbone and the heads' initialisation are the
     same on every rank and in every tool that rebuilds the model of a checkpoint (the backbone is
     not in checkpoints).  ``model.init_from`` (an official EAGLE checkpoint) then overwrites the
@@ -259,7 +280,7 @@ def build_model(cfg: Config, device: torch.device | str = "cpu", quiet: bool = F
         if quiet or cfg.model.init_from:  # init_from: the backbone comes next, not at random
             warnings.simplefilter("ignore")
         backbone = FrozenViT(cfg.model.backbone, cfg.model.weights, fused_attn=cfg.model.fused_attn)
-    heads = EagleHeads(cfg, backbone.out_channels)
+    heads = EagleHeads(cfg.model, cfg.eicue, cfg.loss, backbone.out_channels)
     if cfg.model.init_from:
         from eagle_dist.method.official import load_official_checkpoint
 
@@ -270,8 +291,8 @@ def build_model(cfg: Config, device: torch.device | str = "cpu", quiet: bool = F
     return backbone.to(device), heads.to(device)
 
 
-def build_optimizer(heads: EagleHeads, cfg: Config, global_batch: int) -> torch.optim.Optimizer:
-    return torch.optim.Adam(param_groups(heads, cfg, global_batch))
+def build_optimizer(heads: EagleHeads, optim: OptimConfig, global_batch: int) -> torch.optim.Optimizer:
+    return torch.optim.Adam(param_groups(heads, optim, global_batch))
 
 
 def augmented_indices(batch: dict) -> torch.Tensor:
@@ -307,10 +328,10 @@ def backbone_keys(backbone, img: torch.Tensor, img_aug: torch.Tensor, changed: t
     return kk_img, kk_img.index_copy(0, changed, backbone(img_aug.index_select(0, changed)))
 
 
-def training_step_losses(backbone, heads, batch: dict, step: int, cfg: Config, *,
+def training_step_losses(backbone, heads, batch: dict, u: float, *,
                          precision: Precision) -> dict[str, torch.Tensor]:
     """Backbone on img and on the changed images of img_aug, then every head and loss, inside
-    `precision`'s autocast.
+    `precision`'s autocast.  `u` is the step's InfoNCE weight (:func:`momentum`).
 
     `precision` is the resolved value (`Dist.precision`, or `distributed.resolve_precision`
     outside a run): the model never decides mixed precision itself.
@@ -325,6 +346,6 @@ def training_step_losses(backbone, heads, batch: dict, step: int, cfg: Config, *
     with precision.context():
         with profiling.section("backbone"):
             kk_img, kk_aug = backbone_keys(backbone, img, img_aug, changed)
-        out = heads(kk_img.float(), kk_aug.float(), img, img_aug, batch["label"], momentum(cfg, step))
+        out = heads(kk_img.float(), kk_aug.float(), img, img_aug, batch["label"], u)
     out["backbone_passes"] = torch.tensor(1.0 + changed.shape[0] / img.shape[0])
     return out

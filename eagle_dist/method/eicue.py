@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from eagle_dist import profiling
-from eagle_dist.config import ColorMode, EigenSolver
+from eagle_dist.config import ColorMode, EiCueConfig, EigenSolver
 from eagle_dist.constants import IMAGENET_MEAN, IMAGENET_STD
 from eagle_dist.method.eigensolvers import block_krylov_smallest
 
@@ -271,6 +271,15 @@ class EiCue(nn.Module):
         self.solver = solver
         self.sigma = sigma
 
+    @classmethod
+    def from_config(cls, section: EiCueConfig, k: int) -> "EiCue":
+        """The EiCue of a config's ``eicue`` section; ``k`` is ``model.eigen_k``."""
+        return cls(k=k, color_mode=section.color_mode, solver=section.solver, sigma=section.color_sigma)
+
+    def vectors(self, img_B3HW: torch.Tensor, code_BND: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """:func:`eigen_vectors` with this module's settings: ``V [B, N, k]``."""
+        return eigen_vectors(img_B3HW, code_BND, grid, self.k, self.color_mode, self.solver, self.sigma)
+
     def extra_repr(self) -> str:
         return f"k={self.k}, color_mode={self.color_mode!r}, solver={self.solver!r}, sigma={self.sigma}"
 
@@ -278,6 +287,5 @@ class EiCue(nn.Module):
     def forward(self, img_B3HW: torch.Tensor, code_BDhw: torch.Tensor) -> torch.Tensor:
         batch, _, h, w = code_BDhw.shape
         code_BND = code_BDhw.detach().permute(0, 2, 3, 1).reshape(batch, h * w, -1)
-        V_BNK = eigen_vectors(img_B3HW, code_BND, (h, w), self.k, self.color_mode, self.solver, self.sigma)
-        return spectral_map(V_BNK, h, w)
+        return spectral_map(self.vectors(img_B3HW, code_BND, (h, w)), h, w)
 

@@ -51,6 +51,7 @@ import torch
 
 from eagle_dist import config as config_mod
 from eagle_dist.checkpoint import CheckpointError
+from eagle_dist.errors import key_list
 from eagle_dist.config import Config
 
 __all__ = [
@@ -402,7 +403,7 @@ class OfficialCheckpoint:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # random init on purpose: the official weights come next
             backbone = FrozenViT(cfg.model.backbone, weights=None, fused_attn=cfg.model.fused_attn)
-        heads = EagleHeads(cfg, backbone.out_channels)
+        heads = EagleHeads(cfg.model, cfg.eicue, cfg.loss, backbone.out_channels)
         self.load_into(backbone, heads)
         return backbone.to(device).eval(), heads.to(device).eval()
 
@@ -427,10 +428,6 @@ class OfficialCheckpoint:
             heads.load_state_dict(self.heads_state, strict=True)
 
 
-def _show(keys: list[str]) -> str:
-    return ", ".join(keys[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "")
-
-
 def _compare(part: str, own: dict, theirs: dict) -> list[str]:
     missing = sorted(_ours_to_official(part, k) for k in set(own) - set(theirs))
     mismatched = sorted(
@@ -440,11 +437,11 @@ def _compare(part: str, own: dict, theirs: dict) -> list[str]:
     extra = sorted(_ours_to_official(part, k) for k in set(theirs) - set(own))
     problems = []
     if missing:
-        problems.append(f"{part}: missing keys: {_show(missing)}")
+        problems.append(f"{part}: missing keys: {key_list(missing)}")
     if mismatched:
-        problems.append(f"{part}: mis-shaped keys: {_show(mismatched)}")
+        problems.append(f"{part}: mis-shaped keys: {key_list(mismatched)}")
     if extra:
-        problems.append(f"{part}: keys the model does not have: {_show(extra)}")
+        problems.append(f"{part}: keys the model does not have: {key_list(extra)}")
     return problems
 
 
@@ -476,9 +473,9 @@ def load_official_checkpoint(path: str | Path) -> OfficialCheckpoint:
             continue
         (backbone_state if target[0] == "backbone" else heads_state)[target[1]] = value
     if not_tensors:
-        raise OfficialCheckpointError(f"{path}: state_dict entries that are not tensors: {_show(sorted(not_tensors))}")
+        raise OfficialCheckpointError(f"{path}: state_dict entries that are not tensors: {key_list(sorted(not_tensors))}")
     if unknown:
-        warnings.warn(f"{path}: skipping state_dict keys of no known official module: {_show(sorted(unknown))}",
+        warnings.warn(f"{path}: skipping state_dict keys of no known official module: {key_list(sorted(unknown))}",
                       stacklevel=2)
 
     def number(key, default=0):

@@ -107,12 +107,12 @@ def _wrap_step(monkeypatch, at_step):
     """Call `at_step(step, out)` after every real training step computation (out: its losses)."""
     from eagle_dist.engine import trainer as trainer_mod
 
-    original = trainer_mod.training_step_losses
+    original = trainer_mod.Trainer._forward
 
-    def step_losses(backbone, heads, batch, step, cfg, **kwargs):
-        return at_step(step, original(backbone, heads, batch, step, cfg, **kwargs))
+    def forward(self, batch, step):
+        return at_step(step, original(self, batch, step))
 
-    monkeypatch.setattr(trainer_mod, "training_step_losses", step_losses)
+    monkeypatch.setattr(trainer_mod.Trainer, "_forward", forward)
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -295,7 +295,7 @@ def test_eigensolver_failures_are_retried_in_float64_then_skipped_then_stop_with
     # Step 1: the float32 solve fails, the float64 retry works. Steps 3-5: both fail.
     fails = {1: {"eigh"}, 3: {"eigh", "eigh64"}, 4: {"eigh", "eigh64"}, 5: {"eigh", "eigh64"}}
     current = {"step": -1}
-    original_eig, original_step = eicue.smallest_eigenpairs, trainer_mod.training_step_losses
+    original_eig, original_forward = eicue.smallest_eigenpairs, trainer_mod.Trainer._forward
 
     def eigenpairs(lap_BNN, k, solver="eigh"):
         if solver in fails.get(current["step"], ()):
@@ -303,12 +303,12 @@ def test_eigensolver_failures_are_retried_in_float64_then_skipped_then_stop_with
                                            "matrix is ill-conditioned or has too many repeated eigenvalues")
         return original_eig(lap_BNN, k, solver)
 
-    def step_losses(backbone, heads, batch, step, cfg, **kwargs):
+    def forward(self, batch, step):
         current["step"] = step
-        return original_step(backbone, heads, batch, step, cfg, **kwargs)
+        return original_forward(self, batch, step)
 
     monkeypatch.setattr(eicue, "smallest_eigenpairs", eigenpairs)
-    monkeypatch.setattr(trainer_mod, "training_step_losses", step_losses)
+    monkeypatch.setattr(trainer_mod.Trainer, "_forward", forward)
     code, out = run("train.max_steps=10", "train.max_bad_steps=3")
     assert code == 2 and "Traceback" not in out
     assert "step 1, rank 0: the eigh eigensolver failed (linalg.eigh: The algorithm failed to converge" in out

@@ -35,7 +35,7 @@ def run(tmp_path_factory) -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         backbone = FrozenViT(cfg.model.backbone, None)
-    heads = EagleHeads(cfg, backbone.out_channels)
+    heads = EagleHeads(cfg.model, cfg.eicue, cfg.loss, backbone.out_channels)
     run = tmp_path_factory.mktemp("predict") / "tiny"
     step = run / "checkpoints" / ckpt.step_dir_name(5)
     step.mkdir(parents=True)

@@ -218,9 +218,9 @@ def _run_case(case, info, data, meta, official, cfg, d, features, batch, monkeyp
 
     # As Trainer._build_model: heads holding the checkpoint's weights, one optimizer over the
     # named parameter groups, both prepared by the Dist.  Every case starts afresh.
-    heads = eagle.EagleHeads(cfg, features.out_channels)
+    heads = eagle.EagleHeads(cfg.model, cfg.eicue, cfg.loss, features.out_channels)
     official.load_into(features.backbone, heads)
-    optimizer = eagle.build_optimizer(heads, cfg, cfg.optim.reference_global_batch)
+    optimizer = eagle.build_optimizer(heads, cfg.optim, cfg.optim.reference_global_batch)
     model, optimizer = d.prepare(heads, optimizer)
     model.train()
 
@@ -251,7 +251,8 @@ def _run_case(case, info, data, meta, official, cfg, d, features, batch, monkeyp
         return real_step(*args, **kwargs)
 
     def forward(batch_, step_):  # what Trainer._forward passes to run_step
-        return eagle.training_step_losses(features, model, batch_, step_, cfg, precision=d.precision)
+        u = eagle.momentum(cfg.loss, step_, cfg.train.step_unit)
+        return eagle.training_step_losses(features, model, batch_, u, precision=d.precision)
 
     with monkeypatch.context() as m:
         m.setattr(torch, "rand", fake_rand)

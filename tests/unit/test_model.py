@@ -22,7 +22,7 @@ def setup():
         warnings.simplefilter("ignore")
         backbone = FrozenViT(cfg.model.backbone)  # random ViT-S/8
     torch.manual_seed(0)
-    heads = EagleHeads(cfg, backbone.out_channels)
+    heads = EagleHeads(cfg.model, cfg.eicue, cfg.loss, backbone.out_channels)
     batch = {
         "img": torch.randn(2, 3, 224, 224),
         "img_aug": torch.randn(2, 3, 224, 224),
@@ -34,13 +34,14 @@ def setup():
 @pytest.mark.parametrize("step", [0, 1000])  # before and after the u switch (NCE on)
 def test_full_step_updates_only_trainable_parameters(setup, step):
     cfg, backbone, heads, batch = setup
-    optimizer = build_optimizer(heads, cfg, global_batch=2)
+    optimizer = build_optimizer(heads, cfg.optim, global_batch=2)
     vit_before = {k: v.clone() for k, v in backbone.state_dict().items()}
     heads_before = {k: v.clone() for k, v in heads.named_parameters()}
     heads.train()
-    out = training_step_losses(backbone, heads, batch, step, cfg, precision=resolve_precision("no", "cpu"))
+    u = momentum(cfg.loss, step)
+    out = training_step_losses(backbone, heads, batch, u, precision=resolve_precision("no", "cpu"))
     assert torch.isfinite(out["loss"])
-    assert float(out["u"]) == pytest.approx(momentum(cfg, step))
+    assert float(out["u"]) == pytest.approx(u) == (0.0 if step == 0 else 0.9)
     out["loss"].backward()
     assert all(p.grad is None for p in backbone.parameters())
     optimizer.step()
@@ -55,22 +56,22 @@ def test_full_step_updates_only_trainable_parameters(setup, step):
 
 def test_param_groups_use_official_learning_rates(setup):
     cfg, _, heads, _ = setup
-    groups = {g["name"]: g for g in param_groups(heads, cfg, global_batch=64)}
+    groups = {g["name"]: g for g in param_groups(heads, cfg.optim, global_batch=64)}
     assert {k: g["lr"] for k, g in groups.items()} == {
         "seg_head": 5e-4, "projection": 5e-4, "linear_probe": 1e-3, "cluster_probe": 5e-3, "eigen_probes": 5e-5,
     }
     n = sum(len(g["params"]) for g in groups.values())
     assert n == len(list(heads.parameters()))
     scaled = load_config(None, ["optim.lr_scaling=linear"])
-    groups = {g["name"]: g["lr"] for g in param_groups(heads, scaled, global_batch=128)}
+    groups = {g["name"]: g["lr"] for g in param_groups(heads, scaled.optim, global_batch=128)}
     assert groups["seg_head"] == pytest.approx(1e-3) and groups["linear_probe"] == 1e-3
 
 
 def test_momentum_switch_is_hard():
     cfg = load_config(None)
-    assert momentum(cfg, 200) == 0.0 and momentum(cfg, 201) == 0.9
+    assert momentum(cfg.loss, 200) == 0.0 and momentum(cfg.loss, 201) == 0.9
     pl = load_config(None, ["train.step_unit=pl_optimizer_calls"])
-    assert momentum(pl, 28) == 0.0 and momentum(pl, 29) == 0.9  # 200 PL counts = 28 batches
+    assert momentum(pl.loss, 28, pl.train.step_unit) == 0.0 and momentum(pl.loss, 29, pl.train.step_unit) == 0.9  # 200 PL counts = 28 batches
 
 
 def test_eval_prediction_shapes(setup):
@@ -102,7 +103,7 @@ class _PoolKeys(nn.Module):
 def reuse_setup():
     cfg = load_config(None, ["data.batch_size=4"])
     torch.manual_seed(0)
-    heads = EagleHeads(cfg, _PoolKeys.out_channels).train()
+    heads = EagleHeads(cfg.model, cfg.eicue, cfg.loss, _PoolKeys.out_channels).train()
     gen = torch.Generator().manual_seed(1)
     img = torch.randn(4, 3, 64, 64, generator=gen)
     img_aug = img.clone()
@@ -114,7 +115,7 @@ def reuse_setup():
 def _step(cfg, heads, batch):
     backbone = _PoolKeys()
     torch.manual_seed(7)  # the same dropout and correspondence draws in every run
-    out = training_step_losses(backbone, heads, batch, 1000, cfg, precision=resolve_precision("no", "cpu"))
+    out = training_step_losses(backbone, heads, batch, momentum(cfg.loss, 1000), precision=resolve_precision("no", "cpu"))
     return out, backbone.seen
 
 
@@ -139,3 +140,20 @@ def test_unaugmented_batch_runs_the_backbone_once(reuse_setup):
     assert augmented_indices({**same, "aug_mask": torch.zeros(4, dtype=torch.bool)}).numel() == 0
     with pytest.raises(ValueError, match="aug_mask"):
         augmented_indices({**same, "aug_mask": torch.zeros(3, dtype=torch.bool)})
+
+
+def test_heads_take_their_config_sections_and_the_eigensolver_retry_restores_the_solver(setup):
+    cfg, _, heads, _ = setup
+    assert (heads.spectral.k, heads.spectral.solver, heads.spectral.sigma) == (
+        cfg.model.eigen_k, cfg.eicue.solver, cfg.eicue.color_sigma)
+    # EiCue has no parameters: the state dict (checkpoints, official files) is the heads' alone.
+    assert not any(key.startswith("spectral") for key in heads.state_dict())
+    krylov = load_config(None, ["eicue.solver=krylov", "eicue.color_mode=rgb01"])
+    other = EagleHeads(krylov.model, krylov.eicue, krylov.loss, 8)
+    assert (other.spectral.solver, other.spectral.color_mode) == ("krylov", "rgb01")
+    with pytest.raises(RuntimeError, match="boom"), other.eigensolver("eigh64"):
+        assert other.spectral.solver == "eigh64"
+        raise RuntimeError("boom")
+    assert other.spectral.solver == "krylov"
+    with pytest.raises(ValueError, match="solver='lanczos'"), other.eigensolver("lanczos"):
+        pass

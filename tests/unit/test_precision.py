@@ -47,7 +47,7 @@ def _step_dtypes(precision: Precision, solver: str, monkeypatch, batch: dict | N
     batch = _batch() if batch is None else batch
     device = batch["img"].device
     torch.manual_seed(0)
-    backbone, heads = PatchKeys().to(device), EagleHeads(cfg, PatchKeys.out_channels).to(device)
+    backbone, heads = PatchKeys().to(device), EagleHeads(cfg.model, cfg.eicue, cfg.loss, PatchKeys.out_channels).to(device)
     seen: dict = {"solver_calls": []}
     def dtype_of(name):
         def hook(module, inputs, out):
@@ -66,7 +66,7 @@ def _step_dtypes(precision: Precision, solver: str, monkeypatch, batch: dict | N
         return vals, vecs
 
     monkeypatch.setattr(eicue, "smallest_eigenpairs", solver_spy)
-    out = training_step_losses(backbone, heads, batch, 1000, cfg, precision=precision)  # NCE on
+    out = training_step_losses(backbone, heads, batch, cfg.loss.momentum_limit, precision=precision)  # NCE on
     out["loss"].backward()
     seen["loss_finite"] = bool(torch.isfinite(out["loss"]))
     seen["loss_device"] = out["loss"].device
