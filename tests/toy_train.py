@@ -214,4 +214,10 @@ def run(d: dist_mod.Dist, args: argparse.Namespace, out: Path) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # The process group is already torn down (main's finally).  Leave without the interpreter's
+    # teardown: with DeepSpeed on gloo it now and then aborts there ("terminate called without an
+    # active exception", seen under load), which would fail a run whose results are written.
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

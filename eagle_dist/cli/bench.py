@@ -222,14 +222,11 @@ def run_step_bench(args: argparse.Namespace) -> dict | None:
     except ConfigError as err:
         raise SystemExit(f"bench step: {err}") from None
     d, backbone, heads, optimizer, batch = _step_setup(args, cfg)
-    device = d.device
+    device, passes = d.device, []
+    u = momentum(cfg.loss, args.train_step, cfg.train.step_unit)  # the step index stays at --train-step
 
-    u = momentum(cfg.loss, args.train_step, cfg.train.step_unit)
-
-    def forward(batch_, _step):  # the step index stays at --train-step (the u switch on)
+    def forward(batch_, _step):
         return training_step_losses(backbone, heads, batch_, u, precision=d.precision)
-
-    passes = []
 
     def timed_steps(count: int, sync_grads: bool = True) -> tuple[list[float], list[dict]]:
         times, parts = [], []
