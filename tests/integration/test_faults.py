@@ -309,7 +309,7 @@ def test_eigensolver_failures_are_retried_in_float64_then_skipped_then_stop_with
 
     monkeypatch.setattr(eicue, "smallest_eigenpairs", eigenpairs)
     monkeypatch.setattr(trainer_mod.Trainer, "_forward", forward)
-    code, out = run("train.max_steps=10", "train.max_bad_steps=3")
+    code, out = run("train.max_steps=10", "train.max_bad_steps=3", "eicue.solver=eigh")
     assert code == 2 and "Traceback" not in out
     assert "step 1, rank 0: the eigh eigensolver failed (linalg.eigh: The algorithm failed to converge" in out
     assert "the float64 retry succeeded" in out
