@@ -89,12 +89,13 @@ class LinearProbe(nn.Conv2d):
         if label_BHW.ndim != 3 or label_BHW.shape[0] != feats_BDHW.shape[0]:
             raise ValueError(f"labels must be [B, H, W] for {feats_BDHW.shape[0]} images, got {tuple(label_BHW.shape)}")
         logits = F.interpolate(self(feats_BDHW), size=label_BHW.shape[-2:], mode="bilinear", align_corners=False)
-        label_BHW = label_BHW.long()
-        keep_BHW = (label_BHW >= 0) & (label_BHW < self.n_classes)
+        logits_PC = logits.permute(0, 2, 3, 1).reshape(-1, self.n_classes)
+        label_P = label_BHW.reshape(-1).long()
+        keep_P = (label_P >= 0) & (label_P < self.n_classes)
         # Sum over the kept pixels divided by their count is the reference's masked mean, without
         # a host sync; a batch without labelled pixels gives 0 (the reference: NaN) and still
-        # touches every parameter, as DDP requires.  The loss reads the [B, C, H, W] logits
-        # directly: the reference's per-pixel [P, C] layout costs a full copy of the upsampled
-        # logits and a slower softmax over 27-wide rows.
-        total = F.cross_entropy(logits, torch.where(keep_BHW, label_BHW, -100), ignore_index=-100, reduction="sum")
-        return total / keep_BHW.sum().clamp_min(1)
+        # touches every parameter, as DDP requires.  The per-pixel [P, C] layout costs a copy of
+        # the upsampled logits but makes the cross-entropy's backward contiguous: in the training
+        # step it is the faster of the two (docs/performance.md, "The probes' in-step time").
+        total = F.cross_entropy(logits_PC, torch.where(keep_P, label_P, -100), ignore_index=-100, reduction="sum")
+        return total / keep_P.sum().clamp_min(1)
