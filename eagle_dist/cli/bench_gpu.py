@@ -455,7 +455,7 @@ def audit_syncs(args: argparse.Namespace) -> dict:
     from eagle_dist import distributed as dist_mod
     from eagle_dist.cli.bench import _blurred, _quiet_backbone, synthetic_images
     from eagle_dist.config import load_config
-    from eagle_dist.method.eagle import EagleHeads, build_optimizer, training_step_losses
+    from eagle_dist.method.eagle import EagleHeads, build_optimizer, momentum, training_step_losses
 
     device = torch.device(args.device)
     result: dict = {"device": str(device), "observed": device.type == "cuda", "solvers": {}}
@@ -473,7 +473,8 @@ def audit_syncs(args: argparse.Namespace) -> dict:
                  "label": torch.randint(-1, cfg.model.n_classes, size, generator=gen).to(device)}
 
         def step() -> None:
-            out = training_step_losses(backbone, heads, batch, cfg.loss.momentum_limit, precision=precision)  # NCE on
+            out = training_step_losses(backbone, heads, batch, momentum(cfg.loss, 1000, cfg.train.step_unit),
+                                       precision=precision)  # step 1000: NCE on
             out["loss"].backward()
             torch.nn.utils.clip_grad_norm_(heads.parameters(), cfg.optim.grad_clip)
             optimizer.step()

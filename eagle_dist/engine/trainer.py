@@ -455,7 +455,7 @@ class Trainer:
             first = err
         if self.cfg.eicue.solver != "eigh64":
             try:
-                with self.raw_heads.eigensolver("eigh64"):
+                with self.raw_heads.spectral.using_solver("eigh64"):
                     out = training_step_losses(self.backbone, self.heads, batch, u, precision=self.dist.precision)
                 print(f"eagle-dist: step {step}, rank {self.dist.rank}: the {self.cfg.eicue.solver} eigensolver "
                       f"failed ({_first_line(first)}); the float64 retry succeeded", file=sys.stderr, flush=True)

@@ -22,8 +22,6 @@ reuse ``img``'s keys (about 1.5 passes per step instead of 2; see ``augmented_in
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -78,16 +76,6 @@ class EagleHeads(nn.Module):
         # One eigen probe per view, each with its own optimizer state (official: probe A, A').
         self.eigen_probe = ClusterLookup(m.eigen_k - 1, m.eigen_clusters)
         self.eigen_probe_aug = ClusterLookup(m.eigen_k - 1, m.eigen_clusters)
-
-    @contextlib.contextmanager
-    def eigensolver(self, solver: str):
-        """Run EiCue with another eigensolver inside the block (the trainer's float64 retry)."""
-        eicue._check_choice("solver", solver, eicue.EIGEN_SOLVERS)
-        before, self.spectral.solver = self.spectral.solver, solver
-        try:
-            yield
-        finally:
-            self.spectral.solver = before
 
     # ------------------------------------------------------------------ pieces
 

@@ -18,6 +18,7 @@ Quick use::
 
 from __future__ import annotations
 
+import contextlib
 import typing
 
 import torch
@@ -279,6 +280,17 @@ class EiCue(nn.Module):
     def vectors(self, img_B3HW: torch.Tensor, code_BND: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """:func:`eigen_vectors` with this module's settings: ``V [B, N, k]``."""
         return eigen_vectors(img_B3HW, code_BND, grid, self.k, self.color_mode, self.solver, self.sigma)
+
+    @contextlib.contextmanager
+    def using_solver(self, solver: str):
+        """Solve with `solver` inside the block, the configured one again after it (the trainer's
+        float64 retry of a failed decomposition)."""
+        _check_choice("solver", solver, EIGEN_SOLVERS)
+        before, self.solver = self.solver, solver
+        try:
+            yield
+        finally:
+            self.solver = before
 
     def extra_repr(self) -> str:
         return f"k={self.k}, color_mode={self.color_mode!r}, solver={self.solver!r}, sigma={self.sigma}"

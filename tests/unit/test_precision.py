@@ -12,7 +12,7 @@ from eagle_dist import distributed as dist_mod
 from eagle_dist.config import ConfigError, load_config
 from eagle_dist.distributed import DistributedSetupError, Precision, resolve_precision
 from eagle_dist.method import eicue
-from eagle_dist.method.eagle import EagleHeads, training_step_losses
+from eagle_dist.method.eagle import EagleHeads, momentum, training_step_losses
 
 # A step small enough for bf16 on a CPU (emulated there): 4x4 tokens, narrow heads.
 SMALL = ["model.dim=16", "model.n_classes=3", "model.extra_clusters=1", "model.eigen_clusters=3",
@@ -66,7 +66,7 @@ def _step_dtypes(precision: Precision, solver: str, monkeypatch, batch: dict | N
         return vals, vecs
 
     monkeypatch.setattr(eicue, "smallest_eigenpairs", solver_spy)
-    out = training_step_losses(backbone, heads, batch, cfg.loss.momentum_limit, precision=precision)  # NCE on
+    out = training_step_losses(backbone, heads, batch, momentum(cfg.loss, 1000), precision=precision)  # NCE on
     out["loss"].backward()
     seen["loss_finite"] = bool(torch.isfinite(out["loss"]))
     seen["loss_device"] = out["loss"].device
