@@ -34,6 +34,7 @@ from eagle_dist.errors import EagleError
 # from these (typing.get_args), e.g. distributed.STRATEGIES, eicue.EIGEN_SOLVERS.
 ColorMode = Literal["official", "rgb01"]
 EigenSolver = Literal["eigh", "eigh64", "krylov"]
+SignRule = Literal["official", "per_vector"]
 Strategy = Literal["auto", "ddp", "deepspeed"]
 MixedPrecision = Literal["auto", "no", "bf16"]
 StepUnit = Literal["batch", "pl_optimizer_calls"]
@@ -101,6 +102,11 @@ class EiCueConfig:
     # "eigh": batched fp32 torch.linalg.eigh, the official solver (the parity tests use it);
     # "eigh64": the same in fp64.
     solver: EigenSolver = "krylov"
+    # Sign quirk: "official" negates an image's whole [N, K] eigenvector block when more than half
+    # (not all) of its entries are positive, so a vector's sign depends on the solver's output
+    # and on the other vectors; "per_vector" makes each eigenvector's largest-magnitude entry
+    # positive, which makes eigh and krylov give the same maps up to float rounding.
+    sign_rule: SignRule = "official"
 
 
 @dataclass
