@@ -192,6 +192,10 @@ class TrainConfig:
     # taken over (eagle_dist/engine/runlock.py); same-host and same-Slurm-job holders are
     # recognised at once.
     lock_stale_s: float = 600.0
+    # Under Slurm the run folder is <run_name>-<job id>: a requeued job (same id) finds its
+    # checkpoints and two submissions never share a folder.  False keeps <run_name> itself
+    # (`eagle-dist sweep` names every run folder, so a later submission continues it).
+    job_id_in_run_name: bool = True
 
 
 @dataclass
@@ -212,6 +216,8 @@ class TrackingConfig:
     # MLflow tracking URI; None = $MLFLOW_TRACKING_URI, else sqlite in the run folder.
     uri: Optional[str] = None
     experiment: str = "eagle-dist"
+    # Nest a new MLflow run under this run (`eagle-dist sweep` sets its parent run here).
+    parent_run_id: Optional[str] = None
 
 
 @dataclass
