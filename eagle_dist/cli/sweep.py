@@ -153,7 +153,7 @@ class Sweep:
         folder = self.run_dir(run)
         if not folder.is_dir():
             return "missing", None
-        latest = latest_complete(folder / "checkpoints")
+        latest = latest_complete(folder / "checkpoints") if (folder / "checkpoints").is_dir() else None
         if latest is None:
             return "started", None
         state = read_state(latest)
@@ -204,9 +204,11 @@ def open_sweep(args: argparse.Namespace) -> Sweep:
     path = out / SPEC
     if path.is_file():
         spec = json.loads(path.read_text())
-        if args.seeds is not None:
-            given = _spec_from_args(args, out)
-            differ = [k for k in PLAN_KEYS if given[k] != spec[k] and not (k == "nproc" and given[k] is None)]
+        given = {"config": args.config, "seeds": args.seeds, "arms": args.arm, "overrides": args.overrides or None,
+                 "nproc": args.nproc}
+        if any(v is not None for v in given.values()):
+            asked = _spec_from_args(argparse.Namespace(**{**vars(args), "seeds": args.seeds or "0"}), out)
+            differ = [k for k in PLAN_KEYS if given[k] is not None and asked[k] != spec[k]]
             if differ:
                 raise SweepError(
                     f"{out} holds a sweep with other {', '.join(differ)} ({', '.join(f'{k}={spec[k]!r}' for k in differ)}). "
