@@ -125,7 +125,7 @@ class Sweep:
             fixed.append(f"tracking.uri={self.spec['tracking_uri']}")
         if self.spec.get("parent_run_id"):
             fixed.append(f"tracking.parent_run_id={self.spec['parent_run_id']}")
-        out = []
+        out: list[Run] = []
         for arm in self.spec["arms"]:
             for seed in self.spec["seeds"]:
                 name = f"{arm['name']}-seed{seed}"
@@ -352,7 +352,8 @@ def submit_slurm(sweep: Sweep, sbatch_args: list[str], wait: bool, max_parallel:
         env["NPROC_PER_NODE"] = str(sweep.spec["nproc"])
     print(f"submitting {len(todo)} run(s): {shlex.join(cmd)}", flush=True)
     try:
-        done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None if wait else subprocess.PIPE, text=True, env=env)
+        done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None if wait else subprocess.PIPE, text=True, env=env,
+                              check=False)
     except FileNotFoundError:
         raise SweepError("sbatch not found: --slurm needs a Slurm login node (or run the sweep here without --slurm)")
     job = (done.stdout or "").strip().split(";")[0]
@@ -385,8 +386,9 @@ def collect(sweep: Sweep) -> dict[str, Any]:
 
     published_table = seedstats.load_published(PUBLISHED)
     attempts = sweep.last_attempts()
-    runs, arm_values = [], {}
-    arm_info = {}
+    runs: list[dict[str, Any]] = []
+    arm_values: dict[str, dict[str, dict[str, list[float]]]] = {}  # arm -> final/best -> metric -> values
+    arm_info: dict[str, dict[str, Any]] = {}
     for run in sweep.runs():
         state, step = sweep.state(run)
         row: dict[str, Any] = {"run": run.name, "arm": run.arm, "seed": run.seed, "state": state, "step": step,
@@ -398,7 +400,7 @@ def collect(sweep: Sweep) -> dict[str, Any]:
             cfg = sweep.config(run)
             arm_info[run.arm] = {"dataset": cfg.dataset, "backbone": cfg.model.backbone,
                                  "published": seedstats.published_for(published_table, cfg.dataset, cfg.model.backbone)}
-        if state == "finished":
+        if state == "finished" and step is not None:
             final, best = seedstats.final_and_best(seedstats.run_evaluations(sweep.run_dir(run)), step)
             row["final"], row["best"] = final, best
             for which, values in (("final", final), ("best", best)):
@@ -411,10 +413,10 @@ def collect(sweep: Sweep) -> dict[str, Any]:
     for arm in arms:
         summaries[arm] = {**arm_info[arm], "metrics": {}}
         for metric in metrics:
-            entry = {}
+            entry: dict[str, Any] = {}
             for which in ("final", "best"):
-                values = arm_values.get(arm, {}).get(which, {}).get(metric, [])
-                entry[which] = {**seedstats.summarize(values).to_dict(), "values": values}
+                seed_values = arm_values.get(arm, {}).get(which, {}).get(metric, [])
+                entry[which] = {**seedstats.summarize(seed_values).to_dict(), "values": seed_values}
             published = arm_info[arm]["published"].get(metric)
             if published is not None:
                 s = seedstats.summarize(arm_values.get(arm, {}).get("final", {}).get(metric, []))
@@ -455,8 +457,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["", f"{finished} of {len(report['runs'])} runs finished; the statistics use the finished ones.",
               f"Metrics in percent, in-training protocol (no flip TTA, no CRF). {report['method']}."]
     titles = {"final": "Final checkpoint",
-              "best": "Best logged evaluation (OPTIMISTIC: per metric the best of the run's evaluations, "
-                      "chosen on the evaluation split itself)"}
+              "best": ("Best logged evaluation (OPTIMISTIC: per metric the best of the run's evaluations, "
+                       "chosen on the evaluation split itself)")}
     for which in ("final", "best"):
         lines += ["", f"## {titles[which]}", "",
                   "| metric | arm | n | mean | sd | min | max | 95 % interval | published | gap | published inside |",
@@ -485,8 +487,8 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", "No published number for " + ", ".join(sorted({f"{i['dataset']} / {i['backbone']}" for i in arms}))
                   + " (configs/published.yaml)."]
     else:
-        lines += ["", "Published: EAGLE (CVPR 2024), official protocol with flip TTA and CRF, compared with the "
-                  "official-protocol metrics of the final checkpoints."]
+        lines += ["", ("Published: EAGLE (CVPR 2024), official protocol with flip TTA and CRF, compared with the "
+                  "official-protocol metrics of the final checkpoints.")]
     return "\n".join(lines) + "\n"
 
 

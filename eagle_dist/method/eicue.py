@@ -22,8 +22,8 @@ import contextlib
 import typing
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from eagle_dist import profiling
 from eagle_dist.config import ColorMode, EiCueConfig, EigenSolver, SignRule
@@ -33,9 +33,9 @@ from eagle_dist.method.eigensolvers import block_krylov_smallest
 __all__ = [
     "COLOR_MODES",
     "EIGEN_SOLVERS",
-    "SIGN_RULES",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "SIGN_RULES",
     "EiCue",
     "apply_sign_rule",
     "color_affinity",
@@ -292,7 +292,7 @@ class EiCue(nn.Module):
         self.sign_rule = sign_rule
 
     @classmethod
-    def from_config(cls, section: EiCueConfig, k: int) -> "EiCue":
+    def from_config(cls, section: EiCueConfig, k: int) -> EiCue:
         """The EiCue of a config's ``eicue`` section; ``k`` is ``model.eigen_k``."""
         return cls(k=k, color_mode=section.color_mode, solver=section.solver, sigma=section.color_sigma,
                    sign_rule=section.sign_rule)

@@ -5,10 +5,10 @@
 
 import pytest
 import torch
+from test_eigensolvers import eagle_like_laplacians
 
 from eagle_dist.config import ConfigError, load_config
 from eagle_dist.method import eicue
-from test_eigensolvers import eagle_like_laplacians
 
 
 def test_official_is_the_default_everywhere():
