@@ -597,7 +597,8 @@ def main(argv: list[str] | None = None) -> int:
         tracker = _parent_tracker(sweep)
         if args.slurm:
             code = submit_slurm(sweep, args.sbatch_arg, args.wait, args.max_parallel)
-            if args.wait:
+            # The parent run stays RUNNING while tasks are queued; `report` ends it once all finished.
+            if args.wait or all(sweep.state(run)[0] == "finished" for run in sweep.runs()):
                 report = write_report(sweep, tracker)
                 if all(r["state"] == "finished" for r in report["runs"]):
                     tracker.close("FINISHED")

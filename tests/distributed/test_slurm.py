@@ -255,3 +255,4 @@ def test_sweep_runs_as_a_job_array_whose_tasks_requeue_and_resume(slurm, shards,
                                check=False)
     assert again.returncode == 0 and "nothing to submit" in again.stdout
     assert len((out / "slurm_jobs.txt").read_text().splitlines()) == 1
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
