@@ -34,6 +34,7 @@ from eagle_dist.errors import EagleError
 # from these (typing.get_args), e.g. distributed.STRATEGIES, eicue.EIGEN_SOLVERS.
 ColorMode = Literal["official", "rgb01"]
 EigenSolver = Literal["eigh", "eigh64", "krylov"]
+SignRule = Literal["official", "per_vector"]
 Strategy = Literal["auto", "ddp", "deepspeed"]
 MixedPrecision = Literal["auto", "no", "bf16"]
 StepUnit = Literal["batch", "pl_optimizer_calls"]
@@ -101,6 +102,11 @@ class EiCueConfig:
     # "eigh": batched fp32 torch.linalg.eigh, the official solver (the parity tests use it);
     # "eigh64": the same in fp64.
     solver: EigenSolver = "krylov"
+    # Sign quirk: "official" negates an image's whole [N, K] eigenvector block when more than half
+    # (not all) of its entries are positive, so a vector's sign depends on the solver's output
+    # and on the other vectors; "per_vector" makes each eigenvector's largest-magnitude entry
+    # positive, which makes eigh and krylov give the same maps up to float rounding.
+    sign_rule: SignRule = "official"
 
 
 @dataclass
@@ -186,6 +192,10 @@ class TrainConfig:
     # taken over (eagle_dist/engine/runlock.py); same-host and same-Slurm-job holders are
     # recognised at once.
     lock_stale_s: float = 600.0
+    # Under Slurm the run folder is <run_name>-<job id>: a requeued job (same id) finds its
+    # checkpoints and two submissions never share a folder.  False keeps <run_name> itself
+    # (`eagle-dist sweep` names every run folder, so a later submission continues it).
+    job_id_in_run_name: bool = True
 
 
 @dataclass
@@ -206,6 +216,8 @@ class TrackingConfig:
     # MLflow tracking URI; None = $MLFLOW_TRACKING_URI, else sqlite in the run folder.
     uri: Optional[str] = None
     experiment: str = "eagle-dist"
+    # Nest a new MLflow run under this run (`eagle-dist sweep` sets its parent run here).
+    parent_run_id: Optional[str] = None
 
 
 @dataclass

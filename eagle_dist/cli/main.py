@@ -5,6 +5,7 @@
     eagle-dist predict --checkpoint runs/NAME --input photos/ --out predictions/
     eagle-dist visualize eigen --checkpoint runs/NAME --input photo.jpg
     eagle-dist convert eagle_cocostuff27_vit_small8.ckpt converted/coco
+    eagle-dist sweep --out sweeps/NAME --config configs/cocostuff27.yaml --seeds 0-4 --arm A:k=v --arm B:k=w
     eagle-dist bench step
     eagle-dist checkpoints runs/NAME/checkpoints
 
@@ -24,6 +25,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "predict": ("eagle_dist.cli.predict", "segment images of any size with a checkpoint"),
     "visualize": ("eagle_dist.cli.visualize", "figures of what a checkpoint computes (EiCue)"),
     "convert": ("eagle_dist.cli.convert", "convert an official EAGLE .ckpt into an eagle-dist run folder"),
+    "sweep": ("eagle_dist.cli.sweep", "seeds x arms of training runs, and their statistics"),
     "bench": ("eagle_dist.cli.bench", "benchmarks: training step, eigensolvers, data"),
     "checkpoints": ("eagle_dist.checkpoint", "list (and verify) the checkpoints of a run"),
 }

@@ -164,7 +164,7 @@ class Trainer:
     def _run_dir(self) -> Path:
         name = self.cfg.train.run_name
         job = slurm_job_id()
-        if job and not name.endswith(job):
+        if job and self.cfg.train.job_id_in_run_name and not name.endswith(job):
             name = f"{name}-{job}"  # requeued jobs keep their id, so they find their checkpoints
         run_dir = Path(self.cfg.train.output_dir) / name
         if self.dist.is_main:
@@ -359,7 +359,8 @@ class Trainer:
             self.dist.is_main, self.run_dir, uri=cfg.tracking.uri, experiment=cfg.tracking.experiment
         )
         self.tracker.start(
-            run_name=self.run_dir.name, params=config_mod.flatten(self._public_config()), run_id=run_id
+            run_name=self.run_dir.name, params=config_mod.flatten(self._public_config()), run_id=run_id,
+            parent_run_id=cfg.tracking.parent_run_id,
         )
         if self.dist.is_main:
             config_mod.save_yaml(config_mod.from_dict(self._public_config()), self.run_dir / "config.yaml")

@@ -22,11 +22,11 @@ import contextlib
 import typing
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from eagle_dist import profiling
-from eagle_dist.config import ColorMode, EiCueConfig, EigenSolver
+from eagle_dist.config import ColorMode, EiCueConfig, EigenSolver, SignRule
 from eagle_dist.constants import IMAGENET_MEAN, IMAGENET_STD
 from eagle_dist.method.eigensolvers import block_krylov_smallest
 
@@ -35,6 +35,7 @@ __all__ = [
     "EIGEN_SOLVERS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "SIGN_RULES",
     "EiCue",
     "apply_sign_rule",
     "color_affinity",
@@ -49,6 +50,7 @@ __all__ = [
 
 COLOR_MODES = typing.get_args(ColorMode)
 EIGEN_SOLVERS = typing.get_args(EigenSolver)
+SIGN_RULES = typing.get_args(SignRule)
 
 # The reference divides pixels by 255 (it was written for 0-255 input); with `rgb01` the
 # pixels are already in [0, 1], so the kernel must not divide again.
@@ -184,16 +186,26 @@ def smallest_eigenpairs(lap_BNN: torch.Tensor, k: int, solver: str = "eigh") -> 
     return vals_Bk, vecs_BNk
 
 
-def apply_sign_rule(V_BNK: torch.Tensor) -> torch.Tensor:
-    """EAGLE's sign convention: negate the whole ``[N, K]`` block of an image when
-    ``0.5 < fraction of strictly positive entries < 1``.
+def apply_sign_rule(V_BNK: torch.Tensor, rule: str = "official") -> torch.Tensor:
+    """Fix the signs of eigenvectors ``[B, N, K]`` (an eigensolver returns each column up to sign).
 
-    Strict inequalities: a block with exactly half positive entries, or all positive, is left as
-    it is. The fraction is compared with integer counts, which is exact (the reference's float
-    mean gives the same decisions for any N*K below 2^23).
+    ``"official"`` (EAGLE's convention, ``eicue.sign_rule``): negate the whole ``[N, K]`` block of
+    an image when ``0.5 < fraction of strictly positive entries < 1``.  Strict inequalities: a
+    block with exactly half positive entries, or all positive, is left as it is.  The fraction is
+    compared with integer counts, which is exact (the reference's float mean gives the same
+    decisions for any N*K below 2^23).  One decision for the block means a column keeps the sign
+    the solver gave it relative to the others, so two solvers can disagree on a column's sign.
+
+    ``"per_vector"``: each column is negated where its largest-magnitude entry is negative, which
+    fixes every eigenvector's sign independently of the solver (ties of magnitude go to the first
+    row; eigenvectors of a repeated eigenvalue are not unique, no sign rule can align those).
     """
+    _check_choice("sign_rule", rule, SIGN_RULES)
     if V_BNK.ndim != 3:
         raise ValueError(f"apply_sign_rule expects eigenvectors [B, N, K], got {tuple(V_BNK.shape)}")
+    if rule == "per_vector":
+        peak_B1K = V_BNK.gather(1, V_BNK.abs().argmax(dim=1, keepdim=True))
+        return torch.where(peak_B1K < 0, -V_BNK, V_BNK)
     total = V_BNK.shape[1] * V_BNK.shape[2]
     positive_B = (V_BNK > 0).sum(dim=(1, 2))
     flip_B = (2 * positive_B > total) & (positive_B < total)
@@ -210,6 +222,7 @@ def eigen_vectors(
     solver: str = "eigh",
     sigma: float = 0.1,
     return_eigenvalues: bool = False,
+    sign_rule: str = "official",
 ):
     """The reference's ``EigenLoss.forward``: spectral embedding ``V [B, N, K]`` of each image's graph.
 
@@ -218,9 +231,11 @@ def eigen_vectors(
     row-major order. ``n_side`` is the token grid: an int for the reference's square grid
     (N = n_side^2) or ``(h, w)`` (N = h*w); the colour image is resized to it.
     Everything runs in float32 without gradient and without autocast.
-    With ``return_eigenvalues`` it returns ``(V, eigenvalues [B, K])``.
+    With ``return_eigenvalues`` it returns ``(V, eigenvalues [B, K])``.  ``sign_rule``: see
+    :func:`apply_sign_rule`.
     """
     _check_choice("color_mode", color_mode, COLOR_MODES)
+    _check_choice("sign_rule", sign_rule, SIGN_RULES)
     h, w = _grid_size(n_side)
     if code_BND.ndim != 3 or code_BND.shape[1] != h * w:
         raise ValueError(
@@ -240,7 +255,7 @@ def eigen_vectors(
             del adj_BNN, color_W_BNN
         with profiling.section("eicue.eigensolver"):
             vals_BK, vecs_BNK = smallest_eigenpairs(lap_BNN, k, solver)
-            vecs_BNK = apply_sign_rule(vecs_BNK)
+            vecs_BNK = apply_sign_rule(vecs_BNK, sign_rule)
     return (vecs_BNK, vals_BK) if return_eigenvalues else vecs_BNK
 
 
@@ -257,29 +272,35 @@ class EiCue(nn.Module):
 
     ``k`` is the number of eigenvectors kept before dropping the trivial one (``eigen_cluster``,
     4 in the official configs). ``color_mode`` selects quirk 7 (see :func:`resize_for_color`),
-    ``solver`` the eigensolver (see :func:`smallest_eigenpairs`). The eigen cluster probe
+    ``solver`` the eigensolver (see :func:`smallest_eigenpairs`), ``sign_rule`` how the
+    eigenvectors' signs are fixed (see :func:`apply_sign_rule`). The eigen cluster probe
     (:class:`eagle_dist.method.probes.ClusterLookup`) then turns the map into EiCue segment ids.
     """
 
-    def __init__(self, k: int = 4, color_mode: str = "official", solver: str = "eigh", sigma: float = 0.1):
+    def __init__(self, k: int = 4, color_mode: str = "official", solver: str = "eigh", sigma: float = 0.1,
+                 sign_rule: str = "official"):
         super().__init__()
         _check_choice("color_mode", color_mode, COLOR_MODES)
         _check_choice("solver", solver, EIGEN_SOLVERS)
+        _check_choice("sign_rule", sign_rule, SIGN_RULES)
         if k < 2:
             raise ValueError(f"EiCue needs k >= 2 eigenvectors (the first one is dropped), got k={k}")
         self.k = k
         self.color_mode = color_mode
         self.solver = solver
         self.sigma = sigma
+        self.sign_rule = sign_rule
 
     @classmethod
-    def from_config(cls, section: EiCueConfig, k: int) -> "EiCue":
+    def from_config(cls, section: EiCueConfig, k: int) -> EiCue:
         """The EiCue of a config's ``eicue`` section; ``k`` is ``model.eigen_k``."""
-        return cls(k=k, color_mode=section.color_mode, solver=section.solver, sigma=section.color_sigma)
+        return cls(k=k, color_mode=section.color_mode, solver=section.solver, sigma=section.color_sigma,
+                   sign_rule=section.sign_rule)
 
     def vectors(self, img_B3HW: torch.Tensor, code_BND: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """:func:`eigen_vectors` with this module's settings: ``V [B, N, k]``."""
-        return eigen_vectors(img_B3HW, code_BND, grid, self.k, self.color_mode, self.solver, self.sigma)
+        return eigen_vectors(img_B3HW, code_BND, grid, self.k, self.color_mode, self.solver, self.sigma,
+                             sign_rule=self.sign_rule)
 
     @contextlib.contextmanager
     def using_solver(self, solver: str):
@@ -293,7 +314,8 @@ class EiCue(nn.Module):
             self.solver = before
 
     def extra_repr(self) -> str:
-        return f"k={self.k}, color_mode={self.color_mode!r}, solver={self.solver!r}, sigma={self.sigma}"
+        return (f"k={self.k}, color_mode={self.color_mode!r}, solver={self.solver!r}, sigma={self.sigma}, "
+                f"sign_rule={self.sign_rule!r}")
 
     @torch.no_grad()
     def forward(self, img_B3HW: torch.Tensor, code_BDhw: torch.Tensor) -> torch.Tensor:

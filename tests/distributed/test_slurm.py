@@ -198,3 +198,61 @@ def test_usr1_before_the_time_limit_checkpoints_requeues_and_resumes(slurm, shar
     assert [r.info.run_id for r in runs] == [run_id]
     assert runs[0].info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run_id, "loss")] == list(range(1, MAX_STEPS + 1))
+
+
+def test_sweep_runs_as_a_job_array_whose_tasks_requeue_and_resume(slurm, shards, tmp_path):
+    """`eagle-dist sweep --slurm`: one array task per run (launch/slurm/sweep.sbatch -> train.sbatch);
+    a task stopped by SIGUSR1 requeues and resumes in its fixed run folder; the report sees both."""
+    from mlflow.tracking import MlflowClient
+
+    out = tmp_path / "sweep"
+    env = {**launch_env(), "SLURM_CONF": slurm["SLURM_CONF"], "EAGLE_DIR": str(REPO), "EAGLE_PYTHON": sys.executable}
+    cmd = [sys.executable, "-m", "eagle_dist.sweep", "--out", str(out), "--config", str(REPO / "configs" / "default.yaml"),
+           "--seeds", "0-1", "--nproc", "1", "--slurm", *TINY, *shards, "train.max_steps=24", "train.ckpt_interval=4",
+           "train.eval_interval=1000", "train.keep_last=100", "dist.cpu_threads=1"]
+    submitted = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
+                               check=False)
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    array = (out / "slurm_jobs.txt").read_text().split()[0]
+    tasks = [f"{array}_0", f"{array}_1"]
+    ckpts = out / "runs" / "base-seed0" / "checkpoints"  # no job id in the name: a later submission finds it
+    log = out / "logs" / f"slurm-{array}_0.out"
+
+    def ended(task: str) -> bool:
+        return _job(task, slurm).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL")
+
+    _wait_for("task 0's first checkpoint", lambda: (ckpts / "step-00000004" / "COMPLETE").is_file() or ended(tasks[0]), log)
+    assert not ended(tasks[0]), log.read_text()[-6000:]
+    subprocess.run(["scancel", "--batch", "--signal=USR1", tasks[0]], env=slurm, check=True)
+    _wait_for("the requeue", lambda: _job(tasks[0], slurm).get("Restarts") == "1"
+              and _job(tasks[0], slurm).get("JobState") == "PENDING", log)
+    subprocess.run(["scontrol", "update", f"JobId={tasks[0]}", "StartTime=now"], env=slurm, check=True)
+    _wait_for("both tasks to finish", lambda: all(ended(t) for t in tasks), log)
+
+    text = log.read_text()
+    assert [_job(t, slurm)["JobState"] for t in tasks] == ["COMPLETED", "COMPLETED"], text[-6000:]
+    stopped_at = int(re.search(r"stop requested by SIGUSR1 .*: saved step (\d+)", text).group(1))
+    assert 4 <= stopped_at < 24 and "requeued Slurm job" in text
+    assert f"resumed from {ckpts / f'step-{stopped_at:08d}'} at step {stopped_at}" in text
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["base-seed0", "base-seed1"]
+
+    reported = subprocess.run([sys.executable, "-m", "eagle_dist.sweep", "report", str(out)], capture_output=True,
+                              text=True, env=env, cwd=tmp_path, timeout=300, check=False)
+    assert reported.returncode == 0, reported.stderr[-4000:]
+    report = json.loads((out / "report.json").read_text())
+    assert [(r["run"], r["state"], r["step"]) for r in report["runs"]] == [("base-seed0", "finished", 24),
+                                                                            ("base-seed1", "finished", 24)]
+    assert report["arms"]["base"]["metrics"]["cluster_official_mIoU"]["final"]["n"] == 2
+    spec = json.loads((out / "sweep.json").read_text())
+    client = MlflowClient(spec["tracking_uri"])
+    parent = client.get_run(spec["parent_run_id"])
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(r.info.run_name for r in children) == ["base-seed0", "base-seed1"]
+    assert {r.info.status for r in children} == {"FINISHED"} and parent.info.status == "FINISHED"
+
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
+                               check=False)
+    assert again.returncode == 0 and "nothing to submit" in again.stdout
+    assert len((out / "slurm_jobs.txt").read_text().splitlines()) == 1
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
