@@ -295,10 +295,14 @@ def run_local(sweep: Sweep) -> int:
             print(f"{label}: FAILED (exit status {code}, {state}" + (f" at step {step}" if step else "")
                   + f"); the other runs go on. Last lines of {sweep.log_path(run)}:\n{tail}", file=sys.stderr, flush=True)
     if interrupted:
-        print(f"sweep interrupted; run the same command (or `eagle-dist sweep --out {sweep.out}`) to continue it",
-              file=sys.stderr, flush=True)
+        _say_interrupted(sweep)
         return 130
     return 1 if failed else 0
+
+
+def _say_interrupted(sweep: Sweep) -> None:
+    print(f"sweep interrupted; run the same command (or `eagle-dist sweep --out {sweep.out}`) to continue it",
+          file=sys.stderr, flush=True)
 
 
 def _run_one(sweep: Sweep, run: Run) -> tuple[int | None, float]:
@@ -606,6 +610,8 @@ def main(argv: list[str] | None = None) -> int:
         code = 130
         try:
             code = run_local(sweep)
+        except KeyboardInterrupt:  # Ctrl-C between two runs: nothing is running, nothing to save
+            _say_interrupted(sweep)
         finally:
             report = write_report(sweep, tracker)
             finished = all(r["state"] == "finished" for r in report["runs"])
