@@ -237,6 +237,7 @@ def test_missing_keys_are_one_error_naming_them(first_ckpt, tmp_path):
 
 def test_a_wrong_size_backbone_is_one_error_naming_the_keys(first_ckpt, tmp_path):
     from eagle_dist.method.official import OfficialCheckpointError, load_official_checkpoint
+    from eagle_dist.method.eagle import build_model
 
     meta = _meta(EXPECTED[0])
     other = "vit_base" if meta["model_type"] != "vit_base" else "vit_small"
@@ -246,7 +247,7 @@ def test_a_wrong_size_backbone_is_one_error_naming_the_keys(first_ckpt, tmp_path
 
     official = load_official_checkpoint(_rewrite(tmp_path, first_ckpt, "wrong_backbone.ckpt", edit))
     with pytest.raises(OfficialCheckpointError) as err:
-        official.build()
+        build_model(official.cfg, official=official)
     message = str(err.value)
     assert f"backbone {other}_patch" in message and "mis-shaped keys: net.model." in message, message
 

@@ -187,7 +187,7 @@ def test_training_step_matches_the_official_step(npz, tmp_path, monkeypatch):
     }
     assert tuple(batch["img"].shape[-2:]) == tuple(meta["size"]) and batch["img"].shape[0] == meta["batch"]
 
-    backbone, _ = official.build("cpu", cfg)
+    backbone, _ = eagle.build_model(cfg, "cpu", official=official)
     features = _OncePerInput(backbone)
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(key, raising=False)  # one process, whatever launched pytest
