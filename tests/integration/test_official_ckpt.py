@@ -24,6 +24,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import helpers
 import pytest
 import torch
 import torch.nn.functional as F
@@ -31,15 +32,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _fixture_dir() -> Path:
-    configured = os.environ.get("EAGLE_OFFICIAL_CKPT_FIXTURES")
-    if not configured:
-        return (REPO / ".." / "shared" / "fixtures" / "official_ckpt").resolve()
-    path = Path(configured)
-    return path if path.is_absolute() else (REPO / path).resolve()
-
-
-FIXTURE_DIR = _fixture_dir()
+FIXTURE_DIR = helpers.fixture_dir("EAGLE_OFFICIAL_CKPT_FIXTURES", "official_ckpt")
 EXPECTED = sorted(FIXTURE_DIR.glob("*.npz"))
 
 # The fixture README's tolerances (float32 against the official float32 run).

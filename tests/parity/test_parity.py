@@ -20,21 +20,14 @@ import re
 from pathlib import Path
 
 import numpy as np
+import helpers
 import pytest
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def _fixture_dir() -> Path:
-    configured = os.environ.get("EAGLE_PARITY_FIXTURES")
-    if not configured:
-        return (REPO_ROOT / ".." / "shared" / "fixtures" / "parity").resolve()
-    path = Path(configured)
-    return path if path.is_absolute() else (REPO_ROOT / path).resolve()
-
-
-FIXTURE_DIR = _fixture_dir()
+FIXTURE_DIR = helpers.fixture_dir("EAGLE_PARITY_FIXTURES", "parity")
 FIXTURES = sorted(FIXTURE_DIR.glob("*.npz"))
 
 

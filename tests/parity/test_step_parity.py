@@ -35,22 +35,15 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import helpers
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _folder(env: str, default: str) -> Path:
-    configured = os.environ.get(env)
-    if not configured:
-        return (REPO / ".." / "shared" / "fixtures" / default).resolve()
-    path = Path(configured)
-    return path if path.is_absolute() else (REPO / path).resolve()
-
-
-STEP_DIR = _folder("EAGLE_STEP_FIXTURES", "official_step")
-CKPT_DIR = _folder("EAGLE_OFFICIAL_CKPT_FIXTURES", "official_ckpt")
+STEP_DIR = helpers.fixture_dir("EAGLE_STEP_FIXTURES", "official_step")
+CKPT_DIR = helpers.fixture_dir("EAGLE_OFFICIAL_CKPT_FIXTURES", "official_ckpt")
 EXPECTED = sorted(STEP_DIR.glob("*.npz"))
 
 # The fixture README's tolerances.
