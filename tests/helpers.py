@@ -13,13 +13,29 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 # A 2-process run of this takes seconds of compute: a tiny random ViT at 64 px, batch 2.
-TINY = [
-    "model.backbone=vit_tiny_patch16_224", "model.dim=32", "model.n_classes=4", "model.extra_clusters=1",
+# TINY_SIZES has no label setting (an unlabeled config adds model.n_clusters=K instead).
+TINY_SIZES = [
+    "model.backbone=vit_tiny_patch16_224", "model.dim=32",
     "model.eigen_clusters=6", "loss.feature_samples=4", "loss.neg_samples=2", "loss.step_schedulers=2",
     "data.resolution=64", "data.val_resolution=64", "data.batch_size=2", "data.val_batch_size=3",
     "data.num_workers=1", "data.shuffle_buffer=8", "train.log_interval=1", "train.eval_interval=2",
     "train.ckpt_interval=2",
 ]
+TINY = [*TINY_SIZES, "model.n_classes=4", "model.extra_clusters=1"]
+
+
+def fixture_dir(env: str, name: str) -> Path:
+    """A recorded-fixture folder: $env if set (relative to the checkout), else ../shared/fixtures/<name>."""
+    configured = os.environ.get(env)
+    if not configured:
+        return (REPO / ".." / "shared" / "fixtures" / name).resolve()
+    path = Path(configured)
+    return path if path.is_absolute() else (REPO / path).resolve()
+
+
+def assert_ok(proc: subprocess.CompletedProcess) -> None:
+    """Fail with both output tails unless the finished process exited 0."""
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
 
 def free_port() -> int:

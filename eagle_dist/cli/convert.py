@@ -33,13 +33,14 @@ def convert(source: str | Path, out: str | Path, force: bool = False) -> Path:
     """Write the run folder; returns its step folder.  Raises OfficialCheckpointError/CheckpointError."""
     from safetensors.torch import save_file
 
+    from eagle_dist.method.eagle import build_model
     from eagle_dist.method.official import load_official_checkpoint
 
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not force:
         raise ckpt_mod.CheckpointError(f"{out} exists and is not empty; choose a new folder or pass --force")
     official = load_official_checkpoint(source)
-    official.build()  # checks every key and shape before anything is written
+    build_model(official.cfg, official=official)  # checks every key and shape before anything is written
     cfg = official.cfg
     cfg.model.weights = str((out / BACKBONE_FILE).resolve())
     cfg.model.init_from = None

@@ -144,11 +144,11 @@ def run(argv: list[str] | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point (``eagle-dist-shard``): 0 on success, 2 with a one-line error otherwise."""
+    """`eagle-dist shard` (and `python -m eagle_dist.shard`): 0 on success, 2 with a one-line error otherwise."""
     try:
         run(argv)
     except ShardError as err:
-        print(f"eagle-dist-shard: error: {err}", file=sys.stderr, flush=True)
+        print(f"eagle-dist shard: error: {err}", file=sys.stderr, flush=True)
         return 2
     return 0
 

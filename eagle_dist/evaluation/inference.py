@@ -185,11 +185,14 @@ def load_model(step_dir: Path, overrides=(), device: torch.device | str = "cpu",
 
 def _load_official(path: Path, overrides, device) -> LoadedModel:
     """An official EAGLE ``.ckpt``: weights and config from the file (restricted unpickling)."""
+    from eagle_dist.method.eagle import build_model
     from eagle_dist.method.official import load_official_checkpoint
 
     official = load_official_checkpoint(path)
     cfg = apply_overrides(config_mod.to_dict(official.cfg), overrides)
-    backbone, heads = official.build(device, cfg)
+    backbone, heads = build_model(cfg, device, official=official)
+    backbone.eval()
+    heads.eval()
     state = {"step": official.global_step, "extra": {"official": {
         "epoch": official.epoch, "lightning_version": official.lightning_version, "skipped_keys": official.skipped}}}
     return LoadedModel(cfg, backbone, heads, path, official.global_step, state)

@@ -44,18 +44,7 @@ def _as_numpy_int(stats) -> np.ndarray:
 def _iou_scores(histogram: np.ndarray) -> dict:
     """IoU per row/column pair, mIoU over the defined IoUs and accuracy, both in percent."""
     hist = histogram.astype(np.float64)
-    tp = np.diag(hist)
-    fp = hist.sum(axis=0) - tp
-    fn = hist.sum(axis=1) - tp
-    with np.errstate(divide="ignore", invalid="ignore"):
-        iou = tp / (tp + fp + fn)
-        accuracy = tp.sum() / hist.sum()
-    defined = iou[~np.isnan(iou)]
-    return {
-        "mIoU": float(100.0 * defined.mean()) if defined.size else float("nan"),
-        "Accuracy": float(100.0 * accuracy),
-        "iou": iou,
-    }
+    return _scores(np.diag(hist), predicted=hist.sum(axis=0), labelled=hist.sum(axis=1))
 
 
 def map_clusters(assignment_rows, assignment_cols, n_classes: int, extra_clusters: int) -> np.ndarray:
@@ -140,7 +129,9 @@ def linear_metrics(stats) -> dict:
     return out
 
 
-def _strict_scores(tp: np.ndarray, predicted: np.ndarray, labelled: np.ndarray) -> dict:
+def _scores(tp: np.ndarray, predicted: np.ndarray, labelled: np.ndarray) -> dict:
+    """The one IoU / mIoU / accuracy computation: per class, true positives, predicted pixels
+    and labelled pixels; mIoU averages the defined (non-NaN) IoUs; percentages."""
     tp, predicted, labelled = (np.asarray(a, dtype=np.float64) for a in (tp, predicted, labelled))
     fp = predicted - tp
     fn = labelled - tp
@@ -177,7 +168,7 @@ def strict_hungarian_metrics(counts, n_classes: int, overflow=None) -> dict:
     tp = counts[cluster_of_class, np.arange(n_classes)]
     predicted = counts.sum(axis=1)[cluster_of_class]
     labelled = counts.sum(axis=0) + overflow
-    out = _strict_scores(tp, predicted, labelled)
+    out = _scores(tp, predicted, labelled)
     cluster_to_class = np.full(counts.shape[0], -1, dtype=np.int64)
     cluster_to_class[rows] = cols
     out.update(assignments=(rows, cols), cluster_to_class=cluster_to_class)
@@ -194,7 +185,7 @@ def strict_linear_metrics(counts, n_classes: int, overflow=None) -> dict:
     tp = np.diag(counts[:n_classes])
     predicted = counts[:n_classes].sum(axis=1)
     labelled = counts.sum(axis=0) + overflow
-    return _strict_scores(tp, predicted, labelled)
+    return _scores(tp, predicted, labelled)
 
 
 class ConfusionMatrix:

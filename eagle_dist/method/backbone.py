@@ -24,20 +24,16 @@ from __future__ import annotations
 import math
 import warnings
 from pathlib import Path
+from typing import Any, cast
 
+import timm
 import torch
 import torch.nn.functional as F
+from timm.models.vision_transformer import Block as VitBlock
 from torch import nn
 
-from eagle_dist.errors import EagleError, key_list
-import eagle_dist  # noqa: F401  (installs the torchvision shim before timm is imported)
-import timm
-from timm.models.vision_transformer import Block as VitBlock
-
-
-class WeightsError(EagleError, RuntimeError):
-    """A weights file that is missing, unreadable or does not fit the architecture."""
-
+from eagle_dist.errors import WeightsError, key_list
+from eagle_dist.method import dinov2
 
 _WRAPPER_KEYS = ("teacher", "student", "model", "state_dict", "module")
 _PREFIXES = ("module.", "backbone.", "encoder.")
@@ -77,8 +73,6 @@ def load_vit_weights(vit: nn.Module, path: str | Path, arch: str) -> None:
 
     Classifier and DINO heads are left out; official DINOv2 files are renamed to timm's layout.
     """
-    from eagle_dist.method import dinov2  # (it imports WeightsError from here)
-
     path = Path(path)
     if not path.is_file():
         raise WeightsError(
@@ -145,7 +139,7 @@ def dino_interpolate_pos_embed(pos_patch: torch.Tensor, h: int, w: int, offset: 
     if offset:
         # The +0.1 and the use of a scale factor (not a target size) are DINO's; both change the
         # sampling positions, so parity needs them.
-        size = dict(scale_factor=((h + offset) / g, (w + offset) / g))
+        size: dict[str, Any] = dict(scale_factor=((h + offset) / g, (w + offset) / g))
     else:
         size = dict(size=(h, w))
     grid = F.interpolate(grid, mode="bicubic", align_corners=False, antialias=antialias, **size)
@@ -164,12 +158,10 @@ class FrozenViT(nn.Module):
         n_blocks: int = 3,
         fused_attn: bool = True,
     ):
-        from eagle_dist.method import dinov2  # (it imports WeightsError from here)
-
         super().__init__()
         arch = dinov2.timm_name(arch)  # official DINOv2 stems are accepted too
         try:
-            vit = timm.create_model(arch, pretrained=False, num_classes=0)
+            vit: Any = timm.create_model(arch, pretrained=False, num_classes=0)  # typed as Any below
         except RuntimeError as err:
             raise WeightsError(f"timm does not know the model '{arch}': {err}") from None
         if not hasattr(vit, "blocks") or not hasattr(vit, "patch_embed") or not hasattr(vit, "pos_embed"):
@@ -241,7 +233,7 @@ class FrozenViT(nn.Module):
         if isinstance(last, VitBlock) and hasattr(last.attn, "qkv"):
             # The last key block is needed only up to its qkv projection (the hook takes the
             # keys there): its attention and MLP would be ~7 % of the ViT-S/8 forward, unused.
-            last.attn.qkv(last.norm1(x))
+            cast(Any, last.attn).qkv(last.norm1(x))
         else:
             last(x)
         keys = [self._to_map(self._keys[i], h, w) for i in self.key_blocks]
@@ -265,44 +257,3 @@ class FrozenViT(nn.Module):
         keys = [self._to_map(self._keys[i], h, w) for i in self.key_blocks]
         self._keys.clear()
         return torch.cat(keys, dim=1).float(), torch.cat(feats, dim=1).float()
-
-
-class ParityFeaturizer(nn.Module):
-    """The official ``DinoFeaturizer`` in eval mode, for parity checks against fixture 07.
-
-    Returns ``image_kk`` (keys), ``image_feat`` (normed block outputs), and the head applied to
-    both (``code_kk`` is what training uses; ``code`` feeds the official dead branch).
-    """
-
-    def __init__(self, vit: FrozenViT, head: nn.Module):
-        super().__init__()
-        self.vit = vit
-        self.head = head.eval()
-
-    @torch.no_grad()
-    def forward_parity(self, img: torch.Tensor) -> dict[str, torch.Tensor]:
-        image_kk, image_feat = self.vit.forward_with_tokens(img)
-        return {
-            "image_kk": image_kk,
-            "image_feat": image_feat,
-            "code_kk": self.head(image_kk),
-            "code": self.head(image_feat),
-        }
-
-
-def build_featurizer_from_state_dicts(
-    vit_sd: dict, head_sd: dict, arch: str = "vit_small_patch8_224", fused_attn: bool = True
-) -> ParityFeaturizer:
-    """Backbone + segmentation head from in-memory state dicts (official key names)."""
-    from eagle_dist.method.heads import SegHead
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # no file on purpose: the weights come next
-        vit = FrozenViT(arch, weights=None, fused_attn=fused_attn)
-    sd = {k: torch.as_tensor(v) for k, v in vit_sd.items()}
-    vit.vit.load_state_dict(sd, strict=True)
-    in_ch = head_sd["cluster1.0.weight"].shape[1]
-    dim = head_sd["cluster1.0.weight"].shape[0]
-    head = SegHead(in_ch, dim)
-    head.load_state_dict({k: torch.as_tensor(v) for k, v in head_sd.items()}, strict=True)
-    return ParityFeaturizer(vit, head)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from eagle_dist.method.backbone import WeightsError
+from eagle_dist.errors import WeightsError
 
 # The official release: stem -> (timm size word, embed dim).
 _SIZES = {"s": ("small", 384), "b": ("base", 768), "l": ("large", 1024), "g": ("giant", 1536)}

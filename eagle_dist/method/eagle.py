@@ -22,20 +22,21 @@ reuse ``img``'s keys (about 1.5 passes per step instead of 2; see ``augmented_in
 
 from __future__ import annotations
 
+import warnings
+from typing import Any, cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from eagle_dist import profiling
-
-from eagle_dist.method import eicue
-
-from eagle_dist.method import losses
 from eagle_dist.config import Config, EiCueConfig, LossConfig, ModelConfig, OptimConfig, StepUnit, step_batches
 from eagle_dist.distributed import Precision
+from eagle_dist.method import eicue, losses
+from eagle_dist.method.backbone import FrozenViT
 from eagle_dist.method.heads import ProjectionHead, SegHead
+from eagle_dist.method.official import OfficialCheckpoint, load_official_checkpoint
 from eagle_dist.method.probes import ClusterLookup, LinearProbe
-
 
 # The scalars EagleHeads.forward returns in logging order; training_step_losses adds the last one,
 # backbone_passes (the backbone's work in full-batch passes), logged with the losses.
@@ -50,10 +51,6 @@ LOSS_NAMES = ("loss", "loss_eigen", "loss_corr", "loss_pos_inter", "loss_neg_int
 def loss_names(model: ModelConfig) -> tuple[str, ...]:
     """LOSS_NAMES of this model: without labels there is no linear probe, hence no loss_linear."""
     return tuple(n for n in LOSS_NAMES if n != "loss_linear") if model.unlabeled else LOSS_NAMES
-
-
-def _no_autocast(device_type: str):
-    return torch.autocast(device_type=device_type, enabled=False)
 
 
 class EagleHeads(nn.Module):
@@ -82,7 +79,7 @@ class EagleHeads(nn.Module):
     def eicue(self, code_BDHW: torch.Tensor, color_img: torch.Tensor, probe: ClusterLookup):
         """Spectral map of one view, its EiCue map (argmax cluster ids) and the probe loss."""
         b, d, h, w = code_BDHW.shape
-        with torch.no_grad(), _no_autocast(code_BDHW.device.type):
+        with torch.no_grad(), losses.no_autocast(code_BDHW):
             code_BND = code_BDHW.detach().float().flatten(2).transpose(1, 2)
             vecs_BNK = self.spectral.vectors(color_img.float(), code_BND, (h, w))
             spectral_BKHW = vecs_BNK[..., 1:].transpose(1, 2).reshape(b, -1, h, w)
@@ -138,7 +135,7 @@ class EagleHeads(nn.Module):
         # Before the switch the official loss multiplies L_nce by 0: its gradients are exact
         # zeros.  Skipping it is the same update; touching the projection keeps every
         # parameter in the graph, as DDP requires, with the same zero gradients.
-        loss_nce = sum(p.sum() for p in self.projection.parameters()) * 0.0
+        loss_nce = cast(torch.Tensor, sum(p.sum() for p in self.projection.parameters())) * 0.0
         return loss_nce, {"loss_nce_p": loss_nce.detach(), "loss_nce_a": loss_nce.detach()}  # 0: not computed
 
     # ------------------------------------------------------------------ forward
@@ -238,8 +235,9 @@ def param_groups(heads: EagleHeads, optim: OptimConfig, global_batch: int) -> li
         ("cluster_probe", heads.cluster_probe, o.lr_cluster),
         ("eigen_probes", nn.ModuleList([heads.eigen_probe, heads.eigen_probe_aug]), o.lr_eigen),
     ]
-    groups = [g for g in groups if g[1] is not None]  # no linear probe without labels
-    out = [{"name": name, "params": list(mod.parameters()), "lr": lr} for name, mod, lr in groups]
+    # no linear probe without labels
+    out: list[dict[str, Any]] = [{"name": name, "params": list(mod.parameters()), "lr": lr}
+                                 for name, mod, lr in groups if mod is not None]
     covered = sum(len(g["params"]) for g in out)
     if covered != len(list(heads.parameters())):
         raise RuntimeError("a trainable parameter is in no optimizer group")
@@ -247,7 +245,7 @@ def param_groups(heads: EagleHeads, optim: OptimConfig, global_batch: int) -> li
 
 
 def build_model(cfg: Config, device: torch.device | str = "cpu", quiet: bool = False,
-                say=None) -> tuple[nn.Module, EagleHeads]:
+                say=None, official: OfficialCheckpoint | None = None) -> tuple[FrozenViT, EagleHeads]:
     """(frozen backbone, heads) of `cfg` on `device`; training, evaluation, predict and bench use it.
 
     The one function that reads several sections: the backbone takes ``model``, the heads
@@ -258,23 +256,23 @@ def build_model(cfg: Config, device: torch.device | str = "cpu", quiet: bool = F
     not in checkpoints).  ``model.init_from`` (an official EAGLE checkpoint) then overwrites the
     backbone and every head.  quiet: hide the random-weights warning (ranks other than 0);
     say: where to report the official initialisation (e.g. ``dist.print``).
+    official: an official checkpoint already read (`load_official_checkpoint`) whose weights the
+    model takes, backbone and heads, instead of ``model.weights`` / ``model.init_from``; missing
+    or mis-shaped weights are one OfficialCheckpointError naming every such key.
     """
-    import warnings
-
-    from eagle_dist.method.backbone import FrozenViT
-
     torch.manual_seed(cfg.train.seed)
+    given = official is not None
     with warnings.catch_warnings():
-        if quiet or cfg.model.init_from:  # init_from: the backbone comes next, not at random
+        if quiet or given or cfg.model.init_from:  # the official backbone comes next, not at random
             warnings.simplefilter("ignore")
-        backbone = FrozenViT(cfg.model.backbone, cfg.model.weights, fused_attn=cfg.model.fused_attn)
+        backbone = FrozenViT(cfg.model.backbone, None if given else cfg.model.weights,
+                             fused_attn=cfg.model.fused_attn)
     heads = EagleHeads(cfg.model, cfg.eicue, cfg.loss, backbone.out_channels)
-    if cfg.model.init_from:
-        from eagle_dist.method.official import load_official_checkpoint
-
+    if official is None and cfg.model.init_from:
         official = load_official_checkpoint(cfg.model.init_from)
+    if official is not None:
         official.load_into(backbone, heads)
-        if say is not None:
+        if say is not None and not given:
             say(f"initialised the backbone and all heads from {cfg.model.init_from} (official step {official.global_step})")
     return backbone.to(device), heads.to(device)
 

@@ -110,11 +110,12 @@ def color_affinity(pix_BSS3: torch.Tensor, sigma: float = 0.1, scale: float = 25
         raise ValueError(f"color_affinity expects channel-last pixels [B, h, w, 3], got {tuple(pix_BSS3.shape)}")
     batch = pix_BSS3.shape[0]
     pix_BN3 = pix_BSS3.reshape(batch, -1, 3) / scale
-    dist2_BNN = None
+    dist2_BNN: torch.Tensor | None = None
     for channel in range(3):
         col_BN = pix_BN3[:, :, channel]
         diff_BNN = col_BN.unsqueeze(2) - col_BN.unsqueeze(1)
         dist2_BNN = diff_BNN.square_() if dist2_BNN is None else dist2_BNN.add_(diff_BNN.square_())
+    assert dist2_BNN is not None
     return dist2_BNN.div_(-2.0 * sigma * sigma).exp_()
 
 
@@ -277,8 +278,8 @@ class EiCue(nn.Module):
     (:class:`eagle_dist.method.probes.ClusterLookup`) then turns the map into EiCue segment ids.
     """
 
-    def __init__(self, k: int = 4, color_mode: str = "official", solver: str = "eigh", sigma: float = 0.1,
-                 sign_rule: str = "official"):
+    def __init__(self, k: int = 4, color_mode: str = "official", solver: str = EiCueConfig.solver, sigma: float = 0.1,
+                 sign_rule: str = EiCueConfig.sign_rule):
         super().__init__()
         _check_choice("color_mode", color_mode, COLOR_MODES)
         _check_choice("solver", solver, EIGEN_SOLVERS)

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from eagle_dist.config import LossConfig
+
 __all__ = [
     "CENTROID_MODES",
     "NCE_VARIANTS",
@@ -31,6 +33,7 @@ __all__ = [
     "key_similarity_weights",
     "medoid_rows",
     "near_derangement",
+    "no_autocast",
     "object_centric_nce",
     "sample_points",
 ]
@@ -43,8 +46,14 @@ NCE_VARIANTS = ("per_pixel", "cityscapes")
 DEFAULT_MEDOID_CHUNK_ELEMS = 1 << 23
 
 
-def _no_autocast(t: torch.Tensor):
+def no_autocast(t: torch.Tensor):
+    """Autocast off on ``t``'s device: the parts of the step that stay in float32 under any
+    mixed-precision setting (eigensolver inputs, contrastive logits, shifted correlations)."""
     return torch.autocast(device_type=t.device.type, enabled=False)
+
+
+# The correspondence loss's defaults are the config's (LossConfig, the COCO config): one place.
+_LOSS = LossConfig()
 
 
 # --------------------------------------------------------------------------- object-centric NCE
@@ -67,7 +76,7 @@ def key_similarity_weights(keys: torch.Tensor) -> torch.Tensor:
     """
     if keys.ndim not in (3, 4):
         raise ValueError(f"key_similarity_weights expects keys [B, C, H, W] or [B, C, N], got {tuple(keys.shape)}")
-    with _no_autocast(keys):
+    with no_autocast(keys):
         keys_BCN = keys.detach().flatten(2).float()
         b, _, n = keys_BCN.shape
         tiles = max(1, min(KAPPA_TILES, n))
@@ -170,7 +179,7 @@ def medoid_rows(
     if group_P.shape != (n_rows,):
         raise ValueError(f"medoid_rows: {group_P.shape} group ids for {n_rows} rows")
     device = z_PD.device
-    with _no_autocast(z_PD):
+    with no_autocast(z_PD):
         order_P = torch.argsort(group_P, stable=True)
         z_sorted = z_PD.detach().float()[order_P]
         g_sorted = group_P[order_P]
@@ -279,7 +288,7 @@ def object_centric_nce(
         raise ValueError(f"{weights_P.numel()} weights for {n_pix} embedding rows; pass [B*N] weights "
                          "or the [B, N, N] similarity matrix")
 
-    with _no_autocast(S1):
+    with no_autocast(S1):
         S1f, S2f = S1.float(), S2.float()
         ids_U, target_P = torch.unique(labels_P, sorted=True, return_inverse=True)
         n_ids = ids_U.shape[0]
@@ -349,12 +358,12 @@ def correspondence_helper(
     c1: torch.Tensor,
     c2: torch.Tensor,
     pos: bool,
-    pointwise: bool = True,
-    zero_clamp: bool = True,
-    stabalize: bool = True,
-    shift_value: float = 3.5,
-    shift_bias: float = 0.0,
-    detach_shift: bool = False,
+    pointwise: bool = _LOSS.pointwise,
+    zero_clamp: bool = _LOSS.zero_clamp,
+    stabalize: bool = _LOSS.stabalize,
+    shift_value: float = _LOSS.shift_value,
+    shift_bias: float = _LOSS.shift_bias,
+    detach_shift: bool = _LOSS.detach_shift,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference's ``CorrespondenceLoss.helper``: ``(loss, cd)``, both ``[B, h, w, i, j]``.
 
@@ -368,7 +377,7 @@ def correspondence_helper(
     for name, t in (("f1", f1), ("f2", f2), ("c1", c1), ("c2", c2)):
         if t.ndim != 4:
             raise ValueError(f"correspondence_helper: {name} must be [B, C, S, S], got {tuple(t.shape)}")
-    with _no_autocast(c1):
+    with no_autocast(c1):
         loss, cd = _correspondence_terms(
             f1.float().unsqueeze(0), f2.float().unsqueeze(0), c1.float().unsqueeze(0), c2.float().unsqueeze(0),
             pos, pointwise, zero_clamp, stabalize, shift_value, shift_bias, detach_shift,
@@ -482,14 +491,14 @@ def correspondence_loss(
     code_pos: torch.Tensor,
     code_pos_aug: torch.Tensor,
     *,
-    feature_samples: int = 11,
-    neg_samples: int = 5,
-    pointwise: bool = True,
-    zero_clamp: bool = True,
-    stabalize: bool = True,
-    shift_value: float = 3.5,
-    shift_bias: float = 0.0,
-    detach_shift: bool = False,
+    feature_samples: int = _LOSS.feature_samples,
+    neg_samples: int = _LOSS.neg_samples,
+    pointwise: bool = _LOSS.pointwise,
+    zero_clamp: bool = _LOSS.zero_clamp,
+    stabalize: bool = _LOSS.stabalize,
+    shift_value: float = _LOSS.shift_value,
+    shift_bias: float = _LOSS.shift_bias,
+    detach_shift: bool = _LOSS.detach_shift,
     coords: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     perms: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
@@ -520,7 +529,7 @@ def correspondence_loss(
     flags = dict(pointwise=pointwise, zero_clamp=zero_clamp, stabalize=stabalize, shift_value=shift_value,
                  shift_bias=shift_bias, detach_shift=detach_shift)
 
-    with _no_autocast(code):
+    with no_autocast(code):
         feats, feats_pos, feats_pos_aug = (f.detach().float() for f in (feats, feats_pos, feats_pos_aug))
         code, code_pos, code_pos_aug = (c.float() for c in (code, code_pos, code_pos_aug))
         pos_loss, pos_cd = _correspondence_terms(

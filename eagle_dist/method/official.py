@@ -7,7 +7,7 @@ every checkpoint trained with that code.
     from eagle_dist.method.official import load_official_checkpoint
     official = load_official_checkpoint("eagle_cocostuff27_vit_small8.ckpt")
     official.cfg                      # the matching eagle-dist Config (from hyper_parameters)
-    backbone, heads = official.build()  # FrozenViT + EagleHeads holding the official weights
+    backbone, heads = build_model(official.cfg, official=official)  # eagle_dist.method.eagle
     official.skipped                  # official keys eagle-dist has no use for
 
 Everywhere a checkpoint is accepted (evaluate, predict, visualize, ``model.init_from``) a
@@ -51,8 +51,8 @@ import torch
 
 from eagle_dist import config as config_mod
 from eagle_dist.checkpoint import CheckpointError
-from eagle_dist.errors import key_list
 from eagle_dist.config import Config
+from eagle_dist.errors import key_list
 
 __all__ = [
     "OfficialCheckpointError",
@@ -115,6 +115,10 @@ class _Inert:
     """
 
     global_name = "?"
+    args: tuple
+    kwargs: dict
+    state: Any
+    items: list
 
     def __new__(cls, *args, **kwargs):
         obj = object.__new__(cls)
@@ -390,23 +394,6 @@ class OfficialCheckpoint:
     epoch: int = 0
     lightning_version: str = ""
 
-    def build(self, device: torch.device | str = "cpu", cfg: Config | None = None):
-        """``(FrozenViT, EagleHeads)`` in eval mode holding the official weights.
-
-        ``cfg`` (default: the checkpoint's) may change anything but the architecture.  Missing
-        or mis-shaped weights are one OfficialCheckpointError naming every such key.
-        """
-        from eagle_dist.method.backbone import FrozenViT
-        from eagle_dist.method.eagle import EagleHeads
-
-        cfg = cfg or self.cfg
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # random init on purpose: the official weights come next
-            backbone = FrozenViT(cfg.model.backbone, weights=None, fused_attn=cfg.model.fused_attn)
-        heads = EagleHeads(cfg.model, cfg.eicue, cfg.loss, backbone.out_channels)
-        self.load_into(backbone, heads)
-        return backbone.to(device).eval(), heads.to(device).eval()
-
     def load_into(self, backbone, heads=None) -> None:
         """Copy the weights into existing modules (checked first; nothing is copied on a mismatch).
 
@@ -461,7 +448,9 @@ def load_official_checkpoint(path: str | Path) -> OfficialCheckpoint:
     cfg = config_from_hyper_parameters(hp if isinstance(hp, dict) else {}, str(path))
     backbone_state: dict[str, torch.Tensor] = {}
     heads_state: dict[str, torch.Tensor] = {}
-    skipped, unknown, not_tensors = [], [], []
+    skipped: list[str] = []
+    unknown: list[str] = []
+    not_tensors: list[str] = []
     for name, value in obj["state_dict"].items():
         name = str(name)
         target = official_to_ours(name)

@@ -69,6 +69,7 @@ class ClusterLookup(nn.Module):
             probs_BnHW = F.softmax(inner_BnHW * alpha, dim=1)
             loss = -(probs_BnHW * inner_BnHW).sum(dim=1).mean()
         if log_probs:
+            assert alpha is not None  # checked above
             return loss, F.log_softmax(inner_BnHW * alpha, dim=1)
         return loss, probs_BnHW
 

@@ -6,14 +6,13 @@
 import json
 import math
 import sys
-import types
 
 import pytest
 import torch
 
 from eagle_dist import profiling
-
 from eagle_dist.cli import bench
+from eagle_dist.cli.bench import eigen, synth
 
 TINY_STEP = ["data.batch_size=1", "data.resolution=64", "--warmup", "1", "--steps", "2", "--threads", "1"]
 
@@ -103,45 +102,34 @@ def test_eigen_compares_solvers_against_float64(tmp_path):
 def test_eigen_metrics_detect_wrong_answers():
     gen = torch.Generator().manual_seed(0)
     ref = torch.linalg.qr(torch.randn(3, 50, 4, generator=gen, dtype=torch.float64)).Q
-    assert float(bench.subspace_error(ref, ref).max()) < 1e-12
+    assert float(eigen.subspace_error(ref, ref).max()) < 1e-12
     # Column signs and rotations inside the span do not count as subspace errors ...
     mixed = ref @ torch.linalg.qr(torch.randn(4, 4, generator=gen, dtype=torch.float64)).Q
-    assert float(bench.subspace_error(-mixed, ref).max()) < 1e-12
+    assert float(eigen.subspace_error(-mixed, ref).max()) < 1e-12
     # ... but they do change individual vectors, and a foreign direction changes the span.
-    assert float(bench.vector_errors(mixed, ref).max()) > 0.1
-    assert float(bench.vector_errors(-ref, ref).max()) < 1e-12
+    assert float(eigen.vector_errors(mixed, ref).max()) > 0.1
+    assert float(eigen.vector_errors(-ref, ref).max()) < 1e-12
     other = ref.clone()
     other[:, :, 3] = torch.linalg.qr(torch.randn(3, 50, 5, generator=gen, dtype=torch.float64)).Q[:, :, 4]
-    assert float(bench.subspace_error(other, ref).max()) > 0.1
+    assert float(eigen.subspace_error(other, ref).max()) > 0.1
     centroids = torch.randn(32, 3, generator=gen)
-    assert torch.equal(bench.eicue_map(ref, centroids), bench.eicue_map(ref.clone(), centroids))
+    assert torch.equal(eigen.eicue_map(ref, centroids), eigen.eicue_map(ref.clone(), centroids))
 
 
 def test_synthetic_images_are_normalised_flat_regions():
-    img = bench.synthetic_images(2, 32, regions=3, noise=0.0, generator=torch.Generator().manual_seed(0))
+    img = synth.synthetic_images(2, 32, regions=3, noise=0.0, generator=torch.Generator().manual_seed(0))
     assert img.shape == (2, 3, 32, 32)
     assert len(torch.unique(img[0].flatten(1), dim=1).T) <= 3  # at most three colours without noise
     assert float(img.min()) >= -2.2 and float(img.max()) <= 2.7  # ImageNet-normalised [0, 1] pixels
 
 
-def test_data_delegates_to_bench_data(monkeypatch):
+def test_every_subcommand_is_dispatched_with_its_arguments(monkeypatch):
     seen = {}
-
-    def fake_main(argv):
-        seen["argv"] = argv
-        return 0
-
-    fake = types.ModuleType("eagle_dist.cli.bench_data")
-    fake.main = fake_main
-    monkeypatch.setitem(sys.modules, "eagle_dist.cli.bench_data", fake)
-    assert bench.main(["data", "--count", "3"]) == 0
-    assert seen["argv"] == ["--count", "3"]
-
-
-def test_data_without_bench_data_says_so(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "eagle_dist.cli.bench_data", None)
-    assert bench.main(["data"]) == 2
-    assert "eagle_dist.cli.bench_data" in capsys.readouterr().err
+    for name in bench.COMMANDS:
+        monkeypatch.setitem(bench.COMMANDS, name, lambda argv, name=name: seen.setdefault(name, argv) and 0)
+    for name in ("step", "eigen", "data", "gpu"):
+        assert bench.main([name, "--x", name]) == 0
+    assert seen == {name: ["--x", name] for name in ("step", "eigen", "data", "gpu")}
 
 
 def test_usage_and_unknown_commands(capsys):

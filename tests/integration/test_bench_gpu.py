@@ -1,5 +1,6 @@
 """`python -m eagle_dist.bench gpu` on a CPU machine: the one-line answer, the plan, the guards
-around each part, and (slow) a dry run that assembles the JSON from real benchmark output."""
+around each part, and (slow) the dry run of EVERY part, each of which must end `ok`: the GPU
+check is rehearsed whole on the CPU before a GPU sees it."""
 
 import json
 import sys
@@ -9,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from eagle_dist.cli import bench, bench_gpu
+from eagle_dist.cli import bench
+from eagle_dist.cli.bench import gpu as bench_gpu
 
 
 def test_without_cuda_it_says_so_in_one_line_and_exits_0(monkeypatch, capsys, tmp_path):
@@ -41,6 +43,9 @@ def test_the_gpu_plan_is_the_official_step_both_solvers_both_batches_and_a_resum
         assert cmd[cmd.index("--nproc_per_node") + 1] == "1" and "torch.distributed.run" in cmd
         assert f"train.run_name={run}" in cmd and f"train.max_steps={steps}" in cmd
         assert "train.ckpt_interval=10" in cmd  # so step 20 is a checkpoint of the first run as well
+    (syncs,) = parts["syncs"].commands
+    assert syncs[syncs.index("-m") + 1:syncs.index("-m") + 4] == ["eagle_dist.bench", "gpu", "syncs"]
+    assert syncs[syncs.index("--device") + 1] == "cuda"
 
 
 def _alive(pid: int) -> bool:
@@ -84,19 +89,27 @@ def test_each_part_is_guarded_a_hang_is_killed_with_its_children_and_failures_ar
 
 
 @pytest.mark.slow
-def test_dry_run_assembles_one_json_from_the_real_benchmarks(tmp_path):
+def test_dry_run_of_every_part_is_ok_and_assembles_one_json(tmp_path):
     out = tmp_path / "dry.json"
-    rc = bench_gpu.main(["--dry-run", "--parts", "step_eigh,eigen_2", "--json", str(out),
-                         "--workdir", str(tmp_path / "work")])
+    rc = bench_gpu.main(["--dry-run", "--json", str(out), "--workdir", str(tmp_path / "work")])
     report = json.loads(out.read_text())
-    assert rc == 0, json.dumps(report["parts"], indent=1)[-4000:]
-    assert report["dry_run"] and report["device"] == "cpu" and set(report["parts"]) == {"step_eigh", "eigen_2"}
+    names = [p.name for p in bench_gpu.build_parts(bench_gpu.dry_plan(1), tmp_path)]
+    assert names == ["tests", "step_eigh", "step_krylov", "eigen_2", "resume", "syncs"]
+    failed = {n: {k: p[k] for k in ("status", "reason", "log_tail") if k in p}
+              for n, p in report["parts"].items() if p["status"] != "ok"}
+    assert rc == 0 and failed == {}, json.dumps(failed, indent=1)[-6000:]
+    assert report["dry_run"] and report["device"] == "cpu" and list(report["parts"]) == names
     assert report["preflight"]["modules"]["torch"] == torch.__version__
     summary = report["summary"]
-    assert summary["status"] == {"step_eigh": "ok", "eigen_2": "ok"}
-    assert summary["step"]["eigh"]["images_per_s"] > 0 and summary["step"]["eigh"]["batch_size"] == 2
+    assert summary["status"] == {name: "ok" for name in names}
+    assert summary["gpu_tests"].get("failed", 0) == 0 and summary["gpu_tests"].get("errors", 0) == 0
+    for solver in ("eigh", "krylov"):
+        assert summary["step"][solver]["images_per_s"] > 0 and summary["step"][solver]["batch_size"] == 2
     assert set(summary["eigen"]["2"]) == {"eigh", "krylov"}
     assert summary["eigen"]["2"]["krylov"]["max_subspace_err"] < 1e-3
-    assert summary["peak_memory"]["part"] in ("step_eigh", "eigen_2")
+    assert summary["resume"]["resumed_at_step"] == 2 and summary["resume"]["weights_bitwise_equal"]
+    syncs = report["parts"]["syncs"]["result"]
+    assert set(syncs["solvers"]) == {"eigh", "krylov"} and syncs["observed"] is False  # CUDA's mode only
+    assert summary["peak_memory"]["part"] in names
     assert "breakdown_s" in report["parts"]["step_eigh"]["result"]
     assert (tmp_path / "work" / "step_eigh.log").is_file()

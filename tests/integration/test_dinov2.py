@@ -20,6 +20,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import helpers
 import pytest
 import torch
 
@@ -30,15 +31,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 ATOL = RTOL = 1e-4  # the fixture README's tolerance
 
 
-def _fixture_dir() -> Path:
-    configured = os.environ.get("EAGLE_DINOV2_FIXTURES")
-    if not configured:
-        return (REPO_ROOT / ".." / "shared" / "fixtures" / "dinov2").resolve()
-    path = Path(configured)
-    return path if path.is_absolute() else (REPO_ROOT / path).resolve()
-
-
-FIXTURE_DIR = _fixture_dir()
+FIXTURE_DIR = helpers.fixture_dir("EAGLE_DINOV2_FIXTURES", "dinov2")
 EXPECTED = FIXTURE_DIR / "expected.npz"
 
 

@@ -24,6 +24,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import helpers
 import pytest
 import torch
 import torch.nn.functional as F
@@ -31,15 +32,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _fixture_dir() -> Path:
-    configured = os.environ.get("EAGLE_OFFICIAL_CKPT_FIXTURES")
-    if not configured:
-        return (REPO / ".." / "shared" / "fixtures" / "official_ckpt").resolve()
-    path = Path(configured)
-    return path if path.is_absolute() else (REPO / path).resolve()
-
-
-FIXTURE_DIR = _fixture_dir()
+FIXTURE_DIR = helpers.fixture_dir("EAGLE_OFFICIAL_CKPT_FIXTURES", "official_ckpt")
 EXPECTED = sorted(FIXTURE_DIR.glob("*.npz"))
 
 # The fixture README's tolerances (float32 against the official float32 run).
@@ -237,6 +230,7 @@ def test_missing_keys_are_one_error_naming_them(first_ckpt, tmp_path):
 
 def test_a_wrong_size_backbone_is_one_error_naming_the_keys(first_ckpt, tmp_path):
     from eagle_dist.method.official import OfficialCheckpointError, load_official_checkpoint
+    from eagle_dist.method.eagle import build_model
 
     meta = _meta(EXPECTED[0])
     other = "vit_base" if meta["model_type"] != "vit_base" else "vit_small"
@@ -246,7 +240,7 @@ def test_a_wrong_size_backbone_is_one_error_naming_the_keys(first_ckpt, tmp_path
 
     official = load_official_checkpoint(_rewrite(tmp_path, first_ckpt, "wrong_backbone.ckpt", edit))
     with pytest.raises(OfficialCheckpointError) as err:
-        official.build()
+        build_model(official.cfg, official=official)
     message = str(err.value)
     assert f"backbone {other}_patch" in message and "mis-shaped keys: net.model." in message, message
 

@@ -26,13 +26,8 @@ N_SEGMENTS = 5
 BAD_ADVICE = "set model.n_classes=0"  # what the unlabeled path once told users (issue 17)
 
 # configs/folder.yaml scaled down to seconds on a CPU; everything else comes from the file.
-TINY = [
-    "model.weights=null", "model.backbone=vit_tiny_patch16_224", "model.dim=32", f"model.n_clusters={N_SEGMENTS}",
-    "model.eigen_clusters=6", "loss.feature_samples=4", "loss.neg_samples=2", "loss.step_schedulers=2",
-    "data.resolution=64", "data.val_resolution=64", "data.batch_size=2", "data.val_batch_size=3",
-    "data.num_workers=1", "data.shuffle_buffer=8", "train.max_steps=4", "train.log_interval=2",
-    "train.eval_interval=2", "train.ckpt_interval=2", "eval.max_batches=2",
-]
+TINY = ["model.weights=null", *helpers.TINY_SIZES, f"model.n_clusters={N_SEGMENTS}", "train.max_steps=4",
+        "train.log_interval=2", "eval.max_batches=2"]
 SIZES = [(96, 128), (120, 90), (80, 80), (100, 150)]  # (height, width): photos come in any shape
 
 

@@ -20,21 +20,14 @@ import re
 from pathlib import Path
 
 import numpy as np
+import helpers
 import pytest
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def _fixture_dir() -> Path:
-    configured = os.environ.get("EAGLE_PARITY_FIXTURES")
-    if not configured:
-        return (REPO_ROOT / ".." / "shared" / "fixtures" / "parity").resolve()
-    path = Path(configured)
-    return path if path.is_absolute() else (REPO_ROOT / path).resolve()
-
-
-FIXTURE_DIR = _fixture_dir()
+FIXTURE_DIR = helpers.fixture_dir("EAGLE_PARITY_FIXTURES", "parity")
 FIXTURES = sorted(FIXTURE_DIR.glob("*.npz"))
 
 
@@ -462,16 +455,38 @@ def _dequantised(z, group: str, keys) -> dict:
     }
 
 
-def check_dino_featurizer(z, ck: Checks) -> None:
-    from eagle_dist.method.backbone import build_featurizer_from_state_dicts
+def _official_featurizer(vit_sd: dict, head_sd: dict, arch: str):
+    """The official ``DinoFeaturizer`` in eval mode, from in-memory state dicts (official key
+    names): img -> image_kk (keys), image_feat (normed block outputs) and the head applied to
+    both (``code_kk`` is what training uses; ``code`` feeds the official dead branch)."""
+    import warnings
 
+    from eagle_dist.method.backbone import FrozenViT
+    from eagle_dist.method.heads import SegHead
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no file on purpose: the weights come next
+        vit = FrozenViT(arch, weights=None)
+    vit.vit.load_state_dict({k: torch.as_tensor(v) for k, v in vit_sd.items()}, strict=True)
+    dim, in_ch = head_sd["cluster1.0.weight"].shape[:2]
+    head = SegHead(in_ch, dim).eval()
+    head.load_state_dict({k: torch.as_tensor(v) for k, v in head_sd.items()}, strict=True)
+
+    @torch.no_grad()
+    def forward(img: torch.Tensor) -> dict[str, torch.Tensor]:
+        image_kk, image_feat = vit.forward_with_tokens(img)
+        return {"image_kk": image_kk, "image_feat": image_feat, "code_kk": head(image_kk), "code": head(image_feat)}
+
+    return forward
+
+
+def check_dino_featurizer(z, ck: Checks) -> None:
     vit_sd = _dequantised(z, "vit", z["aux__vit_keys"])
     head_sd = _dequantised(z, "head", z["aux__head_keys"])
-    model = build_featurizer_from_state_dicts(vit_sd, head_sd, arch="vit_small_patch8_224")
-    model.eval()
+    forward_parity = _official_featurizer(vit_sd, head_sd, arch="vit_small_patch8_224")
     tol = (1e-4, 1e-4)
     with torch.no_grad():
-        out = model.forward_parity(t32(z["in__img224"]))
+        out = forward_parity(t32(z["in__img224"]))
         ck.close("out__image_kk", out["image_kk"], z["out__image_kk"], *tol)
         ck.close("out__code_kk", out["code_kk"], z["out__code_kk"], *tol)
         for key in z.files:
@@ -487,7 +502,7 @@ def check_dino_featurizer(z, ck: Checks) -> None:
         for name in ("cls_token_final", "attn_last_cls_row"):
             if name in out and f"out__{name}" in z.files:
                 ck.close(f"out__{name}", out[name], z[f"out__{name}"], *tol)
-        small = model.forward_parity(t32(z["in__img48x64"]))
+        small = forward_parity(t32(z["in__img48x64"]))
         for name in ("image_feat", "image_kk", "code_kk", "code"):
             if f"out__small_{name}" in z.files:
                 ck.close(f"out__small_{name}", small[name], z[f"out__small_{name}"], *tol)

@@ -35,22 +35,15 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import helpers
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _folder(env: str, default: str) -> Path:
-    configured = os.environ.get(env)
-    if not configured:
-        return (REPO / ".." / "shared" / "fixtures" / default).resolve()
-    path = Path(configured)
-    return path if path.is_absolute() else (REPO / path).resolve()
-
-
-STEP_DIR = _folder("EAGLE_STEP_FIXTURES", "official_step")
-CKPT_DIR = _folder("EAGLE_OFFICIAL_CKPT_FIXTURES", "official_ckpt")
+STEP_DIR = helpers.fixture_dir("EAGLE_STEP_FIXTURES", "official_step")
+CKPT_DIR = helpers.fixture_dir("EAGLE_OFFICIAL_CKPT_FIXTURES", "official_ckpt")
 EXPECTED = sorted(STEP_DIR.glob("*.npz"))
 
 # The fixture README's tolerances.
@@ -187,7 +180,7 @@ def test_training_step_matches_the_official_step(npz, tmp_path, monkeypatch):
     }
     assert tuple(batch["img"].shape[-2:]) == tuple(meta["size"]) and batch["img"].shape[0] == meta["batch"]
 
-    backbone, _ = official.build("cpu", cfg)
+    backbone, _ = eagle.build_model(cfg, "cpu", official=official)
     features = _OncePerInput(backbone)
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(key, raising=False)  # one process, whatever launched pytest

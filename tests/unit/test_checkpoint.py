@@ -13,6 +13,7 @@ import random
 import subprocess
 
 import numpy as np
+import helpers
 import pytest
 import safetensors.torch
 import torch
@@ -291,10 +292,6 @@ def test_wrong_architecture_and_wrong_strategy_are_clear_errors(tmp_path, d):
 # --------------------------------------------------------------------------- multi-process
 
 
-def _ok(proc: subprocess.CompletedProcess) -> None:
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-
-
 def _toy(launch: str, out, *args: str) -> subprocess.CompletedProcess:
     toy_args = ["--out", str(out), "--steps", "6", "--ckpt-every", "2", *args]
     if launch == "torchrun":
@@ -310,7 +307,7 @@ def _toy(launch: str, out, *args: str) -> subprocess.CompletedProcess:
 def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path, launch):
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     tracking = ["--tracking"] if launch == "torchrun" else []
-    _ok(_toy(launch, straight, *tracking))
+    helpers.assert_ok(_toy(launch, straight, *tracking))
 
     killed = _toy(launch, stopped, *tracking, "--kill-after-step", "5")
     assert killed.returncode != 0  # every rank SIGKILLed after step 5; the newest checkpoint is step 4
@@ -318,7 +315,7 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path, launch):
     assert newest == ["step-00000002", "step-00000004"]
     run_id_before = json.loads((stopped / "checkpoints" / "step-00000004" / ck.STATE_FILE).read_text())["extra"][
         "mlflow_run_id"]
-    _ok(_toy(launch, stopped, *tracking))
+    helpers.assert_ok(_toy(launch, stopped, *tracking))
 
     a, b = toy_train.result(straight), toy_train.result(stopped)
     assert b["resumed_from"] == 4 and b["final_step"] == 6 and b["params_identical"]
@@ -348,7 +345,7 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path, launch):
 @pytest.mark.parametrize("launch", ["torchrun", "deepspeed"])
 def test_disk_full_on_one_rank_fails_the_save_everywhere_and_keeps_the_previous(tmp_path, launch):
     proc = _toy(launch, tmp_path, "--enospc-step", "4", "--enospc-rank", "1")
-    _ok(proc)  # the toy catches CheckpointSaveError and trains on, as a trainer may
+    helpers.assert_ok(proc)  # the toy catches CheckpointSaveError and trains on, as a trainer may
     r = toy_train.result(tmp_path)
     assert r["final_step"] == 6 and r["params_identical"]
     assert len(r["save_errors"]) == 1

@@ -337,7 +337,7 @@ def test_eicue_map_layout_and_non_square_grids():
     g = torch.Generator().manual_seed(16)
     code = torch.randn(2, 8, 4, 6, generator=g)
     img = torch.randn(2, 3, 32, 48, generator=g)
-    spectral = eicue.EiCue(k=4)(img, code)
+    spectral = eicue.EiCue(k=4, solver="eigh")(img, code)  # the solver eigen_vectors defaults to
     V = eicue.eigen_vectors(img, code.permute(0, 2, 3, 1).reshape(2, 24, 8), (4, 6), 4)
     assert spectral.shape == (2, 3, 4, 6)
     # Channel c at (row, col) is eigenvector c+1 at token row*w + col.

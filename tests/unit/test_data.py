@@ -329,7 +329,7 @@ def test_two_gloo_ranks_get_equal_steps_and_see_validation_once(shards, tmp_path
 # --------------------------------------------------------------------------- benchmark
 
 def test_data_benchmark_reports_both_pipelines(tmp_path):
-    from eagle_dist.cli import bench_data
+    from eagle_dist.cli.bench import data as bench_data
 
     out = tmp_path / "bench.json"
     rc = bench_data.main(["--count", "8", "--size", "48x64", "--workers", "1", "--batch-size", "8",

@@ -1,7 +1,6 @@
 """Data benchmark: shard build rate and stream throughput, beside a plain per-file PIL pipeline.
 
-    python -m eagle_dist.bench data                       # (the bench dispatcher calls main)
-    python -m eagle_dist.cli.bench_data --count 200 --size 480x640 --workers 1,2 --json bench_data.json
+    python -m eagle_dist.bench data --count 200 --size 480x640 --workers 1,2 --json bench_data.json
 
 What it measures, on a synthetic set written to a temporary folder as JPEG images + PNG labels
 (COCO-like originals):
@@ -32,12 +31,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from eagle_dist.data import stream as data
-
 from eagle_dist.cli import parse_size
 from eagle_dist.data import shards as shard
-
 from eagle_dist.data import sources
+from eagle_dist.data import stream as data
 from eagle_dist.data.sources import SyntheticSpec, five_crop_boxes
 
 
@@ -134,8 +131,8 @@ def run_data_bench(args: argparse.Namespace) -> dict:
     workers_list = sorted({int(x) for x in str(args.workers).split(",")})
     rows: list[dict] = []
     load_before = os.getloadavg()
-    with tempfile.TemporaryDirectory(prefix="eagle-bench-data-") as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory(prefix="eagle-bench-data-") as tmp_name:
+        tmp = Path(tmp_name)
         t0 = time.perf_counter()
         _write_originals(tmp / "originals", spec)
         write_s = time.perf_counter() - t0

@@ -54,8 +54,14 @@ from typing import Callable
 
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
+from eagle_dist.cli.bench.step import step_forward, step_setup
+from eagle_dist.config import load_config
+from eagle_dist.engine.step import run_step
+from eagle_dist.method.eagle import loss_names
+
+REPO = Path(__file__).resolve().parents[3]
 PACKAGE = REPO / "eagle_dist"
+BENCH = PACKAGE / "cli" / "bench"
 
 # The official COCO-Stuff-27 run (the config defaults) at its per-GPU batch, in bf16.
 OFFICIAL_STEP = ["data.batch_size=32", "dist.mixed_precision=bf16"]
@@ -76,6 +82,8 @@ RESUME_TINY = ["model.backbone=vit_tiny_patch16_224", "model.dim=32", "model.n_c
 MODULES = ("torch", "timm", "accelerate", "deepspeed", "webdataset", "mlflow", "yaml", "pytest")
 # Shortest time worth starting a command with; below it the part is skipped for lack of budget.
 MIN_START_S = 5.0
+# The global step the sync audit's training step runs at: past the `u` switch (NCE on).
+SYNC_AUDIT_STEP = 1000
 TAIL_OK, TAIL_FAILED = 800, 4000
 
 
@@ -214,7 +222,7 @@ def _collect_resume(plan: Plan) -> Callable[[Path, str], dict]:
             "weights_bitwise_equal": all(torch.equal(full[k], resumed[k]) for k in full),
             "max_abs_diff": max(diffs.values()),
             "largest_weight": scale,
-            "worst_tensor": max(diffs, key=diffs.get),
+            "worst_tensor": max(diffs, key=lambda name: diffs[name]),
         }
 
     return collect
@@ -267,7 +275,7 @@ def build_parts(plan: Plan, workdir: Path) -> list[Part]:
                       env={"MLFLOW_TRACKING_URI": None}))
     folder = workdir / "syncs"
     parts.append(Part("syncs", [_module_cmd(
-        "eagle_dist.cli.bench_gpu", "syncs", *plan.sync_overrides, "--device", plan.device,
+        "eagle_dist.bench", "gpu", "syncs", *plan.sync_overrides, "--device", plan.device,
         "--json", str(folder / "syncs.json"),
     )], _collect_syncs))
     return parts
@@ -354,7 +362,7 @@ def preflight() -> dict:
             modules[name] = importlib.metadata.version(dist_name)
         except importlib.metadata.PackageNotFoundError:
             modules[name] = "present"
-    info = {"python": sys.version.split()[0], "torch_cuda": torch.version.cuda, "modules": modules,
+    info: dict[str, object] = {"python": sys.version.split()[0], "torch_cuda": torch.version.cuda, "modules": modules,
             "cuda_available": torch.cuda.is_available()}
     if torch.cuda.is_available():
         info["device_name"] = torch.cuda.get_device_name(0)
@@ -440,7 +448,7 @@ def _sync_site(stack: list[traceback.FrameSummary]) -> str:
     """The innermost eagle_dist line on the stack (the op may sit inside torch's own Python)."""
     for frame in reversed(stack):
         path = Path(frame.filename)
-        if PACKAGE in path.parents and path.name != "bench_gpu.py":
+        if PACKAGE in path.parents and BENCH not in path.parents:
             return f"{path.relative_to(REPO)}:{frame.lineno} {(frame.line or '').strip()[:90]}"
     return "outside eagle_dist"
 
@@ -448,56 +456,45 @@ def _sync_site(stack: list[traceback.FrameSummary]) -> str:
 def audit_syncs(args: argparse.Namespace) -> dict:
     """One training step per solver with CUDA's sync debug mode on: where the host waits.
 
-    The step is the benchmark's (forward under the resolved precision, backward, clipping,
-    Adam), after one warm-up step so lazy initialisation is not counted. On CPU nothing is
-    observed (the mode is CUDA's); the dry run only checks that the audit runs.
+    The step is the trainer's: `bench step`'s setup (`build_model`, the `Dist`'s precision and
+    `prepare`) and `engine.step.run_step` (forward, the ranks' all-reduce, backward, clipping,
+    the optimizer), at a global step past the `u` switch, after one warm-up step so lazy
+    initialisation is not counted. On CPU nothing is observed (the mode is CUDA's); the dry run
+    checks that the audit runs.
     """
-    from eagle_dist import distributed as dist_mod
-    from eagle_dist.cli.bench import _blurred, _quiet_backbone, synthetic_images
-    from eagle_dist.config import load_config
-    from eagle_dist.method.eagle import EagleHeads, build_optimizer, momentum, training_step_losses
-
-    device = torch.device(args.device)
-    result: dict = {"device": str(device), "observed": device.type == "cuda", "solvers": {}}
+    result: dict = {"device": args.device, "observed": False, "solvers": {}}
     for solver in ("eigh", "krylov"):
         cfg = load_config(None, [*args.overrides, f"eicue.solver={solver}"])
-        precision = dist_mod.resolve_precision(cfg.dist.mixed_precision, device)
-        torch.manual_seed(cfg.train.seed)
-        backbone = _quiet_backbone(cfg, device)
-        heads = EagleHeads(cfg.model, cfg.eicue, cfg.loss, backbone.out_channels).to(device).train()
-        optimizer = build_optimizer(heads, cfg.optim, global_batch=cfg.data.batch_size)
-        gen = torch.Generator().manual_seed(cfg.train.seed)
-        img = synthetic_images(cfg.data.batch_size, cfg.data.resolution, generator=gen)
-        size = (cfg.data.batch_size, cfg.data.resolution, cfg.data.resolution)
-        batch = {"img": img.to(device), "img_aug": _blurred(img).to(device),
-                 "label": torch.randint(-1, cfg.model.n_classes, size, generator=gen).to(device)}
-
-        def step() -> None:
-            out = training_step_losses(backbone, heads, batch, momentum(cfg.loss, 1000, cfg.train.step_unit),
-                                       precision=precision)  # step 1000: NCE on
-            out["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(heads.parameters(), cfg.optim.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        step()
-        sites: Counter = Counter()
-
-        def record(message, category, filename, lineno, file=None, line=None):
-            if "synchroniz" in str(message):
-                sites[_sync_site(traceback.extract_stack()[:-1])] += 1
-
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            torch.cuda.set_sync_debug_mode("warn")
+        d, backbone, heads, optimizer, batch = step_setup(cfg, args.device)
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("always")
-                warnings.showwarning = record
-                step()
-        finally:
+            device = d.device
+            result["device"], result["observed"] = str(device), device.type == "cuda"
+            forward = step_forward(cfg, d, backbone, heads, SYNC_AUDIT_STEP)
+
+            def step() -> None:
+                run_step(d, heads, optimizer, forward, batch, step=SYNC_AUDIT_STEP,
+                         metric_names=loss_names(cfg.model), grad_clip=cfg.optim.grad_clip)
+
+            step()
+            sites: Counter = Counter()
+
+            def record(message, category, filename, lineno, file=None, line=None):
+                if "synchroniz" in str(message):
+                    sites[_sync_site(traceback.extract_stack()[:-1])] += 1
+
             if device.type == "cuda":
-                torch.cuda.set_sync_debug_mode("default")
+                torch.cuda.synchronize(device)
+                torch.cuda.set_sync_debug_mode("warn")
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("always")
+                    warnings.showwarning = record
+                    step()
+            finally:
+                if device.type == "cuda":
+                    torch.cuda.set_sync_debug_mode("default")
+        finally:
+            d.cleanup()
         result["solvers"][solver] = {"total": sum(sites.values()), "sites": dict(sites.most_common())}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
@@ -521,7 +518,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _syncs_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m eagle_dist.cli.bench_gpu syncs",
+    p = argparse.ArgumentParser(prog="python -m eagle_dist.bench gpu syncs",
                                 description="Count host syncs in one training step (the gpu check's `syncs` part).")
     p.add_argument("overrides", nargs="*", help="dotted config overrides")
     p.add_argument("--device", default="cuda")
