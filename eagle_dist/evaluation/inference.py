@@ -318,7 +318,8 @@ def low_res_scores(loaded, x: torch.Tensor, probe: str) -> torch.Tensor:
 
 def _linear_taps(n_in: int, n_out: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Source indices and weights of 1-d linear interpolation from `n_in` to `n_out` samples with
-    ``align_corners=False`` (F.interpolate's coordinates): out[i] = w0[i] x[i0[i]] + w1[i] x[i1[i]]."""
+    ``align_corners=False`` (F.interpolate's coordinates): out[i] = x[i0] + w1[i] (x[i1] - x[i0])
+    (= w0[i] x[i0[i]] + w1[i] x[i1[i]] up to float rounding)."""
     scale = torch.tensor(n_in, dtype=torch.float32) / n_out
     src = (scale * (torch.arange(n_out, dtype=torch.float32) + 0.5) - 0.5).clamp(min=0)
     i0 = src.floor().long().clamp(max=n_in - 1)
@@ -339,7 +340,8 @@ def label_bands(scores_KHW: torch.Tensor, size: tuple[int, int], band_rows: int 
     over K at ``size = (H, W)``, one band of rows at a time.
 
     Every output value is computed by the same element-wise operations from the same low-resolution
-    scores whatever the band height, so the labels do not depend on `band_rows` (tested).
+    scores whatever the band height, so the labels do not depend on `band_rows` (tested).  Bands
+    never straddle two pairs of token rows, so they may be shorter than `band_rows`.
     """
     k, h, w = scores_KHW.shape
     out_h, out_w = size
@@ -347,13 +349,33 @@ def label_bands(scores_KHW: torch.Tensor, size: tuple[int, int], band_rows: int 
     dev = scores_KHW.device
     r0, r1, a0, a1 = _linear_taps(h, out_h, dev)
     c0, c1, b0, b1 = _linear_taps(w, out_w, dev)
-    for top in range(0, out_h, band_rows):
-        rows = slice(top, min(top + band_rows, out_h))
-        lo, hi = int(r0[rows].min()), int(r1[rows].max()) + 1
-        src = scores_KHW[:, lo:hi]  # the few token rows this band reads
-        across = src[:, :, c0] * b0 + src[:, :, c1] * b1  # [K, hi - lo, W]
-        band = across[:, r0[rows] - lo] * a0[rows, None] + across[:, r1[rows] - lo] * a1[rows, None]
-        yield top, band.argmax(0).cpu()
+    # Scores last ([h, w, K]): the argmax then reduces contiguous memory.
+    scores_HWK = scores_KHW.permute(1, 2, 0).contiguous()
+    b1 = b1[:, None]
+    pairs = list(zip(r0.tolist(), r1.tolist()))
+    across: dict[int, torch.Tensor] = {}  # token row -> its [W, K] interpolation along the width
+
+    def across_row(i: int) -> torch.Tensor:
+        if i not in across:
+            left, right = scores_HWK[i].index_select(0, c0), scores_HWK[i].index_select(0, c1)
+            across[i] = left + (right - left) * b1
+        return across[i]
+
+    top = 0
+    while top < out_h:
+        # Output rows between the same two token rows (at most band_rows of them): each is the
+        # same two interpolated token rows, mixed with its own weight; one broadcast, no gather.
+        end = top + 1
+        while end < out_h and end - top < band_rows and pairs[end] == pairs[top]:
+            end += 1
+        i0, i1 = pairs[top]
+        for old in [i for i in across if i < i0]:
+            del across[old]
+        upper = across_row(i0)
+        band = (across_row(i1) - upper) * a1[top:end, None, None]
+        band += upper  # separate kernels, never fused: the same rounding whatever the band's shape
+        yield top, band.argmax(-1).cpu()
+        top = end
 
 
 @torch.no_grad()
