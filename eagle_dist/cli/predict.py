@@ -412,10 +412,10 @@ def _run(d, args) -> int:
 
     t0 = time.perf_counter()
     written, skipped, pixels = segment_share(d, loaded, labels, plan, args, short_side, out, key)
-    wall = time.perf_counter() - t0
     pixels += count_done(d, plan, labels, out)
     totals = torch.tensor([written, *pixels.tolist()], dtype=torch.int64, device=d.device)
     d.all_reduce_sum(totals)
+    wall = time.perf_counter() - t0  # until the last process is done: the job's rate
     written, pixels = int(totals[0]), totals[1:].cpu().numpy()
     skipped = [s for share in d.gather_object(skipped) for s in share]
     if not d.is_main:

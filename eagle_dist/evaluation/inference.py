@@ -207,33 +207,6 @@ def _load_official(path: Path, overrides, device) -> LoadedModel:
     return LoadedModel(cfg, backbone, heads, path, official.global_step, state)
 
 
-# --------------------------------------------------------------------------- images
-
-
-def load_assignment(path: Path, n_clusters: int, step: int | None) -> list[int]:
-    data = json.loads(path.read_text())
-    table = data.get("strict")
-    if not isinstance(table, list) or len(table) != n_clusters:
-        raise ValueError(f"{path} holds no strict cluster table for {n_clusters} clusters")
-    saved_step = (data.get("checkpoint") or {}).get("step")
-    if step is not None and saved_step is not None and int(saved_step) != step:
-        raise ValueError(f"{path} was computed for step {saved_step}, not step {step}")
-    return [int(c) for c in table]
-
-
-def model_input(image: Image.Image, short_side: int, patch: int) -> torch.Tensor:
-    """``[1, 3, h, w]`` ImageNet-normalised, shorter side ~ `short_side`, sides multiples of `patch`."""
-    from eagle_dist.constants import IMAGENET_MEAN, IMAGENET_STD
-
-    w, h = image.size
-    scale = short_side / min(w, h)
-    new_w = max(patch, int(round(w * scale / patch)) * patch)
-    new_h = max(patch, int(round(h * scale / patch)) * patch)
-    arr = np.asarray(image.resize((new_w, new_h), Image.NEAREST), dtype=np.float32) / 255.0
-    arr = (arr - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
-    return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0).contiguous()
-
-
 # --------------------------------------------------------------------------- devices, loading
 
 
@@ -265,6 +238,30 @@ def open_checkpoint(checkpoint: str | os.PathLike, step: int | None, device: tor
 
 
 # --------------------------------------------------------------------------- images
+
+
+def load_assignment(path: Path, n_clusters: int, step: int | None) -> list[int]:
+    data = json.loads(path.read_text())
+    table = data.get("strict")
+    if not isinstance(table, list) or len(table) != n_clusters:
+        raise ValueError(f"{path} holds no strict cluster table for {n_clusters} clusters")
+    saved_step = (data.get("checkpoint") or {}).get("step")
+    if step is not None and saved_step is not None and int(saved_step) != step:
+        raise ValueError(f"{path} was computed for step {saved_step}, not step {step}")
+    return [int(c) for c in table]
+
+
+def model_input(image: Image.Image, short_side: int, patch: int) -> torch.Tensor:
+    """``[1, 3, h, w]`` ImageNet-normalised, shorter side ~ `short_side`, sides multiples of `patch`."""
+    from eagle_dist.constants import IMAGENET_MEAN, IMAGENET_STD
+
+    w, h = image.size
+    scale = short_side / min(w, h)
+    new_w = max(patch, int(round(w * scale / patch)) * patch)
+    new_h = max(patch, int(round(h * scale / patch)) * patch)
+    arr = np.asarray(image.resize((new_w, new_h), Image.NEAREST), dtype=np.float32) / 255.0
+    arr = (arr - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
+    return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0).contiguous()
 
 
 def open_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
@@ -316,16 +313,15 @@ def low_res_scores(loaded, x: torch.Tensor, probe: str) -> torch.Tensor:
     return (unit @ code.reshape(d, h * w)).reshape(-1, h, w)
 
 
-def _linear_taps(n_in: int, n_out: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _linear_taps(n_in: int, n_out: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Source indices and weights of 1-d linear interpolation from `n_in` to `n_out` samples with
     ``align_corners=False`` (F.interpolate's coordinates): out[i] = x[i0] + w1[i] (x[i1] - x[i0])
-    (= w0[i] x[i0[i]] + w1[i] x[i1[i]] up to float rounding)."""
+    (= (1 - w1[i]) x[i0[i]] + w1[i] x[i1[i]] up to float rounding)."""
     scale = torch.tensor(n_in, dtype=torch.float32) / n_out
     src = (scale * (torch.arange(n_out, dtype=torch.float32) + 0.5) - 0.5).clamp(min=0)
     i0 = src.floor().long().clamp(max=n_in - 1)
     i1 = (i0 + 1).clamp(max=n_in - 1)
-    w1 = (src - i0).clamp(0, 1)
-    return i0.to(device), i1.to(device), (1 - w1).to(device), w1.to(device)
+    return i0.to(device), i1.to(device), (src - i0).clamp(0, 1).to(device)
 
 
 def band_rows_for(n_scores: int, width: int, budget: int = 1 << 22) -> int:
@@ -347,8 +343,8 @@ def label_bands(scores_KHW: torch.Tensor, size: tuple[int, int], band_rows: int 
     out_h, out_w = size
     band_rows = band_rows or band_rows_for(k, out_w)
     dev = scores_KHW.device
-    r0, r1, a0, a1 = _linear_taps(h, out_h, dev)
-    c0, c1, b0, b1 = _linear_taps(w, out_w, dev)
+    r0, r1, a1 = _linear_taps(h, out_h, dev)
+    c0, c1, b1 = _linear_taps(w, out_w, dev)
     # Scores last ([h, w, K]): the argmax then reduces contiguous memory.
     scores_HWK = scores_KHW.permute(1, 2, 0).contiguous()
     b1 = b1[:, None]
