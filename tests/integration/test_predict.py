@@ -316,3 +316,17 @@ def test_two_process_predict_killed_halfway_continues_and_matches_one_process(ru
     for name in sorted(p for p in after if p.endswith(".png")):
         np.testing.assert_array_equal(np.asarray(Image.open(out / name)), np.asarray(Image.open(single / name)), name)
     assert json.loads((out / "legend.json").read_text()) == json.loads((single / "legend.json").read_text())
+
+
+def test_device_choice_is_one_clear_error_when_it_cannot_work(run, tmp_path, capsys):
+    import torch
+
+    from eagle_dist.evaluation.inference import EvaluateError, pick_device
+
+    assert pick_device("cpu") == torch.device("cpu")
+    with pytest.raises(EvaluateError, match="not a device"):
+        pick_device("gpu0")
+    if not torch.cuda.is_available():
+        assert _predict("--checkpoint", str(run), "--input", str(tmp_path), "--out", str(tmp_path / "o"),
+                        "--device", "cuda") == 2
+        assert "no CUDA device is visible" in capsys.readouterr().err
