@@ -43,13 +43,11 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
-from eagle_dist.evaluation.inference import EvaluateError, LoadedModel, load_model, resolve_checkpoint
-
+from eagle_dist.evaluation.inference import EvaluateError, LoadedModel, open_checkpoint
 
 # --------------------------------------------------------------------------- report
 
@@ -157,9 +155,9 @@ def write_outputs(result, report: dict, out: Path) -> list[Path]:
 
 def tracking_uri_for(loaded: LoadedModel, explicit: str | None) -> str | None:
     """--tracking-uri, the run's tracking.uri, $MLFLOW_TRACKING_URI, or the run's own sqlite store."""
-    from eagle_dist.engine.tracking import default_uri
+    from eagle_dist.engine.tracking import default_uri, env_uri
 
-    uri = explicit or loaded.cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
+    uri = explicit or loaded.cfg.tracking.uri or env_uri()
     if uri:
         return uri
     if (loaded.run_dir / "mlflow.db").is_file():
@@ -243,8 +241,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     from eagle_dist import distributed as dist_mod
-    from eagle_dist.evaluation.crf import CRFPool, CRFUnavailableError, require
-    from eagle_dist.errors import USER_ERRORS
+    from eagle_dist.errors import EagleError
+    from eagle_dist.evaluation.crf import CRFPool, require
     from eagle_dist.evaluation.loop import evaluate_stream
 
     args = parse_args(argv)
@@ -255,8 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.crf:
             require()
-        step_dir, selection = resolve_checkpoint(args.checkpoint, args.step)
-        loaded = load_model(step_dir, args.overrides, d.device, quiet=not d.is_main)
+        loaded, selection = open_checkpoint(args.checkpoint, args.step, d.device, args.overrides, quiet=not d.is_main)
+        step_dir = loaded.step_dir
         cfg = loaded.cfg
         if cfg.model.unlabeled:
             raise EvaluateError(
@@ -305,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
                     parent = report["checkpoint"]["mlflow_parent_run_id"]
                     print(f"MLflow: run {run_id}" + (f" (child of {parent})" if parent else "") + f" in {uri}")
         return 0
-    except (*USER_ERRORS, CRFUnavailableError, EvaluateError) as err:
+    except EagleError as err:  # CRFUnavailableError, EvaluateError, CheckpointError ...
         if d.is_main:
             print(f"error: {err}", file=sys.stderr)
         return 2

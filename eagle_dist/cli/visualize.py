@@ -27,6 +27,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from eagle_dist.errors import EagleError
+from eagle_dist.evaluation.inference import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    open_checkpoint,
+    open_image,
+    pick_device,
+)
+
 
 def _match_ids(reference_HW: np.ndarray, other_HW: np.ndarray, n_ids: int) -> np.ndarray:
     """Relabel `other` so each of its clusters takes the reference id it overlaps most (1:1)."""
@@ -46,8 +54,8 @@ def eigen_figure(loaded, image: Image.Image, out: Path, short_side: int, kmeans_
                  seed: int = 0) -> dict:
     """Compute and draw the EiCue figure; returns the maps (for tests and callers)."""
     from eagle_dist.evaluation import figures
-    from eagle_dist.evaluation.loop import cosine_kmeans
     from eagle_dist.evaluation.inference import model_input
+    from eagle_dist.evaluation.loop import cosine_kmeans
 
     device = next(loaded.heads.parameters()).device
     x = model_input(image, short_side, loaded.backbone.patch).to(device)
@@ -84,25 +92,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     eigen.add_argument("--kmeans-on", choices=("spectral", "head"), default="spectral",
                        help="features for the k-means panel (default: the same spectral features as EiCue)")
     eigen.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    eigen.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                       help=f"refuse larger images (default {DEFAULT_MAX_IMAGE_PIXELS:,}, Pillow's "
+                            "decompression-bomb guard; 0 = no limit)")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from eagle_dist.errors import USER_ERRORS
-    from eagle_dist.evaluation.inference import EvaluateError, load_model, resolve_checkpoint
-
     args = parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
-        step_dir, _ = resolve_checkpoint(args.checkpoint, args.step)
-        loaded = load_model(step_dir, device=device)
-        with Image.open(args.input) as im:
-            image = im.convert("RGB")
-    except (*USER_ERRORS, EvaluateError) as err:
+        loaded, _ = open_checkpoint(args.checkpoint, args.step, pick_device(args.device))
+        image = open_image(args.input, args.max_image_pixels or None)
+    except EagleError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        print(f"error: cannot read {args.input} as an image ({err})", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else (
         loaded.run_dir / "figures" / f"eicue-{Path(args.input).stem}-{loaded.tag}.png")

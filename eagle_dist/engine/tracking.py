@@ -85,6 +85,11 @@ def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str
     return flat
 
 
+def env_uri() -> str | None:
+    """$MLFLOW_TRACKING_URI (None when unset or empty): the one place eagle-dist reads it."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or None
+
+
 def default_uri(run_dir: Path) -> str:
     return f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}"
 
@@ -144,7 +149,7 @@ class MlflowTracker:
                  job: str = "training"):
         self.run_dir = Path(run_dir)
         self.job = job  # what goes on when MLflow fails (named in the warning)
-        self.uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri(self.run_dir)
+        self.uri = uri or env_uri() or default_uri(self.run_dir)
         self.uri_for_display = mask_uri(self.uri)
         self.experiment = experiment
         self.run_id: str | None = None

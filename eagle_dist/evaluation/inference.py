@@ -5,6 +5,11 @@ visualize share (a command-line tool never imports another one).
     step_dir, how = resolve_checkpoint("runs/NAME")          # newest complete checkpoint
     loaded = load_model(step_dir, device="cpu")
     ids_HW = segment(loaded, PIL.Image.open("photo.jpg").convert("RGB"), 320, probe="cluster")
+
+Any photo size in bounded memory: the ViT sees the photo resized to a fixed shorter side, and
+what is done at the photo's full size (upsampling, argmax) works on probe *scores* (one channel
+per class or cluster) in row bands (:func:`label_bands`), never on the upsampled 512-channel code
+map, which alone would take pixels x 512 x 4 bytes (110 GB for a 9000x6000 photo).
 """
 
 from __future__ import annotations
@@ -19,16 +24,23 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from eagle_dist.errors import EagleError
 from eagle_dist import checkpoint as ckpt_mod
 from eagle_dist import config as config_mod
 from eagle_dist.checkpoint import CheckpointError
 from eagle_dist.config import Config
-
+from eagle_dist.errors import EagleError
 
 
 class EvaluateError(EagleError, RuntimeError):
     """Bad arguments for evaluation or prediction; the message says what to do."""
+
+
+class ImageReadError(EagleError, OSError):
+    """A file that cannot be read as an image, or one above the pixel limit; the message says why."""
+
+
+# Pillow's own default: above it Pillow warns of a decompression bomb, above twice it refuses.
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -198,6 +210,36 @@ def _load_official(path: Path, overrides, device) -> LoadedModel:
     return LoadedModel(cfg, backbone, heads, path, official.global_step, state)
 
 
+# --------------------------------------------------------------------------- devices, loading
+
+
+def pick_device(requested: str | None, dist=None) -> torch.device:
+    """The device inference runs on: under a launcher (world size > 1) the rank's own device
+    (`dist.device`), else `requested` ("cpu", "cuda", "cuda:1" ...), else cuda when available."""
+    if dist is not None and dist.world_size > 1:
+        if requested and torch.device(requested).type != dist.device.type:
+            raise EvaluateError(f"--device {requested}: under a launcher every process uses its own device "
+                                f"({dist.device} here); leave out --device (ACCELERATE_USE_CPU=1 forces CPU)")
+        return dist.device
+    if not requested:
+        return dist.device if dist is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError as err:
+        raise EvaluateError(f"--device {requested!r} is not a device ({err}); use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EvaluateError(f"--device {requested}: no CUDA device is visible; use --device cpu")
+    return device
+
+
+def open_checkpoint(checkpoint: str | os.PathLike, step: int | None, device: torch.device | str,
+                    overrides=(), quiet: bool = False) -> tuple[LoadedModel, str]:
+    """`resolve_checkpoint` + `load_model`: the model of a run folder, step folder or official file,
+    and how its step was chosen."""
+    step_dir, selection = resolve_checkpoint(checkpoint, step)
+    return load_model(step_dir, overrides, device, quiet=quiet), selection
+
+
 # --------------------------------------------------------------------------- images
 
 
@@ -225,17 +267,125 @@ def model_input(image: Image.Image, short_side: int, patch: int) -> torch.Tensor
     return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0).contiguous()
 
 
+def open_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """The decoded RGB image of `path`; ImageReadError for an unreadable file or one with more
+    than `max_pixels` pixels (None: no limit), whose message names ``--max-image-pixels``.
+
+    The size is read from the header and checked before anything is decoded.
+    """
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # the check below replaces Pillow's (same limit, one clear message)
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            if max_pixels is not None and w * h > max_pixels:
+                raise ImageReadError(
+                    f"{path}: {w}x{h} = {w * h:,} pixels is above the limit of {max_pixels:,} pixels (the guard "
+                    f"against decompression bombs); if you trust the file, raise it with --max-image-pixels {w * h}")
+            im.load()
+            # An RGB image is used as decoded: convert() would copy it (4 bytes per pixel).
+            return im if im.mode == "RGB" else im.convert("RGB")
+    except ImageReadError:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise ImageReadError(f"{path}: not a readable image ({type(err).__name__}: {err})") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
 @torch.no_grad()
-def segment(loaded, image: Image.Image, short_side: int, probe: str) -> np.ndarray:
-    """Predicted ids ``[H, W]`` (input size) of the cluster or linear probe (cluster ids are the
-    segments ``0..model.n_clusters-1`` of a model trained without labels)."""
+def low_res_scores(loaded, x: torch.Tensor, probe: str) -> torch.Tensor:
+    """``[K, h, w]`` scores on the ViT's token grid whose bilinear upsampling has, at every pixel,
+    the argmax of the official prediction (probe applied to the bilinearly upsampled code).
+
+    Linear probe: its logits.  A 1x1 conv is linear and bilinear weights sum to one, so upsampling
+    the logits equals the logits of the upsampled code.  Cluster probe: the dot products of the
+    code with the unit centroids.  The official cosine divides that by the norm of the upsampled
+    code, which does not commute with upsampling, but it is one positive number per pixel, the
+    same for every cluster, so the argmax is unchanged.  (Evaluation needs the cosines themselves
+    for the CRF; it works on fixed-size crops and keeps the official order, evaluation/loop.py.)
+    """
     if probe == "linear" and loaded.heads.linear_probe is None:
         raise EvaluateError("this model was trained without labels (model.n_classes=0): it has no linear probe; "
                             "use probe='cluster'")
+    code = loaded.heads.seg_head(loaded.backbone(x))[0]
+    if probe == "linear":
+        return loaded.heads.linear_probe(code[None])[0]
+    unit = F.normalize(loaded.heads.cluster_probe.clusters, dim=1)
+    d, h, w = code.shape
+    return (unit @ code.reshape(d, h * w)).reshape(-1, h, w)
+
+
+def _linear_taps(n_in: int, n_out: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Source indices and weights of 1-d linear interpolation from `n_in` to `n_out` samples with
+    ``align_corners=False`` (F.interpolate's coordinates): out[i] = x[i0] + w1[i] (x[i1] - x[i0])
+    (= (1 - w1[i]) x[i0[i]] + w1[i] x[i1[i]] up to float rounding)."""
+    scale = torch.tensor(n_in, dtype=torch.float32) / n_out
+    src = (scale * (torch.arange(n_out, dtype=torch.float32) + 0.5) - 0.5).clamp(min=0)
+    i0 = src.floor().long().clamp(max=n_in - 1)
+    i1 = (i0 + 1).clamp(max=n_in - 1)
+    return i0.to(device), i1.to(device), (src - i0).clamp(0, 1).to(device)
+
+
+def band_rows_for(n_scores: int, width: int, budget: int = 1 << 22) -> int:
+    """Rows per band so that one band's scores (`n_scores` x rows x `width` floats) stay near
+    `budget` elements (16 MB of float32): memory bounded whatever the photo's size."""
+    return max(1, budget // max(1, n_scores * width))
+
+
+@torch.no_grad()
+def label_bands(scores_KHW: torch.Tensor, size: tuple[int, int], band_rows: int | None = None):
+    """Yield ``(row0, ids [rows, W] int64 on the CPU)`` of the bilinearly upsampled scores' argmax
+    over K at ``size = (H, W)``, one band of rows at a time.
+
+    Every output value is computed by the same element-wise operations from the same low-resolution
+    scores whatever the band height, so the labels do not depend on `band_rows` (tested).  Bands
+    never straddle two pairs of token rows, so they may be shorter than `band_rows`.
+    """
+    k, h, w = scores_KHW.shape
+    out_h, out_w = size
+    band_rows = band_rows or band_rows_for(k, out_w)
+    dev = scores_KHW.device
+    r0, r1, a1 = _linear_taps(h, out_h, dev)
+    c0, c1, b1 = _linear_taps(w, out_w, dev)
+    # Scores last ([h, w, K]): the argmax then reduces contiguous memory.
+    scores_HWK = scores_KHW.permute(1, 2, 0).contiguous()
+    b1 = b1[:, None]
+    pairs = list(zip(r0.tolist(), r1.tolist()))
+    across: dict[int, torch.Tensor] = {}  # token row -> its [W, K] interpolation along the width
+
+    def across_row(i: int) -> torch.Tensor:
+        if i not in across:
+            left, right = scores_HWK[i].index_select(0, c0), scores_HWK[i].index_select(0, c1)
+            across[i] = left + (right - left) * b1
+        return across[i]
+
+    top = 0
+    while top < out_h:
+        # Output rows between the same two token rows (at most band_rows of them): each is the
+        # same two interpolated token rows, mixed with its own weight; one broadcast, no gather.
+        end = top + 1
+        while end < out_h and end - top < band_rows and pairs[end] == pairs[top]:
+            end += 1
+        i0, i1 = pairs[top]
+        for old in [i for i in across if i < i0]:
+            del across[old]
+        upper = across_row(i0)
+        band = (across_row(i1) - upper) * a1[top:end, None, None]
+        band += upper  # separate kernels, never fused: the same rounding whatever the band's shape
+        yield top, band.argmax(-1).cpu()
+        top = end
+
+
+@torch.no_grad()
+def segment(loaded, image: Image.Image, short_side: int, probe: str, band_rows: int | None = None) -> np.ndarray:
+    """Predicted ids ``[H, W]`` (input size, uint8 or uint16) of the cluster or linear probe (cluster
+    ids are the segments ``0..model.n_clusters-1`` of a model trained without labels).  Memory:
+    the image, the label map and one band of scores (see the module docstring)."""
     device = next(loaded.heads.parameters()).device
-    x = model_input(image, short_side, loaded.backbone.patch).to(device)
-    code = loaded.heads.seg_head(loaded.backbone(x))
-    size = (image.size[1], image.size[0])
-    up = F.interpolate(code, size=size, mode="bilinear", align_corners=False)
-    scores = loaded.heads.cluster_probe.inner_products(up) if probe == "cluster" else loaded.heads.linear_probe(up)
-    return scores.argmax(1)[0].cpu().numpy()
+    scores = low_res_scores(loaded, model_input(image, short_side, loaded.backbone.patch).to(device), probe)
+    out_w, out_h = image.size
+    ids = np.empty((out_h, out_w), dtype=np.uint8 if scores.shape[0] <= 256 else np.uint16)
+    for top, band in label_bands(scores, (out_h, out_w), band_rows):
+        ids[top:top + band.shape[0]] = band.numpy()
+    return ids
