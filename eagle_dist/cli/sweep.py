@@ -126,8 +126,10 @@ class Sweep:
         if self.spec.get("parent_run_id"):
             fixed.append(f"tracking.parent_run_id={self.spec['parent_run_id']}")
         out: list[Run] = []
-        for arm in self.spec["arms"]:
-            for seed in self.spec["seeds"]:
+        # Seed-major: a sweep stopped part-way has every arm at its first seeds (a balanced, paired
+        # report) instead of every seed of the first arm.
+        for seed in self.spec["seeds"]:
+            for arm in self.spec["arms"]:
                 name = f"{arm['name']}-seed{seed}"
                 ov = (*self.spec["overrides"], *arm["overrides"], f"train.seed={seed}", f"train.run_name={name}", *fixed)
                 out.append(Run(len(out), arm["name"], seed, ov))

@@ -21,7 +21,7 @@ from helpers import REPO, TINY, launch_env
 
 DEFAULT = str(REPO / "configs" / "default.yaml")
 ARMS = ["--arm", "eigh:eicue.solver=eigh", "--arm", "krylov:eicue.solver=krylov,eicue.sign_rule=per_vector"]
-RUNS = ["eigh-seed0", "eigh-seed1", "krylov-seed0", "krylov-seed1"]
+RUNS = ["eigh-seed0", "krylov-seed0", "eigh-seed1", "krylov-seed1"]  # seed-major
 
 
 def sweep_cmd(out: Path, shards: list[str]) -> list[str]:
@@ -45,13 +45,13 @@ def relaunched(shards, tmp_path_factory):
     first = subprocess.Popen(sweep_cmd(out, shards), cwd=REPO, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.monotonic() + 300
-    while not complete(runs / "eigh-seed1", 2) and first.poll() is None and time.monotonic() < deadline:
+    while not complete(runs / "krylov-seed0", 2) and first.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     os.killpg(first.pid, signal.SIGKILL)
     killed_out = first.communicate()[0]
     assert complete(runs / "eigh-seed0", 6), killed_out[-4000:]
-    assert not complete(runs / "eigh-seed1", 6), "the second run finished before the kill:\n" + killed_out[-4000:]
-    saved = max(int(p.parent.name.split("-")[1]) for p in (runs / "eigh-seed1" / "checkpoints").glob("step-*/COMPLETE"))
+    assert not complete(runs / "krylov-seed0", 6), "the second run finished before the kill:\n" + killed_out[-4000:]
+    saved = max(int(p.parent.name.split("-")[1]) for p in (runs / "krylov-seed0" / "checkpoints").glob("step-*/COMPLETE"))
     kept_metrics = (runs / "eigh-seed0" / "metrics.jsonl").read_text()
     second = subprocess.run(sweep_cmd(out, shards), cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
                             check=False)
@@ -63,15 +63,15 @@ def test_relaunch_keeps_finished_resumes_interrupted_and_reports_the_failure(rel
     text = second.stdout + second.stderr
     assert second.returncode == 1, text[-6000:]  # one run failed, the others finished
     assert "[1/4] eigh-seed0: finished earlier (step 6), kept" in text
-    assert f"[2/4] eigh-seed1: resuming from step {saved}" in text
-    assert "[3/4] krylov-seed0: starting" in text and "[3/4] krylov-seed0: finished" in text
+    assert f"[2/4] krylov-seed0: resuming from step {saved}" in text
+    assert "[3/4] eigh-seed1: starting" in text and "[3/4] eigh-seed1: finished" in text
     assert "[4/4] krylov-seed1: FAILED (exit status 1" in text and "the other runs go on" in text
     runs = out / "runs"
     assert (runs / "eigh-seed0" / "metrics.jsonl").read_text() == kept_metrics  # not trained again
     assert (out / "logs" / "eigh-seed0.log").read_text().count("=== eagle-dist sweep:") == 1
-    log1 = (out / "logs" / "eigh-seed1.log").read_text()
+    log1 = (out / "logs" / "krylov-seed0.log").read_text()
     assert log1.count("=== eagle-dist sweep:") == 2
-    assert f"resumed from {runs / 'eigh-seed1' / 'checkpoints' / f'step-{saved:08d}'} at step {saved}" in log1
+    assert f"resumed from {runs / 'krylov-seed0' / 'checkpoints' / f'step-{saved:08d}'} at step {saved}" in log1
     assert all(complete(runs / name, 6) for name in RUNS[:3])
 
     report = json.loads((out / "report.json").read_text())
@@ -105,7 +105,7 @@ def test_relaunch_keeps_finished_resumes_interrupted_and_reports_the_failure(rel
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} == {"report.json", "report.md", "report.png"}
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert sorted(r.info.run_name for r in children) == RUNS[:3]  # the resumed run kept its MLflow run
+    assert sorted(r.info.run_name for r in children) == sorted(RUNS[:3])  # the resumed run kept its MLflow run
 
 
 def test_arguments_that_do_not_fit_are_refused(relaunched, tmp_path):
