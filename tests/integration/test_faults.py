@@ -234,10 +234,10 @@ def test_shards_with_nothing_usable_stop_with_one_message(run, shards, tmp_path)
 
 
 def test_a_data_error_mid_run_stops_every_rank_with_a_checkpoint(run, tmp_path, monkeypatch):
+    from eagle_dist.data.prepare import TrainingStream
     from eagle_dist.data.stream import DataError
-    from eagle_dist.engine.trainer import Trainer
 
-    original = Trainer._segment_batches
+    original = TrainingStream.batches
 
     def failing(self, start_step):
         for i, batch in enumerate(original(self, start_step)):
@@ -245,7 +245,7 @@ def test_a_data_error_mid_run_stops_every_rank_with_a_checkpoint(run, tmp_path, 
                 raise DataError("the shard server went away; check the mount")
             yield batch
 
-    monkeypatch.setattr(Trainer, "_segment_batches", failing)
+    monkeypatch.setattr(TrainingStream, "batches", failing)
     code, out = run("train.max_steps=10")
     assert code == 2
     assert "the shard server went away; check the mount" in out
@@ -546,7 +546,7 @@ def test_second_ctrl_c_stops_at_once_without_a_half_checkpoint_under_a_final_nam
 
 
 def test_requeue_without_scontrol_is_reported_not_raised(tmp_path):
-    from eagle_dist.engine.trainer import requeue_slurm_job
+    from eagle_dist.distributed import requeue_slurm_job
 
     problem = requeue_slurm_job("17", scontrol=str(tmp_path / "no-scontrol"))
     assert problem is not None and "FileNotFoundError" in problem

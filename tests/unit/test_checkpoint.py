@@ -21,6 +21,7 @@ import toy_train
 from eagle_dist import checkpoint as ck
 from eagle_dist import distributed as dist_mod
 from eagle_dist.checkpoint import CheckpointError, CheckpointManager, CheckpointSaveError
+from eagle_dist.cli.checkpoint import main as checkpoint_cli
 
 # --------------------------------------------------------------------------- single process
 
@@ -102,7 +103,7 @@ def test_folders_without_marker_are_ignored(tmp_path, d):
     assert ck.latest_complete(tmp_path) == good and mgr.latest() == good
     with pytest.raises(CheckpointError, match="no COMPLETE marker"):
         mgr.load(half, model, optimizer)
-    assert ck.main([str(tmp_path)]) == 0
+    assert checkpoint_cli([str(tmp_path)]) == 0
 
 
 def test_keep_last_counts_only_complete_checkpoints(tmp_path, d):
@@ -161,7 +162,7 @@ def test_damaged_checkpoint_is_refused_moved_aside_and_resume_falls_back(tmp_pat
 
     with pytest.raises(ck.CheckpointDamagedError, match=f"checkpoint {newest} is damaged: {reason}"):
         mgr.load(newest, model, optimizer)  # asked for by name: refused, left where it is
-    assert ck.main(["verify", str(tmp_path)]) == 1
+    assert checkpoint_cli(["verify", str(tmp_path)]) == 1
     listing = capsys.readouterr().out
     assert "step-00000002  ok" in listing and f"step-00000004  DAMAGED: {reason}" in listing
 
@@ -188,7 +189,7 @@ def test_checkpoint_without_digests_still_loads_with_one_note(tmp_path, d, capsy
     assert mgr.latest() == path and mgr.load(path, model, optimizer)["step"] == 2
     assert mgr.load(tmp_path / "step-00000001", model, optimizer)["step"] == 1
     assert capsys.readouterr().err.count("saved before checkpoints recorded sha256 digests") == 1
-    assert ck.main(["verify", str(path)]) == 0
+    assert checkpoint_cli(["verify", str(path)]) == 0
     assert "unchecked (saved before checkpoints recorded digests)" in capsys.readouterr().out
 
 
