@@ -43,6 +43,7 @@ worker; the trainer reads it after (or during) an epoch and may all-reduce it ac
 
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
 import json
@@ -365,7 +366,9 @@ def shield_worker_from_stop_signals(_worker_id: int = 0) -> None:
     They are blocked and taken by a thread that drops them, except a SIGTERM from the parent:
     that is the DataLoader's own shutdown of a worker that did not leave in time
     (``Process.terminate``), obeyed as torch's worker handler obeys it.  The normal shutdown
-    (the parent's end-of-iteration message) is unchanged.
+    (the parent's end-of-iteration message) is unchanged.  The workers start with the signals
+    blocked already (:meth:`StreamLoader.__iter__`), so one that arrives while a worker starts
+    waits for this thread instead of killing it.
     """
     if not hasattr(signal, "sigwaitinfo"):  # macOS: no sender to tell apart; ignore all three
         for sig in WORKER_IGNORED_SIGNALS:
@@ -383,6 +386,20 @@ def _drop_stop_signals(parent: int) -> None:
         info = signal.sigwaitinfo(WORKER_IGNORED_SIGNALS)
         if info.si_signo == signal.SIGTERM and info.si_pid == parent:
             os._exit(0)
+
+
+@contextlib.contextmanager
+def _stop_signals_blocked():
+    """Workers forked in here inherit the stop signals blocked; this process gets the ones that
+    arrived meanwhile when it leaves (delayed, never lost)."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_IGNORED_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _web_loader(pipeline: wds.DataPipeline, num_workers: int, pin_memory: bool) -> wds.WebLoader:
@@ -409,7 +426,16 @@ class StreamLoader:
             # draws new shards, shuffles and blurs while staying reproducible.
             self._state.epoch = self.epoch
         self.epoch += 1
-        return iter(self._loader)
+        return self._batches()
+
+    def _batches(self) -> Iterator[dict]:
+        batches = iter(self._loader)
+        with _stop_signals_blocked():  # the first batch starts the workers (see the handler above)
+            first = next(batches, None)
+        if first is None:
+            return
+        yield first
+        yield from batches
 
     def __len__(self) -> int:
         return self.num_batches
