@@ -11,6 +11,7 @@ import json
 import os
 import random
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ from eagle_dist import checkpoint as ck
 from eagle_dist import distributed as dist_mod
 from eagle_dist.checkpoint import CheckpointError, CheckpointManager, CheckpointSaveError
 from eagle_dist.cli.checkpoint import main as checkpoint_cli
+from helpers import launch_env
 
 # --------------------------------------------------------------------------- single process
 
@@ -191,6 +193,10 @@ def test_checkpoint_without_digests_still_loads_with_one_note(tmp_path, d, capsy
     assert capsys.readouterr().err.count("saved before checkpoints recorded sha256 digests") == 1
     assert checkpoint_cli(["verify", str(path)]) == 0
     assert "unchecked (saved before checkpoints recorded digests)" in capsys.readouterr().out
+    # The module's own `python -m` line runs the same tool.
+    shim = subprocess.run([sys.executable, "-m", "eagle_dist.checkpoint", "verify", str(path)], capture_output=True,
+                          text=True, env=launch_env(), timeout=120)
+    assert shim.returncode == 0 and "step-00000002  unchecked" in shim.stdout, shim.stderr[-2000:]
 
 
 def _no_space(*_args, **_kwargs):

@@ -23,9 +23,18 @@ def _floor(module: str) -> int:
     return FLOORS.get(module.split(".")[1], TOP)
 
 
+def _is_main_guard(node: ast.AST) -> bool:
+    return (isinstance(node, ast.If) and isinstance(node.test, ast.Compare)
+            and isinstance(node.test.left, ast.Name) and node.test.left.id == "__name__")
+
+
 def _imports(path: Path) -> list[str]:
+    """What the module imports; not what its `if __name__ == "__main__":` block does, which runs
+    only when the module is the program (eagle_dist/checkpoint.py's `python -m` shim to its tool)."""
+    tree = ast.parse(path.read_text())
+    tree.body = [node for node in tree.body if not _is_main_guard(node)]
     found = []
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("eagle_dist"):
             found += [f"{node.module}.{a.name}" for a in node.names] if node.module == "eagle_dist" else [node.module]
         elif isinstance(node, ast.Import):
