@@ -23,6 +23,11 @@ with 2 CPU processes; for srun only the SLURM_* mapping is unit-tested, no Slurm
         --machine_rank R --main_process_ip HOST --main_process_port PORT launch/train.py
     srun --ntasks N python launch/train.py     # one task per GPU; RANK etc. derived from SLURM_*
 
+Stop signals (SIGTERM, SIGINT, SIGUSR1) belong to the workers, which checkpoint and exit 0:
+`run_torchrun` (launch/torchrun.py, train.sbatch, the embedded default's relaunch) is torchrun
+passing them on instead of shutting the workers down itself; `requeue_slurm_job` is the
+trainer's SIGUSR1 requeue.
+
 Why each launcher is handled as it is, and the accelerate / DeepSpeed-on-CPU workarounds
 below (the simple launcher of `--cpu`, the shm op, micro_batch_size): README, "Launcher notes".
 
