@@ -23,6 +23,11 @@ with 2 CPU processes; for srun only the SLURM_* mapping is unit-tested, no Slurm
         --machine_rank R --main_process_ip HOST --main_process_port PORT launch/train.py
     srun --ntasks N python launch/train.py     # one task per GPU; RANK etc. derived from SLURM_*
 
+Stop signals (SIGTERM, SIGINT, SIGUSR1) belong to the workers, which checkpoint and exit 0:
+`run_torchrun` (launch/torchrun.py, train.sbatch, the embedded default's relaunch) is torchrun
+passing them on instead of shutting the workers down itself; `requeue_slurm_job` is the
+trainer's SIGUSR1 requeue.
+
 Why each launcher is handled as it is, and the accelerate / DeepSpeed-on-CPU workarounds
 below (the simple launcher of `--cpu`, the shm op, micro_batch_size): README, "Launcher notes".
 
@@ -297,6 +302,11 @@ def detect_launch(env: Mapping[str, str] | None = None) -> LaunchInfo:
     )
 
 
+# The signals that stop training with a checkpoint (eagle_dist.engine.trainer decides how).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+TORCHRUN_CODE = "import sys; from eagle_dist.distributed import run_torchrun; sys.exit(run_torchrun(sys.argv[1:]))"
+
+
 def relaunch_under_torchrun(script: str | Path, args: list[str], reason: str, nproc: int = 2) -> int | None:
     """Exit code of an `nproc`-process torchrun of `script args`, or None to run here.
 
@@ -310,34 +320,92 @@ def relaunch_under_torchrun(script: str | Path, args: list[str], reason: str, np
         return None
     print(f"eagle-dist: {reason}: starting {nproc} processes with torchrun "
           "(set EAGLE_NO_RELAUNCH=1 to stay in one process)", flush=True)
-    # Ctrl-C: torchrun starts each worker in a session of its own, so a terminal's SIGINT reaches
-    # only this process and torchrun. torchrun's own handling (forward, wait 30 s, SIGKILL, exit
-    # with a SignalException traceback) is switched off: it ignores SIGINT, and this process
-    # forwards each Ctrl-C to the workers' process groups. The workers decide (first: save and
-    # exit 0; second: stop at once) and torchrun exits as they do.
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           "--signals-to-handle", "SIGTERM,SIGHUP,SIGQUIT", str(script), *args]
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited by torchrun (and its workers
-    try:                                                     # until the trainer installs its handler)
+    # torchrun runs as `run_torchrun`, which passes the stop signals on to the workers. This
+    # process passes them to torchrun: a signal to this process alone (docker stop, `kill PID`)
+    # stops the run too; a signal to the whole process group (a terminal's Ctrl-C, `kill --
+    # -PGID`) reaches the workers twice, which they take as one.  Ignored until torchrun has
+    # started (it inherits that only until run_torchrun installs its handlers).
+    cmd = [sys.executable, "-c", TORCHRUN_CODE, "--standalone", "--nproc_per_node", str(nproc), str(script), *args]
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in STOP_SIGNALS}
+    try:
         agent = subprocess.Popen(cmd)
-        signal.signal(signal.SIGINT, lambda *_: _forward_to_children_of(agent.pid, signal.SIGINT))
-        return agent.wait()
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, lambda signum, _frame: _signal(agent.pid, signum))
+        code = agent.wait()
+        return 128 - code if code < 0 else code  # killed by a signal: the shell's 128 + N
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
-def _forward_to_children_of(parent: int, sig: int) -> None:
-    """Send `sig` to the process group of every child of `parent` (Linux /proc)."""
+def run_torchrun(argv: list[str]) -> int:
+    """torchrun (`torch.distributed.run`) that passes the stop signals on to its workers.
+
+    Plain torchrun acts on SIGTERM and SIGINT itself (and dies of SIGUSR1): it signals its workers,
+    gives them 30 s (--shutdown-timeout), kills them, and ends with a SignalException traceback and
+    a non-zero exit, so a stop that checkpoints looks like a crash.  Here each stop signal only goes
+    on to the workers' process groups (torchrun starts each worker in a session of its own, so a
+    signal to torchrun's process group does not reach them); the workers save and exit 0 and
+    torchrun ends as they do.  Under Slurm every process of the step gets the signal anyway; the
+    second copy changes nothing.  Before any worker runs, a stop signal ends torchrun, as
+    its default action would.  SIGHUP and SIGQUIT keep torchrun's own handling.
+    """
+    from torch.distributed import run as torch_run
+
+    if any(a.split("=")[0] in ("--signals-to-handle", "--signals_to_handle") for a in argv):
+        print("eagle-dist: --signals-to-handle is set by this launcher (SIGHUP,SIGQUIT: torchrun's own "
+              "handling; SIGTERM, SIGINT, SIGUSR1: passed on to the workers); leave it out", file=sys.stderr)
+        return 2
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _pass_on_to_workers)
+    torch_run.main(["--signals-to-handle", "SIGHUP,SIGQUIT", *argv])
+    return 0
+
+
+def _pass_on_to_workers(signum: int, _frame: Any) -> None:
+    if not _signal_children_of(os.getpid(), signum):  # no worker yet: stop, as torchrun would
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except OSError:
+        pass  # exited meanwhile
+
+
+def _signal_children_of(parent: int, sig: int) -> bool:
+    """Send `sig` to the process group of every child of `parent` (Linux /proc); False if none."""
+    found = False
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
             continue  # exited meanwhile
         if int(fields[1]) == parent:  # fields[1]: the parent pid
+            found = True
             try:
                 os.killpg(int(stat.parent.name), sig)
             except OSError:
                 pass
+    return found
+
+
+def requeue_slurm_job(job_id: str, scontrol: str = "scontrol", timeout_s: float = 60.0) -> str | None:
+    """Put Slurm job `job_id` back in the queue: None on success, else why it failed.
+
+    Slurm then ends the running job (SIGTERM, then SIGKILL after KillWait) and starts it again
+    with the same job id once its requeue delay has passed.
+    """
+    try:
+        done = subprocess.run([scontrol, "requeue", str(job_id)], capture_output=True, text=True,
+                              timeout=timeout_s, check=False)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return f"{type(err).__name__}: {err}"
+    if done.returncode != 0:
+        return (done.stderr.strip() or done.stdout.strip() or "no output") + f" (exit status {done.returncode})"
+    return None
 
 
 def check_world_size(actual: int, info: LaunchInfo, expected_world_size: int | None) -> None:
@@ -465,10 +533,6 @@ class Dist:
         return self.rank == 0
 
     @property
-    def is_local_main(self) -> bool:
-        return self.local_rank == 0
-
-    @property
     def distributed(self) -> bool:
         return self.world_size > 1 and tdist.is_available() and tdist.is_initialized()
 
@@ -522,11 +586,6 @@ class Dist:
         if self.is_main:
             kwargs.setdefault("flush", True)
             print(*args, **kwargs)
-
-    def mean_scalar(self, value: Any) -> float:
-        """Mean of a scalar (float or 0-d tensor) over ranks; a collective, so call it everywhere."""
-        t = torch.as_tensor(value, dtype=torch.float64).detach().to(self.device).reshape(1).clone()
-        return float(self.all_reduce_sum(t).item()) / self.world_size
 
     def prepare(self, *objects: Any) -> Any:
         """accelerator.prepare: wraps the model in DDP / a DeepSpeed engine, the optimizer too."""

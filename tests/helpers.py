@@ -38,6 +38,14 @@ def assert_ok(proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
 
+def mean_over_ranks(d, value) -> float:
+    """Mean of a scalar (float or 0-d tensor) over the ranks of Dist `d`; a collective."""
+    import torch
+
+    t = torch.as_tensor(value, dtype=torch.float64).detach().to(d.device).reshape(1).clone()
+    return float(d.all_reduce_sum(t).item()) / d.world_size
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))

@@ -41,7 +41,7 @@ from eagle_dist import distributed as dist_mod  # noqa: E402
 from eagle_dist.checkpoint import CheckpointManager, CheckpointSaveError  # noqa: E402
 from eagle_dist.engine.step import run_step  # noqa: E402
 from eagle_dist.engine.tracking import NullTracker, make_tracker  # noqa: E402
-from helpers import launch_env  # noqa: E402
+from helpers import launch_env, mean_over_ranks  # noqa: E402
 
 IN_DIM, HIDDEN, OUT_DIM, BATCH = 8, 16, 4, 16
 SCRIPT = Path(__file__).resolve()
@@ -83,7 +83,7 @@ def self_check(d: dist_mod.Dist) -> dict:
         "broadcast": d.broadcast_object(f"from-{d.rank}"),
         "sum": d.all_reduce_sum(torch.ones(2, device=d.device)).tolist(),
         "max": d.all_reduce_max(torch.tensor([float(d.rank)], device=d.device)).tolist(),
-        "mean": d.mean_scalar(float(d.rank)),
+        "mean": mean_over_ranks(d, float(d.rank)),
     }
 
 

@@ -20,6 +20,9 @@ EAGLE_TEST_FAULTS lists one fault per torchrun attempt (TORCHELASTIC_RESTART_COU
 EAGLE_TEST_SLOW_INTERRUPT_SAVE=FILE makes the checkpoint save that a Ctrl-C asks for touch FILE
 and then take a minute, so a test can press Ctrl-C again in the middle of it.
 
+EAGLE_TEST_SLOW_EVAL=FILE makes each evaluation batch take 3 s more and rank 0 touch FILE when
+the first one arrives, so a test can signal the job in the middle of an evaluation.
+
 Attempts with no fault listed run clean.  The faults are monkeypatches made here, so the
 package carries no test hooks.
 """
@@ -97,6 +100,21 @@ def _slow_interrupt_save(trainer, started: Path) -> None:
     checkpoint_mod.CheckpointManager._write_own_files = write_own_files
 
 
+def _slow_evaluation(trainer, started: Path) -> None:
+    from eagle_dist.evaluation import loop
+
+    original = loop.AgreedBatches.__iter__
+
+    def batches(self):
+        for batch in original(self):
+            if trainer.dist.is_main:
+                started.touch()
+            time.sleep(3)  # a signal handler runs during the sleep
+            yield batch
+
+    loop.AgreedBatches.__iter__ = batches
+
+
 def _record_attempt(trainer, out: Path) -> None:
     ckpt_root = trainer.run_dir / "checkpoints"
     record = {
@@ -119,6 +137,8 @@ def main() -> int:
             _inject(fault[0], fault[1])
         if os.environ.get("EAGLE_TEST_SLOW_INTERRUPT_SAVE"):
             _slow_interrupt_save(trainer, Path(os.environ["EAGLE_TEST_SLOW_INTERRUPT_SAVE"]))
+        if os.environ.get("EAGLE_TEST_SLOW_EVAL"):
+            _slow_evaluation(trainer, Path(os.environ["EAGLE_TEST_SLOW_EVAL"]))
         out.mkdir(parents=True, exist_ok=True)
         if trainer.dist.is_main:
             _record_attempt(trainer, out)

@@ -7,7 +7,7 @@
     eagle-dist convert eagle_cocostuff27_vit_small8.ckpt converted/coco
     eagle-dist sweep --out sweeps/NAME --config configs/cocostuff27.yaml --seeds 0-4 --arm A:k=v --arm B:k=w
     eagle-dist bench step
-    eagle-dist checkpoints runs/NAME/checkpoints
+    eagle-dist checkpoint verify runs/NAME
 
 `eagle-dist TOOL --help` shows a tool's flags.  Each tool is also `python -m eagle_dist.TOOL`.
 Training is launched with `accelerate launch launch/train.py` or `torchrun launch/train.py`.
@@ -27,8 +27,10 @@ TOOLS: dict[str, tuple[str, str]] = {
     "convert": ("eagle_dist.cli.convert", "convert an official EAGLE .ckpt into an eagle-dist run folder"),
     "sweep": ("eagle_dist.cli.sweep", "seeds x arms of training runs, and their statistics"),
     "bench": ("eagle_dist.cli.bench", "benchmarks: training step, eigensolvers, data"),
-    "checkpoints": ("eagle_dist.checkpoint", "list (and verify) the checkpoints of a run"),
+    "checkpoint": ("eagle_dist.cli.checkpoint", "list (and verify) the checkpoints of a run"),
 }
+# Other names that reach a tool (not listed in the usage).
+ALIASES = {"checkpoints": "checkpoint"}
 
 
 def usage() -> str:
@@ -43,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args or args[0] in ("-h", "--help"):
         print(usage())
         return 0 if args else 2
-    name, rest = args[0], args[1:]
+    name, rest = ALIASES.get(args[0], args[0]), args[1:]
     if name not in TOOLS:
         print(f"eagle-dist: error: unknown tool {name!r}\n\n{usage()}", file=sys.stderr)
         return 2

@@ -43,6 +43,7 @@ worker; the trainer reads it after (or during) an epoch and may all-reduce it ac
 
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
 import json
@@ -50,6 +51,8 @@ import logging
 import math
 import os
 import random
+import signal
+import threading
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -349,6 +352,62 @@ class _ShardReader:
 
 # --------------------------------------------------------------------------- loaders
 
+# The signals that stop a run (eagle_dist.engine.trainer).  Slurm (scancel, preemption, the time
+# limit), `kill -- -PGID` and launchers that pass a signal on to a worker's process group send them
+# to the loader workers as well; torch's workers die of SIGTERM from anyone but their parent
+# (SIGINT raises KeyboardInterrupt), and the rank then fails with "DataLoader worker exited
+# unexpectedly" before it can save.  Only the rank decides how the run stops.
+WORKER_IGNORED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
+def shield_worker_from_stop_signals(_worker_id: int = 0) -> None:
+    """`worker_init_fn` of every loader here: the stop signals no longer reach this worker.
+
+    They are blocked and taken by a thread that drops them, except a SIGTERM from the parent:
+    that is the DataLoader's own shutdown of a worker that did not leave in time
+    (``Process.terminate``), obeyed as torch's worker handler obeys it.  The normal shutdown
+    (the parent's end-of-iteration message) is unchanged.  The workers start with the signals
+    blocked already (:meth:`StreamLoader.__iter__`), so one that arrives while a worker starts
+    waits for this thread instead of killing it.
+    """
+    if not hasattr(signal, "sigwaitinfo"):  # macOS: no sender to tell apart; ignore all three
+        for sig in WORKER_IGNORED_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        return
+    parent = os.getppid()
+    # Blocked in this (main) thread before any other starts: every later thread inherits the mask,
+    # so only sigwaitinfo below ever sees these signals.
+    signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_IGNORED_SIGNALS)
+    threading.Thread(target=_drop_stop_signals, args=(parent,), name="eagle-stop-signals", daemon=True).start()
+
+
+def _drop_stop_signals(parent: int) -> None:
+    while True:
+        info = signal.sigwaitinfo(WORKER_IGNORED_SIGNALS)
+        if info.si_signo == signal.SIGTERM and info.si_pid == parent:
+            os._exit(0)
+
+
+@contextlib.contextmanager
+def _stop_signals_blocked():
+    """Workers forked in here inherit the stop signals blocked; this process gets the ones that
+    arrived meanwhile when it leaves (delayed, never lost)."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_IGNORED_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _web_loader(pipeline: wds.DataPipeline, num_workers: int, pin_memory: bool) -> wds.WebLoader:
+    """The one place loaders are made: workers shielded from the stop signals."""
+    return wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                         worker_init_fn=shield_worker_from_stop_signals if num_workers > 0 else None)
+
+
 class StreamLoader:
     """Iterable of batches with ``stats``, ``num_samples`` and ``len()``; one epoch per ``iter()``."""
 
@@ -367,7 +426,16 @@ class StreamLoader:
             # draws new shards, shuffles and blurs while staying reproducible.
             self._state.epoch = self.epoch
         self.epoch += 1
-        return iter(self._loader)
+        return self._batches()
+
+    def _batches(self) -> Iterator[dict]:
+        batches = iter(self._loader)
+        with _stop_signals_blocked():  # the first batch starts the workers (see the handler above)
+            first = next(batches, None)
+        if first is None:
+            return
+        yield first
+        yield from batches
 
     def __len__(self) -> int:
         return self.num_batches
@@ -419,8 +487,7 @@ def build_train_loader(shard_dir: str | Path, batch_size: int, rank: int, world_
         wds.batched(batch_size, collation_fn=collate, partial=False),
         _Augment(state, blur_p),
     )
-    loader = wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers, pin_memory=pin_memory)
-    loader = loader.with_epoch(steps_per_epoch)
+    loader = _web_loader(pipeline, num_workers, pin_memory).with_epoch(steps_per_epoch)
     return StreamLoader(loader, stats, manifest, steps_per_epoch, num_samples, state)
 
 
@@ -476,7 +543,7 @@ def build_val_loader(shard_dir: str | Path, batch_size: int, rank: int, world_si
         wds.map(_Decode(resolution, stats, handler)),
         wds.batched(batch_size, collation_fn=collate, partial=True),
     )
-    loader = wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers, pin_memory=pin_memory)
+    loader = _web_loader(pipeline, num_workers, pin_memory)
     num_batches = sum(math.ceil(n / batch_size) for n in per_worker)
     return StreamLoader(loader, stats, manifest, num_batches, sum(per_worker))
 

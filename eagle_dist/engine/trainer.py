@@ -15,18 +15,18 @@ Labels are optional: training shards without classes (a folder of photos) switch
 no linear probe, validation shards are optional and evaluation measures what needs no labels
 (``eagle_dist.evaluation.loop.evaluate_unlabeled``).
 
-Steps, not epochs: the stream is endless and every count is in optimizer steps.  The stream
-is cut into *segments* of ``train.ckpt_interval`` steps; segment ``s`` is drawn from a loader
-seeded with ``(train.seed, s)``.  A run resumed at step ``t`` rebuilds segment ``t //
-ckpt_interval`` and skips the batches already consumed, so a resumed run sees exactly the data
-an uninterrupted run would have seen (with the RNG states restored, it computes the same
-weights).
+Steps, not epochs: the stream is endless and every count is in optimizer steps; its segments
+and how a resume finds its place in them: eagle_dist.data.prepare.
 
 Stopping early (preemption, faults).  SIGUSR1 and SIGTERM only set a flag; at the next step
-boundary all ranks agree on it with one all-reduce, save a checkpoint and return, and
-launch/train.py exits 0 (a clean exit, so torchrun's --max-restarts does not restart the
-workers).  SIGUSR1 is the pre-timeout signal launch/slurm/train.sbatch asks Slurm for: after
-the save, rank 0 runs `scontrol requeue $SLURM_JOB_ID` (see `requeue_slurm_job`) and the
+boundary (or after the running batch of an evaluation, which then ends early) all ranks agree on
+it with one all-reduce, save a checkpoint and return, and launch/train.py exits 0 (a clean exit,
+so torchrun's --max-restarts does not restart the workers).  Slurm and `kill -- -PGID` signal
+every process, the DataLoader workers too: they ignore the stop signals
+(eagle_dist.data.stream.shield_worker_from_stop_signals), and torchrun started through
+eagle_dist.distributed.run_torchrun (launch/torchrun.py, the embedded default's relaunch) only
+passes them on to the workers.  SIGUSR1 is the pre-timeout signal launch/slurm/train.sbatch asks Slurm for: after
+the save, rank 0 runs `scontrol requeue $SLURM_JOB_ID` (eagle_dist.distributed.requeue_slurm_job) and the
 requeued job resumes from that checkpoint with the same run folder and MLflow run.  SIGTERM
 saves and exits without requeueing: `scancel` sends SIGTERM, and a job that requeues itself
 on SIGTERM comes back after every scancel; Slurm's own preemption
@@ -44,11 +44,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -58,7 +56,8 @@ import torch
 from eagle_dist.errors import EagleError
 from eagle_dist import config as config_mod
 from eagle_dist.config import Config
-from eagle_dist.distributed import slurm_job_id
+from eagle_dist.data.prepare import SKIP_FIELDS, TrainingStream, prepare_training_data
+from eagle_dist.distributed import requeue_slurm_job, slurm_job_id
 from eagle_dist.engine.step import run_step
 from eagle_dist.method.eagle import EagleHeads, build_model, build_optimizer, loss_names, momentum, training_step_losses
 
@@ -73,32 +72,9 @@ STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
 # forwards SIGINT to workers still in the terminal's process group delivers each press twice.
 SIGINT_REPEAT_S = 1.0
 
-# Stream counters (eagle_dist.data.stream.STAT_FIELDS) that mean a sample was skipped.
-SKIP_FIELDS = ("corrupt_samples", "incomplete_samples", "missing_samples", "read_errors")
-
 
 def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
-
-
-def _segment_seed(seed: int, segment: int) -> int:
-    return (seed * 1_000_003 + segment * 7919) % (2**31 - 1)
-
-
-def requeue_slurm_job(job_id: str, scontrol: str = "scontrol", timeout_s: float = 60.0) -> str | None:
-    """Put Slurm job `job_id` back in the queue: None on success, else why it failed.
-
-    Slurm then ends the running job (SIGTERM, then SIGKILL after KillWait) and starts it again
-    with the same job id once its requeue delay has passed.
-    """
-    try:
-        done = subprocess.run([scontrol, "requeue", str(job_id)], capture_output=True, text=True,
-                              timeout=timeout_s, check=False)
-    except (OSError, subprocess.TimeoutExpired) as err:
-        return f"{type(err).__name__}: {err}"
-    if done.returncode != 0:
-        return (done.stderr.strip() or done.stdout.strip() or "no output") + f" (exit status {done.returncode})"
-    return None
 
 
 class Trainer:
@@ -129,8 +105,6 @@ class Trainer:
         self.stop_signal: str | None = None  # "SIGUSR1" / "SIGTERM" once the ranks agreed to stop
         self._start_step = 0
         self.outcome = "FINISHED"  # the MLflow run's final status (close() sets it)
-        self._loader = None  # the current segment's loader (its skip counters)
-        self._skips_done = dict.fromkeys(SKIP_FIELDS, 0)  # this rank, finished segments
         self._skips_before = dict.fromkeys(SKIP_FIELDS, 0)  # all ranks, runs before a resume
         self._skips_reported = 0
         self._install_signal_handlers()
@@ -138,7 +112,8 @@ class Trainer:
         try:
             with self._outcome_recorded():
                 self._lock_run_dir()
-                self._prepare_data()
+                self.manifest, self.eval_shards = prepare_training_data(cfg, self.dist)
+                self.stream = TrainingStream(cfg, self.dist)
                 self._build_model()
                 self._resume_or_start()
         except BaseException:
@@ -237,93 +212,6 @@ class Trainer:
             self.run_lock.release()
         os._exit(130)  # 128 + SIGINT, what a shell reports for a Ctrl-C
 
-    def _prepare_data(self) -> None:
-        from eagle_dist.data import stream as data
-
-        cfg = self.cfg
-        if cfg.dataset == "synthetic":
-            self._ensure_synthetic_shards()
-        if not Path(cfg.data.train_shards).is_dir():
-            raise TrainingError(
-                f"train shard folder not found: {cfg.data.train_shards}. Build it with "
-                f"`python -m eagle_dist.shard --source ... --split train --out {cfg.data.train_shards}` "
-                "or set data.train_shards."
-            )
-        self.manifest = data.read_manifest(cfg.data.train_shards)
-        classes = [c["name"] if isinstance(c, dict) else str(c) for c in self.manifest["classes"]]
-        if not classes and not cfg.model.unlabeled:
-            # Shards without labels (a folder of photos): EAGLE trains without them; only the linear
-            # probe and the supervised metrics need labels.  The resolved config records the switch,
-            # so evaluation, predict and resumes rebuild the same model.
-            cfg.model.n_classes = 0
-        elif classes and not cfg.model.unlabeled and len(classes) != cfg.model.n_classes:
-            shown = ", ".join(classes[:8]) + (", ..." if len(classes) > 8 else "")
-            raise TrainingError(
-                f"the shards in {cfg.data.train_shards} have {len(classes)} classes ({shown}) but "
-                f"model.n_classes={cfg.model.n_classes}; set model.n_classes={len(classes)}, or "
-                f"model.n_classes=0 to train without the labels (the cluster probe then finds "
-                f"model.n_clusters={cfg.model.n_clusters} segments)"
-            )
-        self.eval_shards = self._choose_eval_shards()
-        if cfg.model.unlabeled:
-            why = f"the shards in {cfg.data.train_shards} carry no labels" if not classes else "model.n_classes=0"
-            where = "the training shards" if self.eval_shards == cfg.data.train_shards else self.eval_shards
-            self.dist.print(
-                f"training without labels ({why}): the cluster probe finds model.n_clusters={cfg.model.n_clusters} "
-                "segments; the linear probe and the supervised metrics (mIoU, accuracy) are off; evaluation on "
-                f"{where} reports the segments' shares of pixels and images and the EiCue agreement between "
-                "the two views"
-            )
-
-    def _choose_eval_shards(self) -> str:
-        """The folder evaluation reads: data.val_shards; without labels, the training shards when
-        there is no validation split of the same data (validation is optional then)."""
-        from eagle_dist.data import stream as data
-
-        cfg = self.cfg
-        train, val = cfg.data.train_shards, cfg.data.val_shards
-        if not cfg.model.unlabeled:
-            if not val or not Path(val).is_dir():
-                raise TrainingError(
-                    f"val shard folder not found: {val or '(data.val_shards is empty)'}. Build it with "
-                    f"`python -m eagle_dist.shard --source ... --split val --out {val or 'FOLDER'}` "
-                    "or set data.val_shards (runs without labels need none)."
-                )
-            return val
-        if not val:
-            return train
-        if not Path(val).is_dir():
-            self.dist.print(f"data.val_shards={val} does not exist; evaluating on the training shards "
-                            "(set data.val_shards= to silence this)")
-            return train
-        theirs, ours = data.read_manifest(val).get("dataset"), self.manifest.get("dataset")
-        if theirs != ours:
-            # The embedded default's synthetic split next to a folder of photos, for instance.
-            self.dist.print(f"data.val_shards={val} holds dataset '{theirs}', the training shards '{ours}'; "
-                            "evaluating on the training shards (set data.val_shards= to silence this)")
-            return train
-        return val
-
-    def _ensure_synthetic_shards(self) -> None:
-        from eagle_dist.data.shards import ShardOptions, build
-        from eagle_dist.data.sources import SyntheticSpec
-
-        cfg = self.cfg
-        train_manifest = Path(cfg.data.train_shards) / "manifest.json"
-        if train_manifest.is_file() and not str(json.loads(train_manifest.read_text()).get("dataset", "")).startswith(
-                "synthetic"):
-            return  # the demo config pointed at real shards: generate nothing next to them
-        folders = {"train": cfg.data.train_shards, "val": cfg.data.val_shards}
-        missing = [s for s, f in folders.items() if f and not (Path(f) / "manifest.json").is_file()]
-        if missing and self.dist.is_main:
-            for split in missing:
-                folder = folders[split]
-                self.dist.print(f"building synthetic {split} shards in {folder} (first run only)")
-                spec = SyntheticSpec(num_classes=cfg.model.n_classes or SyntheticSpec.num_classes)
-                build(ShardOptions(source="synthetic", split=split, out=folder, samples_per_shard=64,
-                                   workers=1, progress=False, quiet=True, source_options={"spec": spec}))
-        self.dist.barrier()
-
     def _build_model(self) -> None:
         cfg = self.cfg
         # The random-init warning once per job, not once per rank.
@@ -396,37 +284,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ data
 
-    def _segment_batches(self, start_step: int):
-        """Batches from `start_step` on, segment by segment (see the module docstring)."""
-        from eagle_dist.data import stream as data
-
-        cfg = self.cfg
-        seg_len = max(1, cfg.train.ckpt_interval)
-        segment, offset = divmod(start_step, seg_len)
-        while True:
-            loader = data.train_loader(cfg.data, rank=self.dist.rank, world_size=self.dist.world_size,
-                                       seed=_segment_seed(cfg.train.seed, segment), steps_per_epoch=seg_len,
-                                       pin_memory=self.dist.pin_memory)
-            self._loader = loader
-            for i, batch in enumerate(loader):
-                if i >= offset:
-                    yield batch
-            for key in SKIP_FIELDS:
-                self._skips_done[key] += loader.stats[key]
-            self._loader = None
-            offset = 0
-            segment += 1
-
     def _data_skips(self) -> dict[str, int]:
         """Samples the stream skipped so far, summed over ranks (a collective: call it on all).
 
         A resume re-reads (and re-counts) the part of a segment consumed before a mid-segment
         save; interval checkpoints sit on segment boundaries, so only signal stops do that.
         """
-        mine = dict(self._skips_done)
-        if self._loader is not None:
-            current = self._loader.stats
-            mine = {key: mine[key] + current[key] for key in SKIP_FIELDS}
+        mine = self.stream.local_skips()
         local = torch.tensor([float(mine[key]) for key in SKIP_FIELDS], dtype=torch.float64, device=self.device)
         total = self.dist.all_reduce_sum(local).tolist()
         return {key: int(self._skips_before.get(key, 0)) + int(v) for key, v in zip(SKIP_FIELDS, total)}
@@ -484,8 +348,7 @@ class Trainer:
             metric_names=loss_names(self.cfg.model),
             grad_clip=self.cfg.optim.grad_clip,
             # Which failure made a step bad travels in the same all-reduce as the stop signals.
-            flags=lambda: {**{name: getattr(signal, name) in self.stop_signals for name in STOP_SIGNALS},
-                           "eigensolver_failed": self._eig_failed},
+            flags=lambda: {**self._stop_flags(), "eigensolver_failed": self._eig_failed},
         )
         if result.missing_batch:
             self._stop_for_data_error(data_error)
@@ -494,9 +357,16 @@ class Trainer:
         else:
             self.bad_steps = self._bad_eigen_steps = 0
         self.step += 1
-        # SIGTERM and Ctrl-C win over SIGUSR1: they must never requeue (see the module docstring).
-        self.stop_signal = next((name for name in STOP_SIGNALS if result.flags[name]), None)
+        self._agree_on_stop(result.flags)
         return {**result.metrics, "skipped_steps": self.skipped_steps}
+
+    def _stop_flags(self) -> dict[str, bool]:
+        """This rank's stop signals, as flags for a vote of the ranks."""
+        return {name: getattr(signal, name) in self.stop_signals for name in STOP_SIGNALS}
+
+    def _agree_on_stop(self, agreed: dict[str, bool]) -> None:
+        # SIGTERM and Ctrl-C win over SIGUSR1: they must never requeue (see the module docstring).
+        self.stop_signal = next((name for name in STOP_SIGNALS if agreed.get(name)), None)
 
     def _stop_for_data_error(self, data_error: Exception | None) -> None:
         saved = ""
@@ -542,7 +412,7 @@ class Trainer:
             f"{self.cfg.data.batch_size} per rank, global batch {self.global_batch}; "
             f"{self.max_steps} steps; run folder {self.run_dir}"
         )
-        batches = self._segment_batches(self.step)
+        batches = self.stream.batches(self.step)
         self.heads.train()
         self._start_step = self.step
         self._clock = (time.perf_counter(), self.step)  # (time, step) of the last log line
@@ -554,19 +424,18 @@ class Trainer:
             except DataError as err:
                 data_error = err
             metrics = self.train_step(batch, data_error)
+            self._after_step(metrics)  # an evaluation it runs may end early on a stop signal
             if self.stop_signal is not None:
-                # The step was taken: its metrics belong to this run (the resume starts after it).
-                if self.step % self.cfg.train.log_interval == 0:
-                    self._log(metrics)
-                # Stop the DataLoader workers now: Slurm's end-of-job SIGTERM after the requeue
-                # would kill them and torch would turn that into an error during shutdown.
+                # Stop the DataLoader workers before the save (they leave when told to).
                 batches.close()
-                self._stop_for_signal(requeue=self.stop_signal == "SIGUSR1")
+                self._stop_for_signal()
                 return {}
-            self._after_step(metrics)
 
         wall = time.perf_counter() - t_start
         last_eval = self.evaluate(final=True)
+        if self.stop_signal is not None:  # the resume runs the final evaluation again
+            self._stop_for_signal()
+            return {}
         self._save(reason="final")
         summary = {
             "steps": self.step,
@@ -580,13 +449,16 @@ class Trainer:
         return summary
 
     def _after_step(self, metrics: dict[str, float]) -> None:
-        """Logging, evaluation and interval checkpoints, each at its own interval."""
+        """Logging, evaluation and interval checkpoints, each at its own interval; after a stop
+        signal only the logging (the step was taken: the resume starts after it)."""
         if self.step % self.cfg.train.log_interval == 0 or self.step == self.max_steps:
             self._log(metrics)
+        if self.stop_signal is not None:
+            return
         if self.step % self.cfg.train.eval_interval == 0 and self.step < self.max_steps:
             self.evaluate()
             self.heads.train()
-        if self.ckpt.should_save(self.step) and self.step < self.max_steps:
+        if self.stop_signal is None and self.ckpt.should_save(self.step) and self.step < self.max_steps:
             self._save(reason="interval")
 
     def _log(self, metrics: dict[str, float]) -> None:
@@ -609,8 +481,9 @@ class Trainer:
         self._clock = (now, self.step)
         self._report_data_skips(skips)
 
-    def _stop_for_signal(self, requeue: bool) -> None:
+    def _stop_for_signal(self) -> None:
         """Every rank: checkpoint, then (SIGUSR1 under Slurm) rank 0 requeues the job."""
+        requeue = self.stop_signal == "SIGUSR1"
         interrupted = self.stop_signal == "SIGINT"
         self._save(reason="interrupted" if interrupted else "preemption")
         self.outcome = "KILLED"  # not FINISHED: a resume sets the same MLflow run RUNNING again
@@ -638,7 +511,9 @@ class Trainer:
         """In-training validation (no flip, no CRF, hard assignment).
 
         The final one also scores k-means on the raw backbone keys of the same images, so the
-        table shows what training added over the frozen features.
+        table shows what training added over the frozen features.  A stop signal ends it after
+        the running batch (the ranks vote after each one): it then sets `stop_signal`, logs
+        nothing and returns {}.
         """
         from eagle_dist.evaluation.loop import evaluate_stream, evaluate_unlabeled
 
@@ -648,12 +523,16 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):
             if cfg.model.unlabeled:
                 result = evaluate_unlabeled(self.backbone, self.raw_heads, self.dist, cfg.data, shards=self.eval_shards,
-                                            max_batches=cfg.eval.max_batches, seed=cfg.train.seed)
+                                            max_batches=cfg.eval.max_batches, seed=cfg.train.seed,
+                                            stop_flags=self._stop_flags)
             else:
                 result = evaluate_stream(  # in-training protocol: no flip TTA, no CRF
                     self.backbone, self.raw_heads, self.dist, cfg.data, dataclasses.replace(cfg.eval, flip=False),
-                    kmeans_baseline=final, shards=self.eval_shards, seed=cfg.train.seed,
+                    kmeans_baseline=final, shards=self.eval_shards, seed=cfg.train.seed, stop_flags=self._stop_flags,
                 )
+        if result.stopped_by:
+            self._agree_on_stop(result.stopped_by)
+            return {}
         metrics = {f"eval/{k}": v for k, v in result.scalars().items()}
         self.tracker.log_metrics(metrics, step=self.step)
         self.last_eval_result = result

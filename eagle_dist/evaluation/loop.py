@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -74,6 +75,51 @@ def cosine_kmeans(x_ND: torch.Tensor, k: int, iters: int = 30, seed: int = 0) ->
     return c
 
 
+class AgreedBatches:
+    """A loader's batches (at most `max_batches`); with `stop_flags`, the ranks also vote after each.
+
+    stop_flags() returns this rank's flags (the trainer's stop signals).  Before each batch every
+    rank adds its flags and whether it still has a batch to one all-reduce: a flag set on any rank
+    ends the loop on all of them (`stopped_by` then holds the agreed flags), and a rank that ran out
+    keeps voting until all have (ranks may hold a batch more or less).  Without `stop_flags` it
+    is the plain loop, with no collective.
+    """
+
+    def __init__(self, loader, dist, max_batches: int | None,
+                 stop_flags: Callable[[], Mapping[str, bool]] | None = None):
+        self.loader, self.dist, self.max_batches, self.stop_flags = loader, dist, max_batches, stop_flags
+        self.stopped_by: dict[str, bool] = {}
+
+    def __iter__(self) -> Iterator[Any]:
+        batches, taken = iter(self.loader), 0
+        try:
+            while True:
+                batch = None
+                if batches is not None and (self.max_batches is None or taken < self.max_batches):
+                    batch = next(batches, None)
+                if batch is None:
+                    batches = None  # finished: its workers leave now
+                if self.stop_flags is None:
+                    if batch is None:
+                        return
+                else:
+                    flags = dict(self.stop_flags())
+                    votes = torch.tensor([float(batch is not None), *(float(bool(v)) for v in flags.values())],
+                                         dtype=torch.float64, device=self.dist.device)
+                    agreed = self.dist.all_reduce_sum(votes).tolist()
+                    if any(v > 0 for v in agreed[1:]):
+                        self.stopped_by = {name: agreed[1 + i] > 0 for i, name in enumerate(flags)}
+                        return
+                    if agreed[0] == 0:
+                        return
+                    if batch is None:
+                        continue  # other ranks still evaluate
+                yield batch
+                taken += 1
+        finally:
+            del batches  # a loop left early stops its loader's workers here
+
+
 @dataclass
 class EvalResult:
     class_names: list[str]
@@ -82,6 +128,7 @@ class EvalResult:
     kmeans: metrics.ConfusionMatrix | None = None  # k-means on the raw backbone keys
     samples: list[dict] = field(default_factory=list)  # a few images for the figure (rank 0)
     n_images: int = 0  # images evaluated, summed over ranks
+    stopped_by: dict[str, bool] = field(default_factory=dict)  # the agreed stop flags, if one ended it early
 
     def per_class_iou(self) -> dict[str, dict[str, float | None]]:
         """IoU in percent per class name for every probe and protocol (None where undefined).
@@ -189,6 +236,7 @@ def evaluate_stream(
     crf_pool=None,
     seed: int = 0,
     eicue_samples: bool = True,
+    stop_flags: Callable[[], Mapping[str, bool]] | None = None,
 ) -> EvalResult:
     """Evaluate `heads` on the validation shards; collective: every rank must call it.
 
@@ -200,6 +248,8 @@ def evaluate_stream(
     ``cluster_alpha`` x cosine (the official final protocol; the temperature changes nothing
     without the CRF, since the argmax is the same).  ``eicue_samples`` adds the EiCue map of
     the first images to ``samples`` (the trainer's figure); `seed` seeds the k-means baseline.
+    ``stop_flags``: the ranks vote on them after each batch (:class:`AgreedBatches`); a flag
+    set on any rank ends the evaluation early with ``stopped_by`` set (and no k-means baseline).
     """
     from eagle_dist.data import stream as data
 
@@ -216,9 +266,8 @@ def evaluate_stream(
     kept_images: list[tuple[torch.Tensor, torch.Tensor]] = []
     samples: list[dict] = []
     n_images = 0
-    for i, batch in enumerate(loader):
-        if max_batches is not None and i >= max_batches:
-            break
+    batches = AgreedBatches(loader, dist, max_batches, stop_flags)
+    for batch in batches:
         img = batch["img"].to(device, non_blocking=dist.pin_memory)
         label = batch["label"].to(device, non_blocking=dist.pin_memory)
         code = head_code(backbone, heads, img, flip)
@@ -240,12 +289,12 @@ def evaluate_stream(
         dist.all_reduce_sum(cm.table)
     n_images = int(dist.all_reduce_sum(torch.tensor([n_images], dtype=torch.int64, device=device)).item())
     kmeans = None
-    if kmeans_baseline:
+    if kmeans_baseline and not batches.stopped_by:
         kmeans = _kmeans_baseline(kept_images, n, e, dist, seed)
     if was_training:
         heads.train()
     names = [c["name"] if isinstance(c, dict) else str(c) for c in manifest["classes"]]
-    return EvalResult(names, cluster, linear, kmeans, samples, n_images)
+    return EvalResult(names, cluster, linear, kmeans, samples, n_images, stopped_by=batches.stopped_by)
 
 
 def _kmeans_baseline(kept, n, e, dist, seed, max_points: int = 20000) -> metrics.ConfusionMatrix:
@@ -316,6 +365,7 @@ class UnlabeledEvalResult:
     samples: list[dict] = field(default_factory=list)  # rank 0: image, segments, both EiCue maps
     eigen: dict | None = None  # rank 0, first image: eigenvectors and both EiCue maps
     eigen_clusters: int = 0
+    stopped_by: dict[str, bool] = field(default_factory=dict)  # the agreed stop flags, if one ended it early
 
     def pixel_share(self) -> np.ndarray:
         return self.pixels / max(int(self.pixels.sum()), 1)
@@ -371,12 +421,14 @@ class UnlabeledEvalResult:
 
 @torch.no_grad()
 def evaluate_unlabeled(backbone, heads, dist, data_cfg: DataConfig, shards: str, max_batches: int | None = None,
-                       n_samples: int = 4, seed: int = 0) -> UnlabeledEvalResult:
+                       n_samples: int = 4, seed: int = 0,
+                       stop_flags: Callable[[], Mapping[str, bool]] | None = None) -> UnlabeledEvalResult:
     """Label-free evaluation on `shards` (their labels, if any, are not read); collective.
 
     The loader and the augmentation follow the ``data`` section (``val_*``, ``num_workers``,
     ``blur_p``).  The augmented view is drawn from a generator seeded with `seed` (the run's
     ``train.seed``) and the rank, so two evaluations of the same weights give the same numbers.
+    ``stop_flags``: as for :func:`evaluate_stream`.
     """
     from eagle_dist.data import stream as data
     from eagle_dist.evaluation import figures
@@ -392,9 +444,8 @@ def evaluate_unlabeled(backbone, heads, dist, data_cfg: DataConfig, shards: str,
     agreement = torch.zeros(2, dtype=torch.float64, device=device)  # sum over images, image count
     samples: list[dict] = []
     eigen = None
-    for i, batch in enumerate(loader):
-        if max_batches is not None and i >= max_batches:
-            break
+    batches = AgreedBatches(loader, dist, max_batches, stop_flags)
+    for batch in batches:
         img = batch["img"].to(device)
         img_aug = data.photometric_aug(batch["img"], data_cfg.blur_p, generator).to(device)
         code = heads.seg_head(backbone(img))
@@ -430,5 +481,5 @@ def evaluate_unlabeled(backbone, heads, dist, data_cfg: DataConfig, shards: str,
     return UnlabeledEvalResult(
         n_segments=k_seg, pixels=pixels.cpu().numpy().astype(np.int64), images=images.cpu().numpy().astype(np.int64),
         eicue_agreement=float(agreement[0].item()) / max(n_images, 1), n_images=n_images,
-        samples=samples, eigen=eigen, eigen_clusters=k_eig,
+        samples=samples, eigen=eigen, eigen_clusters=k_eig, stopped_by=batches.stopped_by,
     )

@@ -148,7 +148,7 @@ def test_single_process_setup_and_helpers(clean_env):
         model(torch.ones(1, 2)).sum().backward()
         assert torch.is_tensor(d.clip_grad(model, 0.5))
         assert d.gather_object({"a": 1}) == [{"a": 1}] and d.broadcast_object("x") == "x"
-        assert d.mean_scalar(torch.tensor(3.0)) == 3.0
+        assert helpers.mean_over_ranks(d, torch.tensor(3.0)) == 3.0
         assert d.all_reduce_sum(torch.ones(2)).tolist() == [1.0, 1.0]
         assert "world_size=1" in dist_mod.describe(d)
         assert not d.pin_memory and d.to_device({"x": torch.ones(1), "key": "a"}) == {"x": torch.ones(1)}
@@ -158,9 +158,9 @@ def test_single_process_setup_and_helpers(clean_env):
 
 
 def test_loaders_pin_memory_and_copy_asynchronously_only_for_a_gpu(monkeypatch):
-    from eagle_dist.data import stream
-    from eagle_dist.engine.trainer import Trainer
     from eagle_dist.config import load_config
+    from eagle_dist.data import stream
+    from eagle_dist.data.prepare import TrainingStream
 
     fields = dict(accelerator=None, rank=0, world_size=1, local_rank=0, local_world_size=1, backend=None,
                   strategy="ddp", zero_stage=None, grad_clip=1.0, launcher="none", cpu_threads=1)
@@ -169,7 +169,7 @@ def test_loaders_pin_memory_and_copy_asynchronously_only_for_a_gpu(monkeypatch):
     on_cpu = dist_mod.Dist(device=torch.device("cpu"), precision=dist_mod.resolve_precision("no", "cpu"), **fields)
     assert on_gpu.pin_memory and not on_cpu.pin_memory
 
-    # The trainer's loader takes the flag from its Dist (the real segment iterator, loader faked).
+    # The training stream's loader takes the flag from its Dist (the real segment iterator, loader faked).
     for d in (on_gpu, on_cpu):
         seen = {}
 
@@ -178,11 +178,7 @@ def test_loaders_pin_memory_and_copy_asynchronously_only_for_a_gpu(monkeypatch):
             return _OneBatchLoader()
 
         monkeypatch.setattr(stream, "build_train_loader", fake_loader)
-        trainer = Trainer.__new__(Trainer)
-        trainer.cfg, trainer.dist = load_config(None, []), d
-        trainer._skips_done = dict.fromkeys(("corrupt_samples", "incomplete_samples", "missing_samples",
-                                             "read_errors"), 0)
-        assert next(trainer._segment_batches(0)) == {"x": 1}
+        assert next(TrainingStream(load_config(None, []), d).batches(0)) == {"x": 1}
         assert seen["pin_memory"] is d.pin_memory
 
 

@@ -256,3 +256,49 @@ def test_sweep_runs_as_a_job_array_whose_tasks_requeue_and_resume(slurm, shards,
     assert again.returncode == 0 and "nothing to submit" in again.stdout
     assert len((out / "slurm_jobs.txt").read_text().splitlines()) == 1
     assert client.get_run(parent.info.run_id).info.status == "FINISHED"
+
+
+def test_scancel_signals_every_process_and_the_stop_saves_a_checkpoint_the_rerun_resumes(slurm, shards, tmp_path):
+    """`scancel JOB` sends SIGTERM to every process of the job (the batch shell, srun, torchrun,
+    the ranks and their loader workers) and SIGKILL KillWait seconds later: the ranks save in
+    between and the log holds one stop line, no traceback."""
+    from eagle_dist.checkpoint import verify_checkpoint
+
+    env = {**launch_env(), "SLURM_CONF": slurm["SLURM_CONF"], "EAGLE_DIR": str(REPO),
+           "EAGLE_PYTHON": sys.executable, "NPROC_PER_NODE": "2"}
+    common = [*TINY, *shards, f"train.output_dir={tmp_path / 'runs'}", "data.num_workers=2", "train.ckpt_interval=4",
+              "train.eval_interval=1000", "dist.cpu_threads=1"]
+    submitted = subprocess.run(["sbatch", "--parsable", f"--output={tmp_path}/%x-%j.out", str(SBATCH), *common,
+                                "train.run_name=cancel", "train.max_steps=100000"],
+                               capture_output=True, text=True, env=env, cwd=tmp_path, check=True)
+    job = submitted.stdout.strip().split(";")[0]
+    log = tmp_path / f"eagle-{job}.out"
+    run_name = f"cancel-{job}"
+    ckpts = tmp_path / "runs" / run_name / "checkpoints"
+
+    def ended() -> bool:
+        return _job(job, slurm).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL")
+
+    _wait_for("the first checkpoint", lambda: (ckpts / "step-00000004" / "COMPLETE").is_file() or ended(), log)
+    assert not ended(), f"the job ended before the signal:\n{log.read_text()[-6000:]}"
+    subprocess.run(["scancel", job], env=slurm, check=True)
+    _wait_for("the job to end", ended, log)
+    _wait_for("the ranks to leave", lambda: not (tmp_path / "runs" / run_name / "LOCK").exists(), log, timeout_s=30)
+
+    text = log.read_text()
+    assert _job(job, slurm)["JobState"] == "CANCELLED"
+    for bad in ("Traceback", "exited unexpectedly", "SignalException"):
+        assert bad not in text, text[-6000:]
+    saved = [line for line in text.splitlines() if line.startswith("stop requested by SIGTERM: saved step ")]
+    assert len(saved) == 1, text[-6000:]
+    step = int(saved[0].split("saved step ")[1].split()[0])
+    assert step >= 4 and verify_checkpoint(ckpts / f"step-{step:08d}")
+
+    # The same run folder outside Slurm (a resubmitted job would get a folder of its own id).
+    rerun = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "torchrun.py"), "--standalone", "--nproc_per_node", "2",
+         str(REPO / "launch" / "train.py"), "--config", str(REPO / "configs" / "default.yaml"), *common,
+         f"train.run_name={run_name}", f"train.max_steps={step + 1}"],
+        capture_output=True, text=True, env=launch_env(), cwd=tmp_path, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert f"resumed from {ckpts / f'step-{step:08d}'} at step {step}" in rerun.stdout

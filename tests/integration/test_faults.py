@@ -234,10 +234,10 @@ def test_shards_with_nothing_usable_stop_with_one_message(run, shards, tmp_path)
 
 
 def test_a_data_error_mid_run_stops_every_rank_with_a_checkpoint(run, tmp_path, monkeypatch):
+    from eagle_dist.data.prepare import TrainingStream
     from eagle_dist.data.stream import DataError
-    from eagle_dist.engine.trainer import Trainer
 
-    original = Trainer._segment_batches
+    original = TrainingStream.batches
 
     def failing(self, start_step):
         for i, batch in enumerate(original(self, start_step)):
@@ -245,7 +245,7 @@ def test_a_data_error_mid_run_stops_every_rank_with_a_checkpoint(run, tmp_path, 
                 raise DataError("the shard server went away; check the mount")
             yield batch
 
-    monkeypatch.setattr(Trainer, "_segment_batches", failing)
+    monkeypatch.setattr(TrainingStream, "batches", failing)
     code, out = run("train.max_steps=10")
     assert code == 2
     assert "the shard server went away; check the mount" in out
@@ -469,10 +469,15 @@ def test_stop_signal_saves_and_exits_0_and_only_sigusr1_requeues(run, tmp_path, 
     assert _mlflow_status(tmp_path, "f-4242") == "KILLED"  # not FINISHED: the run resumes later
 
 
-def _sigint_run(cmd: list[str], log: Path, **extra_env: str) -> subprocess.Popen:
-    """Start `cmd` in its own process group, as a terminal would run it, output to `log`."""
+def _sigint_env(**extra_env: str) -> dict[str, str]:
     env = {**launch_env(), **extra_env}
     env.pop("EAGLE_NO_RELAUNCH", None)
+    return env
+
+
+def _sigint_run(cmd: list[str], log: Path, **extra_env: str) -> subprocess.Popen:
+    """Start `cmd` in its own process group, as a terminal would run it, output to `log`."""
+    env = _sigint_env(**extra_env)
     with open(log, "w") as out:
         return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO,
                                 start_new_session=True)
@@ -545,8 +550,80 @@ def test_second_ctrl_c_stops_at_once_without_a_half_checkpoint_under_a_final_nam
     assert not (tmp_path / "runs" / "d" / "LOCK").exists()
 
 
+def _signal_the_group(cmd: list[str], log: Path, ready: Path, sig: int, **extra_env: str) -> tuple[int, str]:
+    """Start `cmd` in a session of its own, send `sig` to its whole process group once `ready`
+    exists, and return (exit code, log) once it has exited."""
+    proc = _sigint_run(cmd, log, **extra_env)
+    try:
+        _wait_for(ready, proc, log)
+        os.killpg(proc.pid, sig)
+        code = proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return code, log.read_text()
+
+
+def assert_one_clean_stop(code: int, out: str, what: str, ckpts: Path, reason: str = "preemption") -> int:
+    """Exit 0, no traceback, one stop line; the checkpoint of the stop step verifies.  Its step."""
+    from eagle_dist.checkpoint import verify_checkpoint
+
+    assert code == 0, out[-5000:]
+    for bad in ("Traceback", "exited unexpectedly", "SignalException"):
+        assert bad not in out, out[-5000:]
+    saved = [line for line in out.splitlines() if line.startswith("stop requested by")]
+    assert len(saved) == 1 and saved[0].startswith(f"stop requested by {what}: saved step "), out[-5000:]
+    assert "start the same command again to resume" in saved[0]
+    step = int(saved[0].split("saved step ")[1].split()[0])
+    assert verify_checkpoint(ckpts / f"step-{step:08d}") and _extra(ckpts / f"step-{step:08d}")["reason"] == reason
+    return step
+
+
+# The signals Slurm (scancel, preemption, the time limit) and `kill -- -PGID` send reach every process
+# of the group; with two loader workers per rank these used to die of it and take the ranks down.
+SIGNAL_RUN = [*TINY, "data.num_workers=2", "train.ckpt_interval=2", "train.max_steps=100000", "dist.cpu_threads=1"]
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_during_training_saves_and_the_rerun_resumes(tmp_path, shards):
+    # No --config: launch/train.py starts torchrun with 2 processes itself (`make train`).
+    base = [sys.executable, str(REPO / "launch" / "train.py"), *SIGNAL_RUN, *shards,
+            f"train.output_dir={tmp_path / 'runs'}", "train.run_name=t", "train.eval_interval=1000"]
+    ckpts = _ckpt_dir(tmp_path, "t")
+    code, out = _signal_the_group(base, tmp_path / "first.log", ckpts / "step-00000002" / "COMPLETE", signal.SIGTERM)
+    step = assert_one_clean_stop(code, out, "SIGTERM", ckpts)
+    assert not (tmp_path / "runs" / "t" / "LOCK").exists()
+
+    done = subprocess.run([*base, f"train.max_steps={step + 1}"], capture_output=True, text=True,
+                          env=_sigint_env(), cwd=REPO, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"resumed from {ckpts / f'step-{step:08d}'} at step {step}" in done.stdout
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_sigusr1_to_the_process_group_during_an_evaluation_ends_it_saves_and_the_rerun_resumes(tmp_path, shards):
+    # launch/torchrun.py: the launcher that passes stop signals on (Slurm's, here without Slurm).
+    started = tmp_path / "evaluation-started"
+    base = [sys.executable, str(REPO / "launch" / "torchrun.py"), "--standalone", "--nproc_per_node", "2",
+            FAULT_HARNESS, str(tmp_path / "out"), *SIGNAL_RUN, *shards, f"train.output_dir={tmp_path / 'runs'}",
+            "train.run_name=e", "train.eval_interval=3"]
+    ckpts = _ckpt_dir(tmp_path, "e")
+    code, out = _signal_the_group(base, tmp_path / "first.log", started, signal.SIGUSR1,
+                                  EAGLE_TEST_SLOW_EVAL=str(started))
+    step = assert_one_clean_stop(code, out, "SIGUSR1 (Slurm's pre-timeout signal)", ckpts)
+    assert step == 3 and "evaluation at step 3" not in out  # ended after its first batch, no table
+
+    done = subprocess.run([*base, f"train.max_steps={step + 1}"], capture_output=True, text=True,
+                          env=_sigint_env(), cwd=REPO, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"resumed from {ckpts / f'step-{step:08d}'} at step {step}" in done.stdout
+
+
 def test_requeue_without_scontrol_is_reported_not_raised(tmp_path):
-    from eagle_dist.engine.trainer import requeue_slurm_job
+    from eagle_dist.distributed import requeue_slurm_job
 
     problem = requeue_slurm_job("17", scontrol=str(tmp_path / "no-scontrol"))
     assert problem is not None and "FileNotFoundError" in problem

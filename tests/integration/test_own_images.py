@@ -144,14 +144,15 @@ def test_class_count_mismatch_gives_advice_that_works(tmp_path):
     from eagle_dist.config import load_config
     from eagle_dist.data.shards import ShardOptions, build
     from eagle_dist.data.sources import SyntheticSpec
-    from eagle_dist.engine.trainer import Trainer, TrainingError
+    from eagle_dist.data.stream import DataError
+    from eagle_dist.engine.trainer import Trainer
 
     shards = tmp_path / "train"
     build(ShardOptions(source="synthetic", split="train", out=shards, quiet=True, progress=False,
                        source_options={"spec": SyntheticSpec(count=2, height=32, width=32, num_classes=3)}))
     cfg = load_config(None, [f"data.train_shards={shards}", "model.n_classes=5", "dist.cpu_threads=1",
                              f"train.output_dir={tmp_path / 'runs'}"])
-    with pytest.raises(TrainingError) as err:
+    with pytest.raises(DataError) as err:
         Trainer(cfg)
     message = str(err.value)
     assert "set model.n_classes=3, or model.n_classes=0 to train without the labels" in message

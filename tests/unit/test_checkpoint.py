@@ -11,6 +11,7 @@ import json
 import os
 import random
 import subprocess
+import sys
 
 import numpy as np
 import helpers
@@ -22,6 +23,8 @@ import toy_train
 from eagle_dist import checkpoint as ck
 from eagle_dist import distributed as dist_mod
 from eagle_dist.checkpoint import CheckpointError, CheckpointManager, CheckpointSaveError
+from eagle_dist.cli.checkpoint import main as checkpoint_cli
+from helpers import launch_env
 
 # --------------------------------------------------------------------------- single process
 
@@ -103,7 +106,7 @@ def test_folders_without_marker_are_ignored(tmp_path, d):
     assert ck.latest_complete(tmp_path) == good and mgr.latest() == good
     with pytest.raises(CheckpointError, match="no COMPLETE marker"):
         mgr.load(half, model, optimizer)
-    assert ck.main([str(tmp_path)]) == 0
+    assert checkpoint_cli([str(tmp_path)]) == 0
 
 
 def test_keep_last_counts_only_complete_checkpoints(tmp_path, d):
@@ -162,7 +165,7 @@ def test_damaged_checkpoint_is_refused_moved_aside_and_resume_falls_back(tmp_pat
 
     with pytest.raises(ck.CheckpointDamagedError, match=f"checkpoint {newest} is damaged: {reason}"):
         mgr.load(newest, model, optimizer)  # asked for by name: refused, left where it is
-    assert ck.main(["verify", str(tmp_path)]) == 1
+    assert checkpoint_cli(["verify", str(tmp_path)]) == 1
     listing = capsys.readouterr().out
     assert "step-00000002  ok" in listing and f"step-00000004  DAMAGED: {reason}" in listing
 
@@ -189,8 +192,12 @@ def test_checkpoint_without_digests_still_loads_with_one_note(tmp_path, d, capsy
     assert mgr.latest() == path and mgr.load(path, model, optimizer)["step"] == 2
     assert mgr.load(tmp_path / "step-00000001", model, optimizer)["step"] == 1
     assert capsys.readouterr().err.count("saved before checkpoints recorded sha256 digests") == 1
-    assert ck.main(["verify", str(path)]) == 0
+    assert checkpoint_cli(["verify", str(path)]) == 0
     assert "unchecked (saved before checkpoints recorded digests)" in capsys.readouterr().out
+    # The module's own `python -m` line runs the same tool.
+    shim = subprocess.run([sys.executable, "-m", "eagle_dist.checkpoint", "verify", str(path)], capture_output=True,
+                          text=True, env=launch_env(), timeout=120)
+    assert shim.returncode == 0 and "step-00000002  unchecked" in shim.stdout, shim.stderr[-2000:]
 
 
 def _no_space(*_args, **_kwargs):

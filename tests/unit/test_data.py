@@ -207,6 +207,37 @@ def test_validation_sees_every_sample_exactly_once(shards, world_size, num_worke
     assert batch["img"].shape == (4, 3, 24, 24) and batch["label"].shape == (4, 24, 24) and "img_aug" not in batch
 
 
+@pytest.mark.faults
+def test_loader_workers_ignore_stop_signals_from_others_and_obey_their_parent(shards):
+    """Slurm and `kill -- -PGID` signal the loader workers too: they must neither die (the rank
+    would fail with "worker exited unexpectedly") nor stop the stream; the DataLoader's own
+    SIGTERM (Process.terminate, from the parent) still ends one."""
+    import multiprocessing
+    import signal
+    import subprocess
+    import time
+
+    loader = data.build_val_loader(shards["val"], 4, 0, 1, 2, resolution=24)
+    batches = iter(loader)
+    keys = list(next(batches)["key"])
+    workers = multiprocessing.active_children()
+    assert len(workers) == 2
+    for sig in ("TERM", "INT", "USR1"):  # sent by another process, as slurmstepd or kill(1) would
+        subprocess.run(["kill", f"-{sig}", *(str(w.pid) for w in workers)], check=True)
+    time.sleep(0.5)
+    assert all(w.is_alive() for w in workers)
+    keys += [k for batch in batches for k in batch["key"]]
+    assert sorted(keys) == sorted(all_keys(shards["val"]))
+
+    batches = iter(loader)
+    next(batches)
+    worker = multiprocessing.active_children()[0]
+    worker.terminate()
+    worker.join(10)
+    assert worker.exitcode == 0
+    del batches
+
+
 # --------------------------------------------------------------------------- damaged shards
 
 def _rewrite_member(path: Path, member: str, data_bytes: bytes) -> None:

@@ -35,9 +35,23 @@ def _modules() -> dict[str, Path]:
 MODULES = _modules()
 
 
+def _is_main_guard(node: ast.AST) -> bool:
+    return (isinstance(node, ast.If) and isinstance(node.test, ast.Compare)
+            and isinstance(node.test.left, ast.Name) and node.test.left.id == "__name__")
+
+
+def _tree(path: Path) -> ast.Module:
+    """The module's code without its `if __name__ == "__main__":` block, which runs only when the
+    module is the program (eagle_dist/checkpoint.py's `python -m` shim to its tool), not when it
+    is imported."""
+    tree = ast.parse(path.read_text())
+    tree.body = [node for node in tree.body if not _is_main_guard(node)]
+    return tree
+
+
 def _from_imports(path: Path) -> list[tuple[str, str, int]]:
     """(module, name, line) of every `from eagle_dist... import name` in the file, at any depth."""
-    return [(node.module, alias.name, node.lineno) for node in ast.walk(ast.parse(path.read_text()))
+    return [(node.module, alias.name, node.lineno) for node in ast.walk(_tree(path))
             if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module
             and node.module.split(".")[0] == "eagle_dist" for alias in node.names]
 
@@ -47,7 +61,7 @@ def _imports(path: Path) -> list[str]:
     sub-module X.sub where that is a module, else as X."""
     found = [f"{module}.{name}" if f"{module}.{name}" in MODULES else module
              for module, name, _ in _from_imports(path)]
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(_tree(path)):
         if isinstance(node, ast.Import):
             found += [a.name for a in node.names if a.name.split(".")[0] == "eagle_dist"]
     return [m for m in found if m != "eagle_dist"]
