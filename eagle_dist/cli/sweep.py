@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from eagle_dist.distributed import STOP_SIGNALS, TORCHRUN_CODE
 from eagle_dist.errors import EagleError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -166,7 +167,9 @@ class Sweep:
         config = ["--config", str(self.config_path)] if self.spec["config"] else []
         nproc = self.spec.get("nproc")
         if nproc:
-            launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+            # torchrun as eagle-dist's launcher, which leaves the stop signals to the workers (they
+            # save and exit 0) instead of shutting them down with a traceback.
+            launcher = [sys.executable, "-c", TORCHRUN_CODE, "--standalone", "--nproc_per_node", str(nproc)]
         else:
             launcher = [sys.executable]
         return [*launcher, str(TRAIN), *config, *run.overrides]
@@ -271,32 +274,59 @@ def _parent_tracker(sweep: Sweep):
 # ----------------------------------------------------------------------------- running
 
 
+class _StopRequest:
+    """A stop signal (SIGTERM, SIGINT, SIGUSR1) to the sweep: passed on to the running training,
+    which saves a checkpoint and exits; no further run starts.  A signal to the whole process
+    group reaches the training twice, which it takes as one."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.child: subprocess.Popen | None = None
+
+    def __call__(self, signum: int, _frame: Any) -> None:
+        self.signum = signum
+        if self.child is not None and self.child.poll() is None:
+            try:
+                self.child.send_signal(signum)
+            except OSError:
+                pass  # it ended meanwhile
+
+
 def run_local(sweep: Sweep) -> int:
-    """Every unfinished run, one after the other; 0 when all are finished."""
+    """Every unfinished run, one after the other; 0 when all are finished, 130 when stopped."""
     runs = sweep.runs()
     (sweep.out / "logs").mkdir(exist_ok=True)
-    failed, interrupted = [], False
-    for run in runs:
-        state, step = sweep.state(run)
-        label = f"[{run.index + 1}/{len(runs)}] {run.name}"
-        if state == "finished":
-            print(f"{label}: finished earlier (step {step}), kept", flush=True)
-            continue
-        how = f"resuming from step {step}" if state == "partial" else "starting"
-        print(f"{label}: {how}; log {sweep.log_path(run)}", flush=True)
-        code, seconds = _run_one(sweep, run)
-        if code is None:
-            interrupted = True
-            break
-        state, step = sweep.state(run)
-        if code == 0 and state == "finished":
-            print(f"{label}: finished in {seconds / 60:.1f} min", flush=True)
-        else:
-            failed.append(run.name)
-            tail = _tail(sweep.log_path(run))
-            print(f"{label}: FAILED (exit status {code}, {state}" + (f" at step {step}" if step else "")
-                  + f"); the other runs go on. Last lines of {sweep.log_path(run)}:\n{tail}", file=sys.stderr, flush=True)
-    if interrupted:
+    failed: list[str] = []
+    stop = _StopRequest()
+    previous = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
+    try:
+        for run in runs:
+            if stop.signum is not None:
+                break
+            state, step = sweep.state(run)
+            label = f"[{run.index + 1}/{len(runs)}] {run.name}"
+            if state == "finished":
+                print(f"{label}: finished earlier (step {step}), kept", flush=True)
+                continue
+            how = f"resuming from step {step}" if state == "partial" else "starting"
+            print(f"{label}: {how}; log {sweep.log_path(run)}", flush=True)
+            code, seconds = _run_one(sweep, run, stop)
+            state, step = sweep.state(run)
+            if code == 0 and state == "finished":
+                print(f"{label}: finished in {seconds / 60:.1f} min", flush=True)
+            elif stop.signum is not None:
+                print(f"{label}: stopped by {signal.Signals(stop.signum).name} at step {step} "
+                      f"(exit status {code})", flush=True)
+            else:
+                failed.append(run.name)
+                tail = _tail(sweep.log_path(run))
+                print(f"{label}: FAILED (exit status {code}, {state}" + (f" at step {step}" if step else "")
+                      + f"); the other runs go on. Last lines of {sweep.log_path(run)}:\n{tail}", file=sys.stderr,
+                      flush=True)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if stop.signum is not None:
         _say_interrupted(sweep)
         return 130
     return 1 if failed else 0
@@ -307,25 +337,19 @@ def _say_interrupted(sweep: Sweep) -> None:
           file=sys.stderr, flush=True)
 
 
-def _run_one(sweep: Sweep, run: Run) -> tuple[int | None, float]:
-    """Run one training; (exit status, seconds), or (None, seconds) after Ctrl-C."""
+def _run_one(sweep: Sweep, run: Run, stop: _StopRequest) -> tuple[int, float]:
+    """Run one training; (exit status, seconds).  A stop signal meanwhile goes on to it (`stop`)."""
     log = sweep.log_path(run)
     cmd = sweep.command(run)
     start = time.time()
     with open(log, "a") as f:
         f.write(f"\n=== eagle-dist sweep: {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n")
         f.flush()
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=Path.cwd())
+        stop.child = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=Path.cwd())
         try:
-            code = proc.wait()
-        except KeyboardInterrupt:
-            # The run got the same Ctrl-C (same process group): it saves a checkpoint and exits.
-            try:
-                proc.wait()
-            except KeyboardInterrupt:
-                proc.send_signal(signal.SIGINT)
-                proc.wait()
-            code = None
+            code = stop.child.wait()
+        finally:
+            stop.child = None
     _record_attempt(sweep, run, code, start)
     return code, time.time() - start
 
@@ -612,7 +636,7 @@ def main(argv: list[str] | None = None) -> int:
         code = 130
         try:
             code = run_local(sweep)
-        except KeyboardInterrupt:  # Ctrl-C between two runs: nothing is running, nothing to save
+        except KeyboardInterrupt:  # Ctrl-C before run_local took the stop signals over: nothing runs yet
             _say_interrupted(sweep)
         finally:
             report = write_report(sweep, tracker)

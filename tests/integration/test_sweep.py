@@ -1,5 +1,5 @@
-"""`eagle-dist sweep` here, one run after the other: 2 arms x 2 seeds of the tiny config, killed
-during the second run and launched again, with one run that fails.
+"""`eagle-dist sweep` here, one run after the other: 2 arms x 2 seeds of the tiny config, stopped
+by SIGTERM to its process group during the second run and launched again, with one run that fails.
 
     .venv/bin/python -m pytest tests/integration/test_sweep.py -q
 
@@ -35,8 +35,9 @@ def complete(run_dir: Path, step: int) -> bool:
 
 @pytest.fixture(scope="module")
 def relaunched(shards, tmp_path_factory):
-    """Kill the sweep (its whole process group) once the second run saved its first checkpoint,
-    then launch it again; krylov-seed1 fails (its checkpoints path is a file)."""
+    """SIGTERM to the sweep's whole process group once the second run saved its first checkpoint
+    (the run saves where it stopped, the sweep ends), then launch it again; krylov-seed1 fails
+    (its checkpoints path is a file)."""
     out = tmp_path_factory.mktemp("sweep") / "solver"
     runs = out / "runs"
     (runs / "krylov-seed1").mkdir(parents=True)
@@ -47,8 +48,11 @@ def relaunched(shards, tmp_path_factory):
     deadline = time.monotonic() + 300
     while not complete(runs / "krylov-seed0", 2) and first.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    os.killpg(first.pid, signal.SIGKILL)
-    killed_out = first.communicate()[0]
+    os.killpg(first.pid, signal.SIGTERM)  # as `kill -- -PGID` or a scheduler would: every process
+    killed_out = first.communicate(timeout=300)[0]
+    assert first.returncode == 130, killed_out[-4000:]
+    assert "[2/4] krylov-seed0: stopped by SIGTERM at step" in killed_out and "sweep interrupted" in killed_out
+    assert "[3/4]" not in killed_out  # no run starts after a stop
     assert complete(runs / "eigh-seed0", 6), killed_out[-4000:]
     assert not complete(runs / "krylov-seed0", 6), "the second run finished before the kill:\n" + killed_out[-4000:]
     saved = max(int(p.parent.name.split("-")[1]) for p in (runs / "krylov-seed0" / "checkpoints").glob("step-*/COMPLETE"))
