@@ -29,7 +29,6 @@ import yaml
 
 from eagle_dist.errors import EagleError
 
-
 # The allowed values of the choice fields, defined here only: other modules derive their lists
 # from these (typing.get_args), e.g. distributed.STRATEGIES, eicue.EIGEN_SOLVERS.
 ColorMode = Literal["official", "rgb01"]

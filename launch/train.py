@@ -53,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"eagle-dist: config error: {err}", file=sys.stderr)
         return 2
 
-    from eagle_dist.errors import USER_ERRORS
     from eagle_dist.engine.trainer import Trainer, format_final_table
+    from eagle_dist.errors import USER_ERRORS
 
     trainer = None
     try:

@@ -43,9 +43,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from eagle_dist.errors import EagleError
 from eagle_dist.data import sources
 from eagle_dist.data.sources import BadInput, Item, Source, SourceLayoutError, five_crop_boxes
+from eagle_dist.errors import EagleError
 
 BUILDER_VERSION = "1.0"
 IGNORE_VALUE = 255  # stored label value for "no class"; the stream turns it into -1

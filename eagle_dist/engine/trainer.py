@@ -53,12 +53,12 @@ from pathlib import Path
 
 import torch
 
-from eagle_dist.errors import EagleError
 from eagle_dist import config as config_mod
 from eagle_dist.config import Config
 from eagle_dist.data.prepare import SKIP_FIELDS, TrainingStream, prepare_training_data
 from eagle_dist.distributed import requeue_slurm_job, slurm_job_id
 from eagle_dist.engine.step import run_step
+from eagle_dist.errors import EagleError
 from eagle_dist.method.eagle import EagleHeads, build_model, build_optimizer, loss_names, momentum, training_step_losses
 
 

@@ -22,7 +22,6 @@ from PIL import Image, ImageDraw, ImageFont
 from eagle_dist.constants import IMAGENET_MEAN, IMAGENET_STD
 
 
-
 def palette(n: int) -> np.ndarray:
     """n distinct RGB colours (golden-ratio hues), index n is black for "ignore"."""
     hues = (np.arange(n) * 0.618033988749895) % 1.0
