@@ -235,7 +235,7 @@ def _build_config(opts: ShardOptions, source: Source, items: list[Item]) -> dict
     """Everything that determines the bytes of the shards (the root path does not)."""
     digest = hashlib.sha256()
     for it in items:
-        digest.update(f"{it.key}\t{it.image}\t{it.label}\t{it.index}\n".encode())
+        digest.update(f"{it.key}\t{it.image}\t{it.label}\t{it.source_index}\n".encode())
     return {
         "builder_version": BUILDER_VERSION, "source": opts.source, "dataset": source.dataset,
         "split": opts.split, "classes": list(source.classes), "five_crop": opts.five_crop,
