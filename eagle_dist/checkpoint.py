@@ -288,19 +288,56 @@ def move_aside(path: Path) -> Path:
 # ----------------------------------------------------------------------------- RNG states
 
 
+def _numpy_rng_state() -> dict[str, Any]:
+    """numpy's global RNG state in a form `torch.load(weights_only=True)` reads back.
+
+    `np.random.get_state()` returns a 5-tuple only while the global generator is the default
+    MT19937; after `np.random.set_bit_generator(...)` (numpy >= 1.25) it returns a dict, and
+    unpacking that dict as a tuple made every checkpoint save fail. MT19937 keeps the format
+    older checkpoints have; any other generator is kept as JSON text (its states hold
+    integers wider than 64 bits and small arrays, which plain tensors cannot carry).
+    """
+    full = np.random.get_state(legacy=False)
+    if full["bit_generator"] == "MT19937":
+        return {
+            "name": "MT19937",
+            "key": torch.from_numpy(np.asarray(full["state"]["key"]).astype(np.int64)),
+            "pos": int(full["state"]["pos"]),
+            "has_gauss": int(full["has_gauss"]),
+            "gauss": float(full["gauss"]),
+        }
+
+    def encode(value: Any) -> Any:
+        if isinstance(value, np.ndarray):
+            return {"__ndarray__": value.tolist(), "dtype": str(value.dtype)}
+        if isinstance(value, np.generic):
+            return value.item()
+        raise TypeError(f"cannot record a {type(value).__name__} of the numpy RNG state")
+
+    return {"name": str(full["bit_generator"]), "state_json": json.dumps(full, default=encode)}
+
+
+def _restore_numpy_rng(n: dict) -> None:
+    if "state_json" not in n:  # MT19937, the format every checkpoint before this one has
+        np.random.set_state((n["name"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+        return
+
+    def decode(obj: dict) -> Any:
+        if "__ndarray__" in obj:
+            return np.asarray(obj["__ndarray__"], dtype=obj["dtype"])
+        return obj
+
+    # The global generator must be the same kind again (numpy names it if not): the run that
+    # chose it at start-up chooses it again before resuming.
+    np.random.set_state(json.loads(n["state_json"], object_hook=decode))
+
+
 def capture_rng() -> dict:
     """This process's RNG states as plain tensors/numbers (loadable with weights_only=True)."""
-    np_name, np_key, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     py_version, py_state, py_gauss = random.getstate()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
-        "numpy": {
-            "name": str(np_name),
-            "key": torch.from_numpy(np_key.astype(np.int64)),
-            "pos": int(np_pos),
-            "has_gauss": int(np_has_gauss),
-            "gauss": float(np_gauss),
-        },
+        "numpy": _numpy_rng_state(),
         "python": {"version": int(py_version), "state": torch.tensor(py_state, dtype=torch.int64), "gauss": py_gauss},
     }
     if torch.cuda.is_available():
@@ -310,8 +347,7 @@ def capture_rng() -> dict:
 
 def restore_rng(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state((n["name"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    _restore_numpy_rng(state["numpy"])
     p = state["python"]
     random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
@@ -390,6 +426,7 @@ def _deepspeed_io(engine: Any, errors: list[BaseException]):
             errors.append(err)
 
     def copy_recovery_script(save_path: str) -> None:
+        assert original_copy is not None  # installed below only when the engine has one
         try:
             original_copy(save_path)
         except OSError as err:
@@ -429,7 +466,9 @@ class CheckpointManager:
 
     def should_save(self, step: int) -> bool:
         """Whether `step` is an interval checkpoint (the loop saves the final step by itself)."""
-        return bool(self.interval) and step % self.interval == 0
+        if not self.interval:
+            return False
+        return step % self.interval == 0
 
     # -- queries
 
@@ -511,8 +550,9 @@ class CheckpointManager:
             self._fail(step, errors, stage="preparing the folder")
 
         if deepspeed:
-            with _deepspeed_io(model, errors):
-                model.save_checkpoint(
+            engine: Any = model  # a DeepSpeedEngine, which nn.Module's typing does not know
+            with _deepspeed_io(engine, errors):
+                engine.save_checkpoint(
                     str(tmp / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, client_state={}, save_latest=False
                 )
         try:

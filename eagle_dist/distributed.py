@@ -630,7 +630,8 @@ class Dist:
         # trained after cleanup anyway.
         for model in getattr(self.accelerator, "_models", []):
             if isinstance(model, DistributedDataParallel):
-                model.reducer = None
+                # torch types the reducer as always present; dropping it is this teardown's point.
+                model.reducer = None  # type: ignore[assignment]
         self.accelerator.free_memory()
         if tdist.is_available() and tdist.is_initialized():
             tdist.destroy_process_group()
@@ -712,6 +713,7 @@ def _make_accelerator(
         if not on_gpu:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
             _skip_deepspeed_shm_op()
+        assert stage is not None  # _resolve always picks a ZeRO stage for deepspeed
         return Accelerator(
             deepspeed_plugin=_deepspeed_plugin(stage, grad_clip, micro_batch_size),
             mixed_precision="no",  # precision is Dist.precision's autocast (see Precision)

@@ -36,7 +36,7 @@ class SectionRecorder:
         self.device = torch.device(device)
         self._cuda = self.device.type == "cuda"
         self._cpu_seconds: dict[str, float] = defaultdict(float)
-        self._events: list[tuple[str, object, object]] = []
+        self._events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
 
     @contextlib.contextmanager
     def section(self, name: str):

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Generator
 
 from eagle_dist.config import Config
 from eagle_dist.data import stream as data
@@ -117,7 +117,7 @@ def ensure_synthetic_shards(cfg: Config, dist: Any) -> None:
             folder = folders[split]
             dist.print(f"building synthetic {split} shards in {folder} (first run only)")
             spec = SyntheticSpec(num_classes=cfg.model.n_classes or SyntheticSpec.num_classes)
-            build(ShardOptions(source="synthetic", split=split, out=folder, samples_per_shard=64,
+            build(ShardOptions(source="synthetic", split=split, out=Path(folder), samples_per_shard=64,
                                workers=1, progress=False, quiet=True, source_options={"spec": spec}))
     dist.barrier()
 
@@ -127,10 +127,10 @@ class TrainingStream:
 
     def __init__(self, cfg: Config, dist: Any):
         self.cfg, self.dist = cfg, dist
-        self._loader = None  # the current segment's loader (its skip counters)
+        self._loader: data.StreamLoader | None = None  # the current segment's loader (its skip counters)
         self._skips_done = dict.fromkeys(SKIP_FIELDS, 0)  # finished segments
 
-    def batches(self, start_step: int) -> Iterator[dict]:
+    def batches(self, start_step: int) -> Generator[dict, None, None]:  # the trainer close()s it
         cfg = self.cfg
         seg_len = max(1, cfg.train.ckpt_interval)
         segment, offset = divmod(start_step, seg_len)

@@ -185,6 +185,7 @@ def _encode_item(source: Source, item: Item, opts: ShardOptions) -> list[tuple[s
 def _build_shard(task: dict) -> dict:
     """Write one shard from its block of items; runs in a worker process (or inline)."""
     source = _WORKER_SOURCE
+    assert source is not None  # _run_tasks calls _init_worker before any shard
     opts: ShardOptions = task["opts"]
     items: list[Item] = task["items"]
     name = shard_name(opts.split, task["index"])
@@ -235,7 +236,7 @@ def _build_config(opts: ShardOptions, source: Source, items: list[Item]) -> dict
     """Everything that determines the bytes of the shards (the root path does not)."""
     digest = hashlib.sha256()
     for it in items:
-        digest.update(f"{it.key}\t{it.image}\t{it.label}\t{it.index}\n".encode())
+        digest.update(f"{it.key}\t{it.image}\t{it.label}\t{it.source_index}\n".encode())
     return {
         "builder_version": BUILDER_VERSION, "source": opts.source, "dataset": source.dataset,
         "split": opts.split, "classes": list(source.classes), "five_crop": opts.five_crop,
@@ -346,7 +347,7 @@ def build(opts: ShardOptions) -> dict:
         for stale in opts.out.glob(f".{shard_name(opts.split, index)}.partial-*"):
             stale.unlink()
     records: dict[int, dict] = {}
-    tasks = []
+    tasks: list[dict[str, Any]] = []
     for index in mine:
         done = _finished_record(opts.out, shard_name(opts.split, index), fingerprint)
         if done is not None:
@@ -373,8 +374,9 @@ def build(opts: ShardOptions) -> dict:
     # Other parts verified their own shards when they wrote them; merge re-checks everything.
     other_records = {i: _finished_record(opts.out, shard_name(opts.split, i), fingerprint, verify=False)
                      for i in others}
-    if all(r is not None for r in other_records.values()):
-        manifest = _assemble_manifest(plan, {**records, **other_records})
+    found = {i: r for i, r in other_records.items() if r is not None}
+    if len(found) == len(other_records):  # every other part has finished
+        manifest = _assemble_manifest(plan, {**records, **found})
         manifest_path = opts.out / MANIFEST
         _write_json_atomic(manifest_path, manifest)
     seconds = time.perf_counter() - t0

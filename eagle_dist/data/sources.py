@@ -72,9 +72,24 @@ class Item(NamedTuple):
     """What a worker needs to load one sample: paths relative to the root, or an index."""
 
     key: str
-    image: str | None
-    label: str | None
-    index: int
+    image: str | None  # None only for generated samples (synthetic)
+    label: str | None  # None for generated samples and images without a label file
+    # Its place in the source's items(). Not `index`: that name hid tuple.index().
+    source_index: int
+
+    @property
+    def image_file(self) -> str:
+        """`image` for the sources that read files, which always name one."""
+        if self.image is None:
+            raise ValueError(f"item {self.key} names no image file")
+        return self.image
+
+    @property
+    def label_file(self) -> str:
+        """`label` where the source always names a label file."""
+        if self.label is None:
+            raise ValueError(f"item {self.key} names no label file")
+        return self.label
 
 
 class SourceSample(NamedTuple):
@@ -306,6 +321,7 @@ class Source:
     splits: ClassVar[tuple[str, ...]]
     dataset: str
     classes: tuple[str, ...]
+    root: Path  # the dataset folder; the synthetic source reads no files and has none
 
     def __init__(self, root: str | Path | None, split: str):
         if split not in self.splits:
@@ -338,7 +354,7 @@ class Source:
     def _meta(self, item: Item, image: Image.Image) -> dict[str, Any]:
         return {
             "dataset": self.dataset, "split": self.split, "source_file": item.image,
-            "label_file": item.label, "source_index": item.index, "size": [image.height, image.width],
+            "label_file": item.label, "source_index": item.source_index, "size": [image.height, image.width],
         }
 
 
@@ -363,10 +379,10 @@ class CocoStuff(Source):
         ]
 
     def load(self, item: Item) -> SourceSample:
-        image, jpeg = _open_image(self.root, item.image)
-        fine = _open_label_png(self.root, item.label)
-        _check_sizes(image, fine, item.label)
-        label = map_labels(fine, COCOSTUFF_FINE_TO_COARSE, item.label)
+        image, jpeg = _open_image(self.root, item.image_file)
+        fine = _open_label_png(self.root, item.label_file)
+        _check_sizes(image, fine, item.label_file)
+        label = map_labels(fine, COCOSTUFF_FINE_TO_COARSE, item.label_file)
         return SourceSample(item.key, image, label, self._meta(item, image), jpeg)
 
 
@@ -392,10 +408,10 @@ class Cityscapes(Source):
         return items
 
     def load(self, item: Item) -> SourceSample:
-        image, _ = _open_image(self.root, item.image)
-        fine = _open_label_png(self.root, item.label)
-        _check_sizes(image, fine, item.label)
-        label = map_labels(fine, CITYSCAPES_FINE_TO_COARSE, item.label)
+        image, _ = _open_image(self.root, item.image_file)
+        fine = _open_label_png(self.root, item.label_file)
+        _check_sizes(image, fine, item.label_file)
+        label = map_labels(fine, CITYSCAPES_FINE_TO_COARSE, item.label_file)
         return SourceSample(item.key, image, label, self._meta(item, image))
 
 
@@ -408,14 +424,14 @@ class _PotsdamBase(Source):
         return False
 
     def load(self, item: Item) -> SourceSample:
-        image = _mat_rgb(_load_mat(self.root, item.image, "img"), item.image)
-        if (self.root / item.label).exists() or self.labelled_only:
-            gt = _load_mat(self.root, item.label, "gt")
+        image = _mat_rgb(_load_mat(self.root, item.image_file, "img"), item.image_file)
+        label_file: str | None = item.label_file
+        if (self.root / item.label_file).exists() or self.labelled_only:
+            gt = _load_mat(self.root, item.label_file, "gt")
             if gt.ndim == 3 and gt.shape[2] == 1:
                 gt = gt[:, :, 0]
-            _check_sizes(image, gt, item.label)
-            label = map_labels(gt, POTSDAM_FINE_TO_COARSE, item.label)
-            label_file = item.label
+            _check_sizes(image, gt, item.label_file)
+            label = map_labels(gt, POTSDAM_FINE_TO_COARSE, item.label_file)
         else:
             # STEGO's loader treats a tile without ground truth as unlabelled (all ignore).
             label = np.full((image.height, image.width), IGNORE, dtype=np.int64)
@@ -535,10 +551,11 @@ class Folder(Source):
         return items
 
     def load(self, item: Item) -> SourceSample:
-        image, jpeg = _open_image(self.root, item.image)
+        image, jpeg = _open_image(self.root, item.image_file)
         if item.label is None:
             label = np.full((image.height, image.width), IGNORE, dtype=np.int64)
         else:
+            assert self.labels is not None  # items() names a label file only inside the label folder
             fine = _open_label_png(self.labels, item.label)
             _check_sizes(image, fine, item.label)
             label = map_labels(fine, self._lut, item.label)
@@ -580,7 +597,7 @@ class Synthetic(Source):
     def __init__(self, root=None, split: str = "train", spec: SyntheticSpec | None = None):
         if split not in self.splits:
             raise ValueError(f"source 'synthetic' has splits {', '.join(self.splits)}; got '{split}'")
-        self.split, self.root = split, None
+        self.split = split
         self.spec = spec = spec or SyntheticSpec()
         if not 2 <= spec.num_classes <= 255:
             raise ValueError(f"synthetic num_classes must be in 2..255, got {spec.num_classes}")
@@ -621,9 +638,9 @@ class Synthetic(Source):
         return [Item(f"{self.split}_{i:07d}", None, None, i) for i in range(self.spec.count)]
 
     def load(self, item: Item) -> SourceSample:
-        image, label = self.render(item.index)
+        image, label = self.render(item.source_index)
         meta = {"dataset": self.dataset, "split": self.split, "source_file": None, "label_file": None,
-                "source_index": item.index, "size": [self.spec.height, self.spec.width]}
+                "source_index": item.source_index, "size": [self.spec.height, self.spec.width]}
         return SourceSample(item.key, Image.fromarray(image, "RGB"), label, meta)
 
     def render(self, index: int) -> tuple[np.ndarray, np.ndarray]:

@@ -184,7 +184,7 @@ def resize_shorter_centre_crop(im: Image.Image, size: int) -> np.ndarray:
     else:
         new_w, new_h = int(size * w / h), size
     if (new_w, new_h) != (w, h):
-        im = im.resize((new_w, new_h), Image.NEAREST)
+        im = im.resize((new_w, new_h), Image.Resampling.NEAREST)
     top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
     return np.asarray(im)[top:top + size, left:left + size]
 

@@ -124,9 +124,10 @@ class RunLock:
                     self.held = True
                     self._start_heartbeat()
                     return
-                holder, mtime = self._holder()
-                if holder is None and mtime is None:
+                current = self._holder()
+                if current is None:
                     continue  # released between our link() and our read: try again
+                holder, mtime = current
                 now = private.stat().st_mtime
                 os.utime(private)  # refresh "now" as the file server sees it, for the next round
                 why_stale = self._stale_reason(holder, mtime, now)
@@ -151,13 +152,13 @@ class RunLock:
                 "must support hard links (local disks, NFS, Lustre, GPFS, BeeGFS and CephFS do)"
             ) from err
 
-    def _holder(self) -> tuple[dict | None, float | None]:
-        """(record, mtime) of the current lock; a record of {} when the file is unreadable."""
+    def _holder(self) -> tuple[dict, float] | None:
+        """(record, mtime) of the current lock, None if there is none; a record of {} when unreadable."""
         try:
             mtime = self.path.stat().st_mtime
             text = self.path.read_text()
         except FileNotFoundError:
-            return None, None
+            return None
         try:
             holder = json.loads(text)
         except ValueError:

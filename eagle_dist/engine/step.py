@@ -74,20 +74,22 @@ def run_step(
             raise ValueError(f"the forward returned {sorted(out)}, but the step was told {sorted(names)}")
         values = [torch.as_tensor(out[name]).detach().to(dist.device, torch.float64).reshape(()) for name in names]
         nonfinite = (~torch.isfinite(out["loss"].detach())).to(torch.float64).reshape(())
-    flags = dict(flags()) if flags is not None else {}
+    # `flags` is the callable; `raised` this rank's answers to it, in a fixed order.
+    raised = dict(flags()) if flags is not None else {}
     missing = torch.tensor(float(batch is None), dtype=torch.float64, device=dist.device)
-    local = torch.tensor([float(bool(v)) for v in flags.values()], dtype=torch.float64, device=dist.device)
+    local = torch.tensor([float(bool(v)) for v in raised.values()], dtype=torch.float64, device=dist.device)
     # A lone process has no collective to time (`bench step` reports no "comm" part then).
     with profiling.section("comm") if dist.world_size > 1 else contextlib.nullcontext():
         # Sums of 0/1 flags are > 0 iff any rank set them; float64 keeps the counts exact.
         agreed = dist.all_reduce_sum(torch.cat([torch.stack([missing, nonfinite, *values]), local])).tolist()
     result = StepResult(
         metrics={name: agreed[2 + i] / dist.world_size for i, name in enumerate(names)},
-        flags={name: agreed[2 + len(names) + i] > 0 for i, name in enumerate(flags)},
+        flags={name: agreed[2 + len(names) + i] > 0 for i, name in enumerate(raised)},
         missing_batch=agreed[0] > 0,
         nonfinite=agreed[1] > 0,
     )
     if result.updated:
+        assert out is not None  # updated: no rank, this one included, went without a batch
         with profiling.section("backward"):
             dist.backward(out["loss"])
         with profiling.section("optimizer"):

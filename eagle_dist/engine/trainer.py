@@ -49,6 +49,7 @@ import os
 import signal
 import sys
 import time
+import typing
 from pathlib import Path
 
 import torch
@@ -60,6 +61,9 @@ from eagle_dist.distributed import requeue_slurm_job, slurm_job_id
 from eagle_dist.engine.step import run_step
 from eagle_dist.errors import EagleError
 from eagle_dist.method.eagle import EagleHeads, build_model, build_optimizer, loss_names, momentum, training_step_losses
+
+if typing.TYPE_CHECKING:
+    from eagle_dist.engine.runlock import RunLock
 
 
 class TrainingError(EagleError, RuntimeError):
@@ -93,7 +97,7 @@ class Trainer:
             micro_batch_size=cfg.data.batch_size,
         )
         self.device = self.dist.device
-        self.run_lock = None
+        self.run_lock: RunLock | None = None  # rank 0's, once _lock_run_dir took it
         self.run_dir = self._run_dir()
         self.max_steps = config_mod.step_batches(cfg.train.step_unit, cfg.train.max_steps)
         self.global_batch = cfg.data.batch_size * self.dist.world_size
@@ -171,6 +175,8 @@ class Trainer:
         # Preemption (SLURM's pre-timeout signal), SIGTERM and a first Ctrl-C only set a flag; all
         # ranks agree on it at the next step boundary, save, and exit cleanly.
         owner = os.getpid()
+        self.stop_signals: set[int] = set()
+        self._first_sigint: float | None = None  # monotonic time of the first Ctrl-C
 
         def handler(signum, _frame):
             # After a Ctrl-C, a SIGTERM is a launcher giving up waiting (plain torchrun sends one
@@ -193,8 +199,6 @@ class Trainer:
             elif now - self._first_sigint > SIGINT_REPEAT_S:
                 self._stop_at_once()
 
-        self.stop_signals: set[int] = set()
-        self._first_sigint: float | None = None
         for sig, fn in ((signal.SIGUSR1, handler), (signal.SIGTERM, handler), (signal.SIGINT, on_sigint)):
             try:
                 signal.signal(sig, fn)
@@ -223,7 +227,8 @@ class Trainer:
 
     @property
     def raw_heads(self) -> EagleHeads:
-        return self.dist.unwrap(self.heads)
+        # Dist is untyped (accelerate's unwrap_model returns nn.Module); these are the heads.
+        return typing.cast(EagleHeads, self.dist.unwrap(self.heads))
 
     def _resume_or_start(self) -> None:
         from eagle_dist.checkpoint import CheckpointManager
@@ -483,13 +488,15 @@ class Trainer:
 
     def _stop_for_signal(self) -> None:
         """Every rank: checkpoint, then (SIGUSR1 under Slurm) rank 0 requeues the job."""
-        requeue = self.stop_signal == "SIGUSR1"
-        interrupted = self.stop_signal == "SIGINT"
+        stop_signal = self.stop_signal
+        assert stop_signal is not None  # only called once the ranks agreed on one
+        requeue = stop_signal == "SIGUSR1"
+        interrupted = stop_signal == "SIGINT"
         self._save(reason="interrupted" if interrupted else "preemption")
         self.outcome = "KILLED"  # not FINISHED: a resume sets the same MLflow run RUNNING again
         d = self.dist
         what = {"SIGUSR1": "SIGUSR1 (Slurm's pre-timeout signal)", "SIGINT": "Ctrl-C (SIGINT)"}.get(
-            self.stop_signal, self.stop_signal)
+            stop_signal, stop_signal)
         saved = f"stop requested by {what}: saved step {self.step} in {self.ckpt.root}"
         job = slurm_job_id()
         if not requeue or job is None:
@@ -515,11 +522,12 @@ class Trainer:
         the running batch (the ranks vote after each one): it then sets `stop_signal`, logs
         nothing and returns {}.
         """
-        from eagle_dist.evaluation.loop import evaluate_stream, evaluate_unlabeled
+        from eagle_dist.evaluation.loop import EvalResult, UnlabeledEvalResult, evaluate_stream, evaluate_unlabeled
 
         cfg = self.cfg
         # Evaluation must not shift the training randomness (dropout, correspondence samples;
         # loader start-up draws a seed): a run that evaluates more often trains identically.
+        result: EvalResult | UnlabeledEvalResult
         with torch.random.fork_rng(devices=[]):
             if cfg.model.unlabeled:
                 result = evaluate_unlabeled(self.backbone, self.raw_heads, self.dist, cfg.data, shards=self.eval_shards,

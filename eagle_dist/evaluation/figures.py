@@ -45,7 +45,7 @@ def denormalize(img_3HW: torch.Tensor) -> np.ndarray:
     return (np.clip(arr * np.asarray(IMAGENET_STD, np.float32) + np.asarray(IMAGENET_MEAN, np.float32), 0, 1) * 255).astype(np.uint8)
 
 
-def font(size: int = 13) -> ImageFont.ImageFont:
+def font(size: int = 13) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     """Pillow's built-in scalable font (needs FreeType; otherwise its small fixed bitmap font)."""
     try:
         return ImageFont.load_default(size=size)
@@ -247,7 +247,7 @@ def sample_grid_png(samples: list[dict], path: Path, class_names: list[str],
 
 def _resize_nearest(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """`arr` (an image or an id map) at `size` = (width, height), nearest neighbour."""
-    return np.asarray(Image.fromarray(arr).resize(size, Image.NEAREST))
+    return np.asarray(Image.fromarray(arr).resize(size, Image.Resampling.NEAREST))
 
 
 def _eicue_tile(image_HW3: np.ndarray, ids_hw: np.ndarray, n_ids: int) -> np.ndarray:
@@ -296,15 +296,15 @@ def eigen_png(image_HW3: np.ndarray, eigvecs_KHW: np.ndarray, eicue_HW: np.ndarr
     if h < min_height:
         factor = -(-min_height // h)
         h, w = h * factor, w * factor
-        image_HW3 = np.asarray(Image.fromarray(image_HW3).resize((w, h), Image.NEAREST))
+        image_HW3 = np.asarray(Image.fromarray(image_HW3).resize((w, h), Image.Resampling.NEAREST))
 
     def up(arr: np.ndarray) -> np.ndarray:
-        return np.asarray(Image.fromarray(arr).resize((w, h), Image.NEAREST))
+        return np.asarray(Image.fromarray(arr).resize((w, h), Image.Resampling.NEAREST))
 
     tiles = [image_HW3]
     titles = ["image"]
     for k, vec in enumerate(eigvecs_KHW, start=1):
-        tiles.append(np.asarray(Image.fromarray(heatmap(vec)).resize((w, h), Image.BILINEAR)))
+        tiles.append(np.asarray(Image.fromarray(heatmap(vec)).resize((w, h), Image.Resampling.BILINEAR)))
         titles.append(f"eigenvector {k}")
     tiles += [up(colorize(eicue_HW, n_colors)), up(colorize(kmeans_HW, n_colors))]
     titles += ["EiCue", kmeans_title]

@@ -262,9 +262,9 @@ def model_input(image: Image.Image, short_side: int, patch: int) -> torch.Tensor
     scale = short_side / min(w, h)
     new_w = max(patch, int(round(w * scale / patch)) * patch)
     new_h = max(patch, int(round(h * scale / patch)) * patch)
-    arr = np.asarray(image.resize((new_w, new_h), Image.NEAREST), dtype=np.float32) / 255.0
-    arr = (arr - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
-    return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0).contiguous()
+    rgb = np.asarray(image.resize((new_w, new_h), Image.Resampling.NEAREST), dtype=np.float32) / 255.0
+    normed = (rgb - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
+    return torch.from_numpy(normed).permute(2, 0, 1).unsqueeze(0).contiguous()
 
 
 def open_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:

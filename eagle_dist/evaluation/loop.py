@@ -297,20 +297,24 @@ def evaluate_stream(
     return EvalResult(names, cluster, linear, kmeans, samples, n_images, stopped_by=batches.stopped_by)
 
 
-def _kmeans_baseline(kept, n, e, dist, seed, max_points: int = 20000) -> metrics.ConfusionMatrix:
+def _kmeans_baseline(kept, n, e, dist, seed, max_points: int = 20000) -> metrics.ConfusionMatrix | None:
     """k-means (n + e clusters) on the raw backbone keys of the same images, Hungarian-scored.
 
     Centres are fit on rank 0's tokens and broadcast; every rank assigns its own pixels.  The
-    cosine scores are upsampled bilinearly to label size, like the probe's inputs.
+    cosine scores are upsampled bilinearly to label size, like the probe's inputs.  When rank 0
+    evaluated no image (its share of the validation set was empty or all skipped) there is
+    nothing to fit on: every rank returns None, and the table shows no k-means row.
     """
-    tokens = torch.cat([kk.flatten(2).transpose(1, 2).reshape(-1, kk.shape[1]) for kk, _ in kept]) if kept else None
     centers = None
-    if dist.is_main:
+    if dist.is_main and kept:
+        tokens = torch.cat([kk.flatten(2).transpose(1, 2).reshape(-1, kk.shape[1]) for kk, _ in kept])
         gen = torch.Generator().manual_seed(seed)
         if len(tokens) > max_points:
             tokens = tokens[torch.randperm(len(tokens), generator=gen)[:max_points]]
         centers = cosine_kmeans(tokens, n + e, seed=seed)
     centers = dist.broadcast_object(centers)
+    if centers is None:  # the same answer on every rank, so no rank waits in all_reduce below
+        return None
     cm = metrics.ConfusionMatrix(n, e, device=dist.device)
     for kk, label in kept:
         sim = torch.einsum("bchw,kc->bkhw", F.normalize(kk, dim=1), centers)

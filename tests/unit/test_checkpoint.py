@@ -95,6 +95,24 @@ def test_every_file_loads_with_weights_only(tmp_path, d):
 
 
 @pytest.mark.faults
+@pytest.mark.parametrize("generator", ["MT19937", "PCG64"])
+def test_numpy_rng_survives_a_checkpoint_with_any_global_bit_generator(tmp_path, generator):
+    # np.random.get_state() returns a dict, not a 5-tuple, once np.random.set_bit_generator
+    # chose another generator; capture_rng unpacked it as a tuple and every save failed.
+    original = np.random.get_bit_generator()
+    try:
+        np.random.set_bit_generator(getattr(np.random, generator)(7))
+        np.random.standard_normal()  # leave a cached gaussian in the state too
+        torch.save(ck.capture_rng(), tmp_path / "rng.pt")
+        expected = np.random.random(5)
+        np.random.random(3)  # move on, so the restore has something to undo
+        ck.restore_rng(torch.load(tmp_path / "rng.pt", weights_only=True))
+        assert np.random.get_bit_generator().state["bit_generator"] == generator
+        np.testing.assert_array_equal(np.random.random(5), expected)
+    finally:
+        np.random.set_bit_generator(original)
+
+
 def test_folders_without_marker_are_ignored(tmp_path, d):
     model, optimizer, _ = make_training()
     mgr = CheckpointManager(tmp_path, keep_last=5, dist=d)

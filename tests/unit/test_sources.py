@@ -252,8 +252,8 @@ def test_synthetic_is_deterministic_and_splits_differ():
     spec = SyntheticSpec(count=3, height=H, width=W, num_classes=5, seed=7)
     a, b = open_source("synthetic", split="train", spec=spec), open_source("synthetic", split="train", spec=spec)
     for item in a.items():
-        ia, la = a.render(item.index)
-        ib, lb = b.render(item.index)
+        ia, la = a.render(item.source_index)
+        ib, lb = b.render(item.source_index)
         assert np.array_equal(ia, ib) and np.array_equal(la, lb)
         assert la.dtype == np.int64 and la.min() >= 0 and la.max() < 5
     val = open_source("synthetic", split="val", spec=spec)

@@ -57,7 +57,7 @@ def _per_file_crops(task: tuple[str, int, list, str]) -> int:
     for item in items:
         sample = src.load(item)
         for k, (top, left, h, w) in enumerate(five_crop_boxes(sample.image.height, sample.image.width, 0.5)):
-            n = 5 * item.index + k
+            n = 5 * item.source_index + k
             sample.image.crop((left, top, left + w, top + h)).save(Path(out) / "img" / f"{n}.jpg", quality=75)
             stored = (sample.label[top:top + h, left:left + w] + 1).astype(np.uint8)  # official: label + 1
             Image.fromarray(stored, "L").save(Path(out) / "label" / f"{n}.png")
