@@ -19,9 +19,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
-import eagle_dist  # noqa: E402,F401  (torchvision shim before anything imports timm)
 import torch  # noqa: E402
 
+import eagle_dist  # noqa: E402,F401  (torchvision shim before anything imports timm)
 import helpers  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -57,4 +57,18 @@ def clean_env(monkeypatch):
                 "ACCELERATE_DYNAMO_BACKEND", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS"):
         monkeypatch.delenv(key, raising=False)
     yield monkeypatch
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def solo_dist():
+    """A one-process world (gloo) for the tests of one module; torch's thread count restored."""
+    from eagle_dist import distributed
+
+    threads = torch.get_num_threads()
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_CPU"):
+        assert key not in os.environ, f"{key} leaked into the test process"
+    state = distributed.setup(strategy="ddp", cpu_threads=1)
+    yield state
+    state.cleanup()
     torch.set_num_threads(threads)

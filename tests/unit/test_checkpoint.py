@@ -14,14 +14,13 @@ import subprocess
 import sys
 
 import numpy as np
-import helpers
 import pytest
 import safetensors.torch
 import torch
 
+import helpers
 import toy_train
 from eagle_dist import checkpoint as ck
-from eagle_dist import distributed as dist_mod
 from eagle_dist.checkpoint import CheckpointError, CheckpointManager, CheckpointSaveError
 from eagle_dist.cli.checkpoint import main as checkpoint_cli
 from helpers import launch_env
@@ -30,14 +29,8 @@ from helpers import launch_env
 
 
 @pytest.fixture(scope="module")
-def d():
-    threads = torch.get_num_threads()
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_CPU"):
-        assert key not in os.environ, f"{key} leaked into the test process"
-    state = dist_mod.setup(strategy="ddp", cpu_threads=1)
-    yield state
-    state.cleanup()
-    torch.set_num_threads(threads)
+def d(solo_dist):
+    return solo_dist
 
 
 def make_training(seed: int = 0):

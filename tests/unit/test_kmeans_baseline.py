@@ -5,24 +5,15 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-from eagle_dist import distributed as dist_mod
 from eagle_dist.evaluation.loop import _kmeans_baseline
 
 
 @pytest.fixture(scope="module")
-def d():
-    threads = torch.get_num_threads()
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_CPU"):
-        assert key not in os.environ, f"{key} leaked into the test process"
-    state = dist_mod.setup(strategy="ddp", cpu_threads=1)
-    yield state
-    state.cleanup()
-    torch.set_num_threads(threads)
+def d(solo_dist):
+    return solo_dist
 
 
 def test_scores_every_labelled_pixel_of_the_kept_images(d):
