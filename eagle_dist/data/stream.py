@@ -208,8 +208,8 @@ class _Decode:
             return None
         try:
             # In-memory bytes: nothing to close, and the decoded images stay usable afterwards.
-            image = Image.open(io.BytesIO(image_bytes))
-            image = image if image.mode == "RGB" else image.convert("RGB")  # convert would copy
+            opened = Image.open(io.BytesIO(image_bytes))
+            image = opened if opened.mode == "RGB" else opened.convert("RGB")  # convert would copy
             image.load()  # decode now: a damaged JPEG is caught here
             label = Image.open(io.BytesIO(label_bytes))
             label.load()
