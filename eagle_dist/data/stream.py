@@ -4,9 +4,12 @@
     train = build_train_loader("shards/cocostuff27/train", batch_size=32, rank=r, world_size=w,
                                num_workers=4, seed=0)
     for batch in train:          # exactly len(train) batches on every rank
-        batch["img"]             # float32 [B, 3, 224, 224], ImageNet-normalised
-        batch["img_aug"]         # the same pixels after the official photometric transform
-        batch["aug_mask"]        # bool [B]: which images of img_aug were blurred (the others are img)
+        batch["img"]             # uint8 [B, 224, 224, 3] as decoded (label: uint8, 255 = ignore)
+        batch["aug_mask"]        # bool [B]: which images the official photometric transform blurs
+        batch["aug_sigma"]       # float32 [B]: their blur sigmas (drawn in the workers)
+        batch = finish_batch(batch)  # where the batch is (the device): img float32 [B, 3, 224, 224]
+                                     # ImageNet-normalised, label int64, and batch["img_aug"],
+                                     # the blurred view (the others are img's pixels)
         batch["label"]           # int64 [B, 224, 224], -1 = ignore
         batch["key"]             # list of sample keys
     val = build_val_loader("shards/cocostuff27/val", batch_size=16, rank=r, world_size=w, num_workers=4)
@@ -205,7 +208,9 @@ class _Decode:
             return None
         try:
             # In-memory bytes: nothing to close, and the decoded images stay usable afterwards.
-            image = Image.open(io.BytesIO(image_bytes)).convert("RGB")
+            opened = Image.open(io.BytesIO(image_bytes))
+            image = opened if opened.mode == "RGB" else opened.convert("RGB")  # convert would copy
+            image.load()  # decode now: a damaged JPEG is caught here
             label = Image.open(io.BytesIO(label_bytes))
             label.load()
             if label.mode != "L":
@@ -229,19 +234,38 @@ _MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
 _STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
 
+def normalise(img_BCHW: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[B, 3, H, W]`` (any strides) -> float32, ToTensor + Normalize in the official order
+    (bit-identical floats), on the tensor's device."""
+    mean, std = _MEAN.to(img_BCHW.device), _STD.to(img_BCHW.device)
+    return img_BCHW.to(torch.float32).div(255).sub_(mean).div_(std)
+
+
+def label_ids(label_BHW: torch.Tensor) -> torch.Tensor:
+    """Stored uint8 labels -> int64 class ids with ``IGNORE`` for 255, on the tensor's device."""
+    label = label_BHW.to(torch.int64)
+    label[label == 255] = IGNORE
+    return label
+
+
+def collate_uint8(samples: list[dict]) -> dict[str, Any]:
+    """Decoded samples -> the training stream's batch as decoded: ``img`` uint8 ``[B, R, R, 3]``
+    (channels-last), ``label`` uint8 ``[B, R, R]``; :func:`finish_batch` makes the step's tensors."""
+    return {"img": torch.from_numpy(np.stack([s["img"] for s in samples])),
+            "label": torch.from_numpy(np.stack([s["label"] for s in samples])), "key": [s["key"] for s in samples]}
+
+
 def collate(samples: list[dict]) -> dict[str, Any]:
     """Decoded samples -> batch; ToTensor + Normalize in the official order (bit-identical floats)."""
     # Channels-first while still uint8 (a quarter of the bytes to move), then the float ops.
-    img = torch.from_numpy(np.stack([s["img"] for s in samples])).permute(0, 3, 1, 2).contiguous()
-    img = img.to(torch.float32).div(255).sub_(_MEAN).div_(_STD)
-    label = torch.from_numpy(np.stack([s["label"] for s in samples])).to(torch.int64)
-    label[label == 255] = IGNORE
-    return {"img": img, "label": label, "key": [s["key"] for s in samples]}
+    batch = collate_uint8(samples)
+    img = batch["img"].permute(0, 3, 1, 2).contiguous()
+    return {**batch, "img": normalise(img), "label": label_ids(batch["label"])}
 
 
 def gaussian_kernels3(sigma_B: torch.Tensor) -> torch.Tensor:
     """[B, 3, 3] Gaussian kernels as torchvision's GaussianBlur(3) builds them (x = -1, 0, 1)."""
-    x = torch.tensor([-1.0, 0.0, 1.0], dtype=sigma_B.dtype)
+    x = torch.tensor([-1.0, 0.0, 1.0], dtype=sigma_B.dtype, device=sigma_B.device)
     k_B3 = torch.exp(-0.5 * (x[None] / sigma_B[:, None]) ** 2)
     k_B3 = k_B3 / k_B3.sum(1, keepdim=True)
     return k_B3[:, :, None] * k_B3[:, None, :]
@@ -255,6 +279,23 @@ def gaussian_blur3(img_BCHW: torch.Tensor, sigma_B: torch.Tensor) -> torch.Tenso
     return F.conv2d(padded, weight, groups=b * c).reshape(b, c, h, w)
 
 
+def draw_blur(batch_size: int, blur_p: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The official blur's random draws for a batch: bool ``[B]`` applied (p = `blur_p`) and the
+    float32 ``[B]`` sigmas in U(0.1, 2.0), in this order from `generator`."""
+    apply_B = torch.rand(batch_size, generator=generator) < blur_p
+    sigma_B = torch.empty(batch_size).uniform_(0.1, 2.0, generator=generator)
+    return apply_B, sigma_B
+
+
+def blur_chosen(img_BCHW: torch.Tensor, apply_B: torch.Tensor, sigma_B: torch.Tensor) -> torch.Tensor:
+    """`img_BCHW` with the images where `apply_B` is set blurred with their sigma (a new tensor)."""
+    out = img_BCHW.clone()
+    chosen = apply_B.nonzero().squeeze(1)
+    if len(chosen):  # convolve only the images that are blurred (about half of them)
+        out[chosen] = gaussian_blur3(img_BCHW[chosen], sigma_B[chosen])
+    return out
+
+
 def photometric_aug(img_BCHW: torch.Tensor, blur_p: float, generator: torch.Generator,
                     return_mask: bool = False):
     """Official `img_pos_aug`: RandomApply([GaussianBlur(3, sigma=(0.1, 2.0))], p) per image, on the
@@ -263,14 +304,27 @@ def photometric_aug(img_BCHW: torch.Tensor, blur_p: float, generator: torch.Gene
     With ``return_mask`` also returns the bool ``[B]`` mask of the blurred images: the training
     step runs the backbone only on those and reuses ``img``'s keys for the others (the draws are
     the same either way)."""
-    b = img_BCHW.shape[0]
-    apply_B = torch.rand(b, generator=generator) < blur_p
-    sigma_B = torch.empty(b).uniform_(0.1, 2.0, generator=generator)
-    out = img_BCHW.clone()
-    chosen = apply_B.nonzero().squeeze(1)
-    if len(chosen):  # convolve only the images that are blurred (about half of them)
-        out[chosen] = gaussian_blur3(img_BCHW[chosen], sigma_B[chosen])
+    apply_B, sigma_B = draw_blur(img_BCHW.shape[0], blur_p, generator)
+    out = blur_chosen(img_BCHW, apply_B, sigma_B)
     return (out, apply_B) if return_mask else out
+
+
+def finish_batch(batch: dict[str, Any]) -> dict[str, Any]:
+    """A training stream batch made ready for the step, where the batch is (on the device in
+    training): ``img`` normalised to float32, ``label`` int64 with ``IGNORE``, and ``img_aug``, the
+    blur drawn in the workers (``aug_mask``, ``aug_sigma``) applied as one batched op.
+
+    The numbers equal the official per-sample transform's and :func:`photometric_aug`'s with the
+    same draws.  A batch already finished (float ``img``) keeps its tensors.
+    """
+    out = dict(batch)
+    if out["img"].dtype == torch.uint8:  # [B, R, R, 3]
+        out["img"] = normalise(out["img"].permute(0, 3, 1, 2)).contiguous()
+    if out["label"].dtype == torch.uint8:
+        out["label"] = label_ids(out["label"])
+    if "img_aug" not in out and "aug_sigma" in out:
+        out["img_aug"] = blur_chosen(out["img"], out["aug_mask"], out["aug_sigma"])
+    return out
 
 
 # --------------------------------------------------------------------------- seeding
@@ -317,8 +371,9 @@ class _Augment:
     def __call__(self, batches: Iterator[dict]) -> Iterator[dict]:
         generator = torch.Generator().manual_seed(self.state.worker_seed(_AUGMENT))
         for batch in batches:
-            batch["img_aug"], batch["aug_mask"] = photometric_aug(batch["img"], self.blur_p, generator,
-                                                                  return_mask=True)
+            # Only the draws: normalising and the blur run on the device (finish_batch), so no
+            # worker spends most of its time on float passes, and batches are an eighth the bytes.
+            batch["aug_mask"], batch["aug_sigma"] = draw_blur(batch["img"].shape[0], self.blur_p, generator)
             yield batch
 
 
@@ -484,7 +539,7 @@ def build_train_loader(shard_dir: str | Path, batch_size: int, rank: int, world_
         _ShardReader(counts, handler, stats),
         _Shuffle(state, shuffle_buffer) if shuffle_buffer > 1 else None,
         wds.map(_Decode(resolution, stats, handler)),
-        wds.batched(batch_size, collation_fn=collate, partial=False),
+        wds.batched(batch_size, collation_fn=collate_uint8, partial=False),
         _Augment(state, blur_p),
     )
     loader = _web_loader(pipeline, num_workers, pin_memory).with_epoch(steps_per_epoch)

@@ -57,6 +57,7 @@ import torch
 from eagle_dist import config as config_mod
 from eagle_dist.config import Config
 from eagle_dist.data.prepare import SKIP_FIELDS, TrainingStream, prepare_training_data
+from eagle_dist.data.stream import finish_batch
 from eagle_dist.distributed import requeue_slurm_job, slurm_job_id
 from eagle_dist.engine.step import run_step
 from eagle_dist.errors import EagleError
@@ -347,7 +348,7 @@ class Trainer:
         checkpoint).  A stop signal seen on any rank sets `self.stop_signal` once the step is done.
         """
         if batch is not None:
-            batch = self.dist.to_device(batch)
+            batch = finish_batch(self.dist.to_device(batch))  # normalise and blur on the device
         result = run_step(
             self.dist, self.heads, self.optimizer, self._forward, batch, step=self.step,
             metric_names=loss_names(self.cfg.model),

@@ -167,3 +167,18 @@ def test_step_under_torchrun_reports_communication(tmp_path):
     assert r["world_size"] == 2 and r["images_per_s"] == pytest.approx(2 / r["step_median_s"])
     assert r["breakdown"]["comm"] >= r["breakdown"]["comm.grad_allreduce"] >= 0
     assert r["step_median_slowest_rank_s"] >= r["step_median_s"]
+
+
+def test_data_rounds_alternate_the_pipelines_and_report_medians(tmp_path, capsys):
+    argv = ["data", "--count", "8", "--size", "48x64", "--workers", "1", "--batch-size", "4", "--resolution", "16",
+            "--steps", "2", "--rounds", "3", "--samples-per-shard", "10", "--shuffle-buffer", "4"]
+    r = run_bench(argv, tmp_path, "data")
+    stream = [row for row in r["rows"] if row["kind"] == "stream"]
+    assert [row["pipeline"] for row in stream] == ["webdataset shards", "per-file PIL (official)"]
+    for row in stream:
+        assert len(row["rounds"]) == 3 and all(rate > 0 for rate in row["rounds"])
+        assert row["images_per_s"] == round(sorted(row["rounds"])[1], 1)  # the median of the 3
+    assert r["config"]["rounds"] == 3 and r["finish_batch_cpu_ms"] > 0
+    printed = capsys.readouterr().out
+    assert "median of 3 alternating rounds" in printed and "finish_batch" in printed
+    assert bench.main(["data", "--rounds", "0"]) == 2

@@ -92,6 +92,26 @@ def test_collate_is_totensor_then_normalize_and_maps_ignore():
         assert torch.equal(batch["img"][i], ref(Image.fromarray(s["img"])))
 
 
+def test_finished_uint8_batch_equals_the_worker_side_float_pipeline_bit_for_bit():
+    # The stream sends uint8 pixels and the blur's draws; finish_batch (on the device) must give
+    # the numbers that collate + photometric_aug gave in the workers with the same generator.
+    rng = np.random.default_rng(1)
+    samples = [{"key": f"k{i}", "img": rng.integers(0, 256, (12, 12, 3), dtype=np.uint8),
+                "label": rng.choice(np.array([0, 3, 255], np.uint8), (12, 12))} for i in range(16)]
+    old = data.collate(samples)
+    old["img_aug"], old["aug_mask"] = data.photometric_aug(old["img"], 0.5, torch.Generator().manual_seed(4),
+                                                           return_mask=True)
+    raw = data.collate_uint8(samples)
+    raw["aug_mask"], raw["aug_sigma"] = data.draw_blur(16, 0.5, torch.Generator().manual_seed(4))
+    new = data.finish_batch(raw)
+    assert 0 < int(new["aug_mask"].sum()) < 16
+    for name in ("img", "img_aug", "aug_mask", "label"):
+        assert new[name].dtype == old[name].dtype and torch.equal(new[name], old[name]), name
+    assert new["key"] == old["key"] and raw["img"].dtype == torch.uint8  # raw is left as it was
+    again = data.finish_batch(new)  # a finished batch keeps its tensors
+    assert all(again[name] is new[name] for name in ("img", "img_aug", "label"))
+
+
 def test_blur_is_a_3x3_gaussian_with_reflect_padding():
     img = torch.randn(3, 3, 9, 11)
     sigma = torch.tensor([0.1, 0.7, 2.0])
@@ -141,8 +161,14 @@ def test_train_batches_have_the_official_views_and_fixed_step_count(shards):
     assert len(loader) == 45 // 4  # one pass over the data by default
     batches = list(loader)
     assert len(batches) == 11
+    raw = batches[0]  # as the workers send it: uint8 pixels and labels, the blur's draws
+    assert raw["img"].shape == (4, 32, 32, 3) and raw["img"].dtype == torch.uint8 and "img_aug" not in raw
+    assert raw["label"].shape == (4, 32, 32) and raw["label"].dtype == torch.uint8
+    assert raw["aug_sigma"].shape == (4,) and ((raw["aug_sigma"] >= 0.1) & (raw["aug_sigma"] <= 2.0)).all()
+    batches = [data.finish_batch(x) for x in batches]
     b = batches[0]
     assert b["img"].shape == b["img_aug"].shape == (4, 3, 32, 32) and b["img"].dtype == torch.float32
+    assert b["img"].is_contiguous() and torch.equal(b["img"], data.normalise(raw["img"].permute(0, 3, 1, 2)))
     assert b["label"].shape == (4, 32, 32) and b["label"].dtype == torch.int64
     assert b["label"].min() >= 0 and b["label"].max() < K  # synthetic labels have no ignore pixels
     blurred = torch.cat([(x["img_aug"] != x["img"]).flatten(1).any(1) for x in batches])
@@ -166,6 +192,7 @@ def test_train_stream_is_reproducible_per_seed_rank_and_epoch(shards):
     one = data.build_train_loader(shards["train"], 3, 0, 1, 0, seed=5, resolution=16, steps_per_epoch=2)
     two = data.build_train_loader(shards["train"], 3, 0, 1, 0, seed=5, resolution=16, steps_per_epoch=2)
     for x, y in zip(one, two):
+        x, y = data.finish_batch(x), data.finish_batch(y)
         assert torch.equal(x["img_aug"], y["img_aug"]) and torch.equal(x["label"], y["label"])
 
 

@@ -10,8 +10,12 @@ What it measures, on a synthetic set written to a temporary folder as JPEG image
   ``label/<n>.png`` with label + 1), both with the same number of processes.
 * stream: ``eagle_dist.data.stream.build_train_loader`` against a map-style ``DataLoader`` that opens one
   JPEG and one PNG per sample with PIL (the official loader), both doing the same decode, nearest
-  resize, centre crop, normalisation and blur.  Reported as images/s and images/s per worker,
-  after one warm-up batch (worker start-up is not counted).
+  resize and centre crop.  The official loader normalises and blurs in its workers; our stream's
+  workers send uint8 pixels and the blur's draws, and ``stream.finish_batch`` normalises and blurs
+  on the device (its cost on this CPU is printed under the table: it is not part of the stream
+  rows).  Reported as images/s and images/s per worker, after one warm-up batch (worker start-up
+  is not counted); with ``--rounds N`` the two pipelines alternate N times per worker count and
+  the rows give the median (every round's rate is in the JSON).
 """
 
 from __future__ import annotations
@@ -113,6 +117,24 @@ class _CollateWithBlur:
         return batch
 
 
+def _finish_cost_ms(shard_dir: Path, args: argparse.Namespace) -> float:
+    """Median time of ``stream.finish_batch`` (normalise + blur) per batch on this CPU, one thread:
+    the work our stream leaves to the device."""
+    batches = list(data.build_train_loader(shard_dir, args.batch_size, 0, 1, 0, seed=0, resolution=args.resolution,
+                                           shuffle_buffer=1, steps_per_epoch=3))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        times = []
+        for batch in batches:
+            t0 = time.perf_counter()
+            data.finish_batch(batch)
+            times.append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(threads)
+    return 1000 * float(np.median(times))
+
+
 def _rate(loader, steps: int) -> float:
     it = iter(loader)
     next(it)  # warm-up: worker start-up and the first shard opens are not throughput
@@ -151,27 +173,32 @@ def run_data_bench(args: argparse.Namespace) -> dict:
             rows.append(_row("build", "per-file crops (official layout)", nw, args.count / secs, crops / secs))
         shard_dir, file_dir = tmp / f"shards-{workers_list[0]}", tmp / f"files-{workers_list[0]}"
         for nw in workers_list:
-            loader = data.build_train_loader(shard_dir, args.batch_size, 0, 1, nw, seed=0,
-                                             resolution=args.resolution, shuffle_buffer=args.shuffle_buffer,
-                                             steps_per_epoch=args.steps + 1)
-            rate = _rate(loader, args.steps)
-            rows.append(_row("stream", "webdataset shards", nw, rate, rate))
-            plain = torch.utils.data.DataLoader(
-                PerFileDataset(file_dir, args.resolution), batch_size=args.batch_size, shuffle=True,
-                num_workers=nw, collate_fn=_CollateWithBlur(0.5), drop_last=True,
-                generator=torch.Generator().manual_seed(0),
-            )
-            if len(plain) < args.steps + 1:
-                raise SystemExit(f"--count {args.count} gives {len(plain)} per-file batches; need --steps + 1 = "
-                                 f"{args.steps + 1}: raise --count or lower --steps")
-            rate = _rate(plain, args.steps)
-            rows.append(_row("stream", "per-file PIL (official)", nw, rate, rate))
+            ours, official = [], []
+            for _ in range(args.rounds):  # alternating, so both see the same machine load
+                loader = data.build_train_loader(shard_dir, args.batch_size, 0, 1, nw, seed=0,
+                                                 resolution=args.resolution, shuffle_buffer=args.shuffle_buffer,
+                                                 steps_per_epoch=args.steps + 1)
+                ours.append(_rate(loader, args.steps))
+                plain = torch.utils.data.DataLoader(
+                    PerFileDataset(file_dir, args.resolution), batch_size=args.batch_size, shuffle=True,
+                    num_workers=nw, collate_fn=_CollateWithBlur(0.5), drop_last=True,
+                    generator=torch.Generator().manual_seed(0),
+                )
+                if len(plain) < args.steps + 1:
+                    raise SystemExit(f"--count {args.count} gives {len(plain)} per-file batches; need --steps + 1 "
+                                     f"= {args.steps + 1}: raise --count or lower --steps")
+                official.append(_rate(plain, args.steps))
+            for name, rates in (("webdataset shards", ours), ("per-file PIL (official)", official)):
+                rate = float(np.median(rates))
+                rows.append({**_row("stream", name, nw, rate, rate), "rounds": [round(r, 1) for r in rates]})
+        finish_ms = _finish_cost_ms(shard_dir, args)
     return {
         "benchmark": "data",
         "config": {"count": args.count, "size": f"{h}x{w}", "crops": crops, "classes": args.classes,
                    "batch_size": args.batch_size, "resolution": args.resolution, "steps": args.steps,
                    "samples_per_shard": args.samples_per_shard, "shuffle_buffer": args.shuffle_buffer,
-                   "originals_write_s": round(write_s, 2)},
+                   "rounds": args.rounds, "originals_write_s": round(write_s, 2)},
+        "finish_batch_cpu_ms": round(finish_ms, 1),
         # Other work on the machine changes these numbers: the 1-minute load says how much there was.
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
                     "platform": platform.platform(), "load_before": round(load_before[0], 2),
@@ -200,7 +227,11 @@ def format_table(result: dict) -> str:
         lines.append(f"{r['kind']:<7}{r['pipeline']:<36}{r['workers']:>8}{r['images_per_s']:>11.1f}{crops}"
                      f"{r['per_worker']:>12.1f}")
     lines.append("build: source images/s (each gives 5 crops); stream: training images/s at the model's input; "
-                 "per worker: build = source images/s, stream = images/s, divided by the workers")
+                 "per worker: build = source images/s, stream = images/s, divided by the workers"
+                 + (f"; stream rows: median of {c['rounds']} alternating rounds" if c.get("rounds", 1) > 1 else ""))
+    if "finish_batch_cpu_ms" in result:
+        lines.append(f"not in the stream rows: finish_batch (normalise + blur, run on the device in training) takes "
+                     f"{result['finish_batch_cpu_ms']:.1f} ms per batch on one thread of this CPU")
     return "\n".join(lines)
 
 
@@ -215,6 +246,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--resolution", type=int, default=224)
     p.add_argument("--steps", type=int, default=12, help="timed batches per stream measurement")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="stream measurements per pipeline and worker count, alternating; rows give the median")
     p.add_argument("--samples-per-shard", type=int, default=100)
     p.add_argument("--shuffle-buffer", type=int, default=200)
     p.add_argument("--json", type=Path, help="also write the result as JSON here")
@@ -223,6 +256,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.rounds < 1:
+        print("error: --rounds must be at least 1", file=sys.stderr)
+        return 2
     if math.ceil(5 * args.count / args.batch_size) < args.steps + 1:
         print(f"error: {5 * args.count} crops make fewer than --steps + 1 = {args.steps + 1} batches of "
               f"{args.batch_size}; raise --count", file=sys.stderr)
