@@ -222,13 +222,9 @@ def _assert_two_rank_run(out, launcher: str, strategy: str = "ddp"):
     return r
 
 
-def _ok(proc: subprocess.CompletedProcess) -> None:
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-
-
 @pytest.mark.multiproc
 def test_torchrun_two_processes(tmp_path):
-    _ok(toy_train.run_launch(toy_train.torchrun_cmd("--out", str(tmp_path), "--steps", "4")))
+    helpers.assert_ok(toy_train.run_launch(toy_train.torchrun_cmd("--out", str(tmp_path), "--steps", "4")))
     _assert_two_rank_run(tmp_path, "torchrun")
 
 
@@ -237,7 +233,7 @@ def test_one_rank_nan_or_missing_batch_is_agreed_on_by_every_rank(tmp_path):
     # Rank 1's loss is NaN at step 1 and it has no batch at step 3: the step's one all-reduce
     # makes both ranks skip step 1's update and stop at step 3 (a rank acting alone would
     # leave the other hanging in its gradient all-reduce, or the weights apart).
-    _ok(toy_train.run_launch(toy_train.torchrun_cmd(
+    helpers.assert_ok(toy_train.run_launch(toy_train.torchrun_cmd(
         "--out", str(tmp_path), "--steps", "5", "--nan-step", "1", "--no-batch-step", "3", "--fault-rank", "1")))
     r = toy_train.result(tmp_path)
     assert r["skipped_by_rank"] == [[1], [1]] and r["stopped_at_by_rank"] == [3, 3]
@@ -251,7 +247,7 @@ def test_one_rank_nan_or_missing_batch_is_agreed_on_by_every_rank(tmp_path):
 ], ids=["multi_gpu-flag", "cpu_2proc.yaml"])
 def test_accelerate_launch_two_cpu_processes(tmp_path, launch_args):
     cmd = toy_train.accelerate_cmd(*launch_args, str(toy_train.SCRIPT), "--out", str(tmp_path), "--steps", "4")
-    _ok(toy_train.run_launch(cmd))
+    helpers.assert_ok(toy_train.run_launch(cmd))
     _assert_two_rank_run(tmp_path, "accelerate")
 
 
@@ -280,7 +276,7 @@ def test_deepspeed_zero_on_two_cpu_processes(tmp_path, stage):
     cmd = toy_train.accelerate_cmd("--config_file", str(config), "--num_processes", "2",
                                    str(toy_train.SCRIPT), "--out", str(tmp_path), "--steps", "4")
     proc = toy_train.run_launch(cmd)
-    _ok(proc)
+    helpers.assert_ok(proc)
     r = _assert_two_rank_run(tmp_path, "accelerate", strategy="deepspeed")
     assert r["zero_stage"] == stage
     # The shared-memory op is skipped, not compiled (a compile prints "built successfully").
