@@ -509,10 +509,7 @@ def test_ctrl_c_to_a_2_process_torchrun_saves_exits_0_and_the_rerun_resumes(tmp_
     assert _extra(ckpts / f"step-{step:08d}")["reason"] == "interrupted" and step >= 2
     assert not (tmp_path / "runs" / "c" / "LOCK").exists()
 
-    done = subprocess.run([*base, f"train.max_steps={step + 1}"], capture_output=True, text=True,
-                          env={k: v for k, v in launch_env().items() if k != "EAGLE_NO_RELAUNCH"}, cwd=REPO, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert f"resumed from {ckpts / f'step-{step:08d}'} at step {step}" in done.stdout
+    assert_resumes_at(base, step, ckpts)
 
 
 @pytest.mark.multiproc
@@ -565,6 +562,14 @@ def _signal_the_group(cmd: list[str], log: Path, ready: Path, sig: int, **extra_
     return code, log.read_text()
 
 
+def assert_resumes_at(base: list[str], step: int, ckpts: Path) -> None:
+    """The same command, one step longer, resumes from the checkpoint of the stop step."""
+    done = subprocess.run([*base, f"train.max_steps={step + 1}"], capture_output=True, text=True,
+                          env=_sigint_env(), cwd=REPO, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"resumed from {ckpts / f'step-{step:08d}'} at step {step}" in done.stdout
+
+
 def assert_one_clean_stop(code: int, out: str, what: str, ckpts: Path, reason: str = "preemption") -> int:
     """Exit 0, no traceback, one stop line; the checkpoint of the stop step verifies.  Its step."""
     from eagle_dist.checkpoint import verify_checkpoint
@@ -596,10 +601,7 @@ def test_sigterm_to_the_process_group_during_training_saves_and_the_rerun_resume
     step = assert_one_clean_stop(code, out, "SIGTERM", ckpts)
     assert not (tmp_path / "runs" / "t" / "LOCK").exists()
 
-    done = subprocess.run([*base, f"train.max_steps={step + 1}"], capture_output=True, text=True,
-                          env=_sigint_env(), cwd=REPO, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert f"resumed from {ckpts / f'step-{step:08d}'} at step {step}" in done.stdout
+    assert_resumes_at(base, step, ckpts)
 
 
 @pytest.mark.multiproc
@@ -616,10 +618,7 @@ def test_sigusr1_to_the_process_group_during_an_evaluation_ends_it_saves_and_the
     step = assert_one_clean_stop(code, out, "SIGUSR1 (Slurm's pre-timeout signal)", ckpts)
     assert step == 3 and "evaluation at step 3" not in out  # ended after its first batch, no table
 
-    done = subprocess.run([*base, f"train.max_steps={step + 1}"], capture_output=True, text=True,
-                          env=_sigint_env(), cwd=REPO, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert f"resumed from {ckpts / f'step-{step:08d}'} at step {step}" in done.stdout
+    assert_resumes_at(base, step, ckpts)
 
 
 def test_requeue_without_scontrol_is_reported_not_raised(tmp_path):
