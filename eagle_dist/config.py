@@ -37,6 +37,7 @@ SignRule = Literal["official", "per_vector"]
 Strategy = Literal["auto", "ddp", "deepspeed"]
 MixedPrecision = Literal["auto", "no", "bf16"]
 StepUnit = Literal["batch", "pl_optimizer_calls"]
+CpuAllocator = Literal["reuse", "system"]
 
 
 class ConfigError(EagleError, ValueError):
@@ -208,6 +209,9 @@ class DistConfig:
     # Refuse to start unless this many processes are running.
     expected_world_size: Optional[int] = None  # None: trust the launcher
     cpu_threads: Optional[int] = None  # torch threads per process; None = cores / processes on this node
+    # CPU runs: "reuse" keeps freed host memory in the process (no page faults on the big
+    # tensors of every step; see distributed.keep_freed_host_memory), "system" the C library's default.
+    cpu_allocator: CpuAllocator = "reuse"
 
 
 @dataclass

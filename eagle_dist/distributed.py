@@ -451,6 +451,37 @@ def cpu_threads_for(local_world_size: int, override: int | None = None) -> int:
     return max(1, _usable_cores() // max(1, local_world_size))
 
 
+# glibc mallopt parameters (malloc.h): M_TRIM_THRESHOLD, M_MMAP_MAX.
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+CPU_ALLOCATORS = ("reuse", "system")
+
+
+def keep_freed_host_memory() -> bool:
+    """Make glibc keep freed memory for reuse instead of returning it to the kernel; True if set.
+
+    glibc serves every block above its mmap threshold (at most 32 MiB) with a fresh mmap and
+    unmaps it on free, so each large tensor of a CPU step (batch 32: the [B, 1152, 28, 28] keys
+    and head activations, 115 MiB each; the [B, 784, 784] graphs) is faulted in page by page,
+    every step: 3.3-4.5 M page faults and 9-12 s of kernel time per batch-32 step on the
+    development machine (docs/performance.md, "Performance round 3: the step").  With mmap off
+    and no trimming, freed blocks go back to the heap and the next step reuses them.  The cost:
+    the process keeps its high-water mark and fragmentation can raise it (batch 32: +19 % RSS).
+    No-op where the C library is not glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and others: no mallopt
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -740,6 +771,7 @@ def setup(
     micro_batch_size: int = 1,
     find_unused_parameters: bool = False,
     timeout_s: float = 1800.0,
+    cpu_allocator: str = "reuse",
 ) -> Dist:
     """Detect the launcher, start the process group through accelerate, check the world size.
 
@@ -755,6 +787,8 @@ def setup(
         per-rank streams (data order, augmentation) are the trainer's job.
     cpu_threads: torch threads per rank; None = usable cores // ranks on this node.
     micro_batch_size: per-rank batch size, which DeepSpeed insists on knowing.
+    cpu_allocator: on a CPU run, "reuse" keeps freed host memory in the process
+        (`keep_freed_host_memory`), "system" leaves the C library's defaults.
     """
     from accelerate.utils import set_seed
 
@@ -769,6 +803,10 @@ def setup(
     on_gpu = torch.cuda.is_available() and not _truthy(os.environ.get("ACCELERATE_USE_CPU"))
     precision = resolve_precision(mp, "cuda" if on_gpu else "cpu")
 
+    if cpu_allocator not in CPU_ALLOCATORS:
+        raise DistributedSetupError(f"cpu_allocator must be one of {CPU_ALLOCATORS}, got {cpu_allocator!r}")
+    if cpu_allocator == "reuse" and not on_gpu:
+        keep_freed_host_memory()
     threads = cpu_threads_for(info.local_world_size, cpu_threads)
     torch.set_num_threads(threads)
     accelerator = _make_accelerator(

@@ -96,6 +96,7 @@ class Trainer:
             seed=cfg.train.seed,
             cpu_threads=cfg.dist.cpu_threads,
             micro_batch_size=cfg.data.batch_size,
+            cpu_allocator=cfg.dist.cpu_allocator,
         )
         self.device = self.dist.device
         self.run_lock: RunLock | None = None  # rank 0's, once _lock_run_dir took it

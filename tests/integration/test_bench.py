@@ -12,7 +12,7 @@ import torch
 
 from eagle_dist import profiling
 from eagle_dist.cli import bench
-from eagle_dist.cli.bench import eigen, synth
+from eagle_dist.cli.bench import components, eigen, synth
 
 TINY_STEP = ["data.batch_size=1", "data.resolution=64", "--warmup", "1", "--steps", "2", "--threads", "1"]
 
@@ -127,9 +127,9 @@ def test_every_subcommand_is_dispatched_with_its_arguments(monkeypatch):
     seen = {}
     for name in bench.COMMANDS:
         monkeypatch.setitem(bench.COMMANDS, name, lambda argv, name=name: seen.setdefault(name, argv) and 0)
-    for name in ("step", "eigen", "data", "gpu"):
+    for name in ("step", "eigen", "data", "gpu", "components"):
         assert bench.main([name, "--x", name]) == 0
-    assert seen == {name: ["--x", name] for name in ("step", "eigen", "data", "gpu")}
+    assert seen == {name: ["--x", name] for name in ("step", "eigen", "data", "gpu", "components")}
 
 
 def test_usage_and_unknown_commands(capsys):
@@ -182,3 +182,19 @@ def test_data_rounds_alternate_the_pipelines_and_report_medians(tmp_path, capsys
     printed = capsys.readouterr().out
     assert "median of 3 alternating rounds" in printed and "finish_batch" in printed
     assert bench.main(["data", "--rounds", "0"]) == 2
+
+
+def test_components_times_both_parts_forward_and_backward(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "components.json"
+    assert components.main(["--batch-sizes", "2", "--reps", "1", "--rounds", "2", "--threads", "1",
+                            "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["official"] is None and result["batch_sizes"] == [2]
+    for part in components.PARTS:
+        timed = result["ours"]["2"][part]
+        assert timed["forward_s"] > 0 and timed["backward_s"] > 0
+        assert [math.isfinite(r[part]["loss"]) for r in result["ours"]["2"]["rounds"]] == [True, True]
+    assert "nce   batch   2: ours" in capsys.readouterr().out
+    monkeypatch.delenv("EAGLE_REF_DIR", raising=False)
+    with pytest.raises(SystemExit, match="EAGLE_REF_DIR"):
+        components.main(["--batch-sizes", "2", "--official-python", sys.executable])

@@ -18,6 +18,7 @@ from eagle_dist.method import eicue
 from eagle_dist.method import losses
 
 from eagle_dist.evaluation import metrics
+from eagle_dist.method.heads import SegHead
 from eagle_dist.method.probes import ClusterLookup, LinearProbe
 
 
@@ -388,6 +389,39 @@ def test_linear_probe_loss_ignores_unlabelled_pixels():
     torch.testing.assert_close(probe.loss(feats, label), F.cross_entropy(flat_logits[keep], flat[keep]))
     empty = probe.loss(feats, torch.full((2, 12, 12), -1))
     assert empty.item() == 0.0 and empty.requires_grad
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_seg_head_training_function_matches_the_module_path_bit_for_bit(memory_format):
+    """The training path (`_SegHeadFunction`: masks kept instead of dropped copies) draws the same
+    Dropout2d masks, returns the same codes and accumulates the same gradients as the plain
+    modules, and leaves the random stream where Dropout2d would."""
+    import copy
+
+    torch.manual_seed(0)
+    head = SegHead(24, 8, dropout=0.25).to(memory_format=memory_format)
+    plain = copy.deepcopy(head)
+    keys = torch.randn(3, 24, 5, 5).contiguous(memory_format=memory_format)
+    results = []
+    for module, use_function in ((head, True), (plain, False)):
+        torch.manual_seed(5)
+        if use_function:
+            codes = [module(keys), module(keys)]  # two views on the same keys, as in the step
+        else:
+            codes = [module.cluster1(module.drop(keys)) + module.cluster2(module.drop(keys)) for _ in range(2)]
+        weight = torch.randn_like(codes[0])
+        ((codes[0] * weight).sum() + codes[1].square().sum()).backward()
+        results.append((codes, [p.grad.clone() for p in module.parameters()], torch.rand(3)))
+    (codes_f, grads_f, next_f), (codes_p, grads_p, next_p) = results
+    assert all(torch.equal(a, b) for a, b in zip(codes_f, codes_p))
+    assert all(torch.equal(a, b) for a, b in zip(grads_f, grads_p))
+    assert torch.equal(next_f, next_p)
+    assert not torch.equal(codes_f[0], codes_f[1])  # each call drew its own masks
+    # eval mode and no-grad calls take the module path: no dropout, no function
+    head.eval()
+    with torch.no_grad():
+        expected = head.cluster1(keys) + head.cluster2(keys)
+    assert torch.equal(head(keys), expected)
 
 
 # --------------------------------------------------------------------------- metrics

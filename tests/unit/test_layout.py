@@ -3,7 +3,7 @@ two modules import each other (not even from inside a function), and every impor
 
 Floors, bottom to top: errors/constants/compat/profiling; config/distributed/checkpoint;
 method/data; engine/evaluation; cli.  The bench tool is one tool in a sub-package
-(cli/bench/: step, eigen, data, gpu, synth); cli/__init__ holds argument types the tools share.
+(cli/bench/: step, eigen, data, gpu, components, synth); cli/__init__ holds argument types the tools share.
 Every import counts, the ones inside functions too: a circle closed inside a function is still
 a circle, one that only the reader of that function sees.
 """

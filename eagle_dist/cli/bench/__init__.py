@@ -5,6 +5,7 @@ the prepared GPU check.
     python -m eagle_dist.bench eigen [--batch 16] [--json eigen.json]       # bench/eigen.py
     python -m eagle_dist.bench data [--count 200] [--json data.json]        # bench/data.py
     python -m eagle_dist.bench gpu --json gpu.json [--dry-run]              # bench/gpu.py
+    python -m eagle_dist.bench components [--official-python PY] [--json c.json]  # bench/components.py
     eagle-dist bench ...                                                    # the same
 
 Every benchmark calls the library (`build_model`, `engine.step.run_step`), never a copy of it;
@@ -15,16 +16,18 @@ from __future__ import annotations
 
 import sys
 
-from eagle_dist.cli.bench import data, eigen, gpu, step
+from eagle_dist.cli.bench import components, data, eigen, gpu, step
 
-COMMANDS = {"step": step.main, "eigen": eigen.main, "data": data.main, "gpu": gpu.main}
+COMMANDS = {"step": step.main, "eigen": eigen.main, "data": data.main, "gpu": gpu.main,
+            "components": components.main}
 
-USAGE = """usage: python -m eagle_dist.bench {step,eigen,data,gpu} [options]
+USAGE = """usage: python -m eagle_dist.bench {step,eigen,data,gpu,components} [options]
 
   step    time the full training step with a breakdown      (python -m eagle_dist.bench step --help)
   eigen   compare EiCue eigensolvers (speed and accuracy)   (python -m eagle_dist.bench eigen --help)
   data    shard build and stream throughput                 (python -m eagle_dist.bench data --help)
-  gpu     the prepared GPU check, one JSON                   (python -m eagle_dist.bench gpu --help)"""
+  gpu     the prepared GPU check, one JSON                   (python -m eagle_dist.bench gpu --help)
+  components  InfoNCE and correspondence, ours vs official   (python -m eagle_dist.bench components --help)"""
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -65,7 +65,7 @@ def step_setup(cfg, device: str = "auto", threads: int = 0, channels_last: bool 
         if pick_device(device).type == "cpu":
             os.environ["ACCELERATE_USE_CPU"] = "1"  # setup() then stays off the GPU
     d = setup(strategy="ddp", mixed_precision=cfg.dist.mixed_precision, grad_clip=cfg.optim.grad_clip,
-              seed=cfg.train.seed, cpu_threads=threads or cfg.dist.cpu_threads)
+              seed=cfg.train.seed, cpu_threads=threads or cfg.dist.cpu_threads, cpu_allocator=cfg.dist.cpu_allocator)
     batch_size = cfg.data.batch_size
     # Random weights are expected here (speed does not depend on them): no warning.
     backbone, built = build_model(cfg, d.device, quiet=True)
