@@ -76,12 +76,14 @@ class EagleHeads(nn.Module):
 
     # ------------------------------------------------------------------ pieces
 
-    def eicue(self, code_BDHW: torch.Tensor, color_img: torch.Tensor, probe: ClusterLookup):
-        """Spectral map of one view, its EiCue map (argmax cluster ids) and the probe loss."""
+    def eicue(self, code_BDHW: torch.Tensor, color_img: torch.Tensor, probe: ClusterLookup,
+              color_term: torch.Tensor | None = None):
+        """Spectral map of one view, its EiCue map (argmax cluster ids) and the probe loss.
+        ``color_term``: the colour half of the graph of ``color_img`` when already computed."""
         b, d, h, w = code_BDHW.shape
         with torch.no_grad(), losses.no_autocast(code_BDHW):
             code_BND = code_BDHW.detach().float().flatten(2).transpose(1, 2)
-            vecs_BNK = self.spectral.vectors(color_img.float(), code_BND, (h, w))
+            vecs_BNK = self.spectral.vectors(color_img.float(), code_BND, (h, w), color_term)
             spectral_BKHW = vecs_BNK[..., 1:].transpose(1, 2).reshape(b, -1, h, w)
         loss, probs = probe(spectral_BKHW, alpha=1.0)
         return spectral_BKHW, probs.argmax(1), loss
@@ -160,8 +162,12 @@ class EagleHeads(nn.Module):
 
         color_aug = img_aug if self.color_from_aug_view else img  # quirk 8
         with profiling.section("eicue"):
-            _, map_p, loss_eig_p = self.eicue(code_p, img, self.eigen_probe)
-            _, map_a, loss_eig_a = self.eicue(code_a, color_aug, self.eigen_probe_aug)
+            # Officially both views take their colours from img (quirk 8): one colour graph for both.
+            with profiling.section("eicue.affinities"):
+                color_p = self.spectral.color_term(img, code_p.shape[-2:])
+                color_a = color_p if color_aug is img else None
+            _, map_p, loss_eig_p = self.eicue(code_p, img, self.eigen_probe, color_p)
+            _, map_a, loss_eig_a = self.eicue(code_a, color_aug, self.eigen_probe_aug, color_a)
 
         with profiling.section("corr"):
             corr, loss_corr = self._correspondence(khat_x, khat_p, khat_a, code_x, code_p, code_a)

@@ -39,6 +39,7 @@ __all__ = [
     "EiCue",
     "apply_sign_rule",
     "color_affinity",
+    "color_term",
     "eigen_vectors",
     "normalized_laplacian",
     "resize_for_color",
@@ -135,22 +136,39 @@ def _divide_by_own_max(mat_BNN: torch.Tensor) -> torch.Tensor:
     return mat_BNN.div_(peak_B11)
 
 
-def normalized_laplacian(adj_code_BNN: torch.Tensor, color_W_BNN: torch.Tensor) -> torch.Tensor:
+def color_term(img_B3HW: torch.Tensor, n_side, color_mode: str = "official", sigma: float = 0.1) -> torch.Tensor:
+    """The colour half of the graph, ready to add: the colour affinity of the image resized to the
+    token grid, divided by its own maximum (``[B, N, N]``).  It depends on the image only, so a
+    step whose two views take their colours from the same image computes it once
+    (`EagleHeads.forward`); :func:`normalized_laplacian` takes it through ``color_term_BNN``."""
+    with torch.autocast(device_type=img_B3HW.device.type, enabled=False):
+        pix_BSS3 = resize_for_color(img_B3HW, _grid_size(n_side), color_mode)
+        return _divide_by_own_max(color_affinity(pix_BSS3, sigma=sigma, scale=_COLOR_SCALE[color_mode]))
+
+
+def normalized_laplacian(adj_code_BNN: torch.Tensor, color_W_BNN: torch.Tensor | None = None, *,
+                         color_term_BNN: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric normalised Laplacian of ``clamp(adj)/max + color_W/max``: ``lap = D^-1/2 (D - W) D^-1/2``.
 
     Per image: negative entries of ``adj_code`` are set to 0, each matrix is divided by its own
     maximum, the two are added, degrees below 1e-12 become 1, and the scaling by ``1/sqrt(d)``
     is applied elementwise on rows and columns. The reference builds dense diagonal matrices and
     inverts one (quirk 5); this is the same number per entry without any inverse.
+    Pass either the colour affinity ``color_W_BNN`` or its :func:`color_term` (already divided
+    by its maximum, e.g. shared by two views); the result is the same bit for bit.
     """
-    if adj_code_BNN.shape != color_W_BNN.shape or adj_code_BNN.ndim != 3:
+    if (color_W_BNN is None) == (color_term_BNN is None):
+        raise ValueError("normalized_laplacian needs exactly one of color_W_BNN and color_term_BNN")
+    color = color_W_BNN if color_W_BNN is not None else color_term_BNN
+    assert color is not None
+    if adj_code_BNN.shape != color.shape or adj_code_BNN.ndim != 3:
         raise ValueError(
             "normalized_laplacian needs two [B, N, N] matrices of the same shape, got "
-            f"{tuple(adj_code_BNN.shape)} and {tuple(color_W_BNN.shape)}; the colour image must be "
+            f"{tuple(adj_code_BNN.shape)} and {tuple(color.shape)}; the colour image must be "
             "resized to the token grid of the codes"
         )
     weights_BNN = _divide_by_own_max(adj_code_BNN.clamp(min=0))
-    weights_BNN.add_(_divide_by_own_max(color_W_BNN.clone()))
+    weights_BNN.add_(_divide_by_own_max(color.clone()) if color_W_BNN is not None else color)
     degree_BN = weights_BNN.sum(dim=-1)
     degree_BN = torch.where(degree_BN < 1e-12, torch.ones_like(degree_BN), degree_BN)
     inv_sqrt_BN = 1.0 / degree_BN.sqrt()
@@ -224,6 +242,7 @@ def eigen_vectors(
     sigma: float = 0.1,
     return_eigenvalues: bool = False,
     sign_rule: str = "official",
+    color_term_BNN: torch.Tensor | None = None,
 ):
     """The reference's ``EigenLoss.forward``: spectral embedding ``V [B, N, K]`` of each image's graph.
 
@@ -233,7 +252,8 @@ def eigen_vectors(
     (N = n_side^2) or ``(h, w)`` (N = h*w); the colour image is resized to it.
     Everything runs in float32 without gradient and without autocast.
     With ``return_eigenvalues`` it returns ``(V, eigenvalues [B, K])``.  ``sign_rule``: see
-    :func:`apply_sign_rule`.
+    :func:`apply_sign_rule`.  ``color_term_BNN``: the image's :func:`color_term` when the caller
+    already has it (``img_B3HW`` is then only checked, not used).
     """
     _check_choice("color_mode", color_mode, COLOR_MODES)
     _check_choice("sign_rule", sign_rule, SIGN_RULES)
@@ -248,12 +268,12 @@ def eigen_vectors(
     # profiling.section: timing for `python -m eagle_dist.bench step`; no-ops otherwise.
     with torch.autocast(device_type=code_BND.device.type, enabled=False):
         with profiling.section("eicue.affinities"):
-            pix_BSS3 = resize_for_color(img_B3HW, (h, w), color_mode)
-            color_W_BNN = color_affinity(pix_BSS3, sigma=sigma, scale=_COLOR_SCALE[color_mode])
+            if color_term_BNN is None:
+                color_term_BNN = color_term(img_B3HW, (h, w), color_mode, sigma)
             adj_BNN = semantic_affinity(code_BND.float())
         with profiling.section("eicue.laplacian"):
-            lap_BNN = normalized_laplacian(adj_BNN, color_W_BNN)
-            del adj_BNN, color_W_BNN
+            lap_BNN = normalized_laplacian(adj_BNN, color_term_BNN=color_term_BNN)
+            del adj_BNN
         with profiling.section("eicue.eigensolver"):
             vals_BK, vecs_BNK = smallest_eigenpairs(lap_BNN, k, solver)
             vecs_BNK = apply_sign_rule(vecs_BNK, sign_rule)
@@ -298,10 +318,16 @@ class EiCue(nn.Module):
         return cls(k=k, color_mode=section.color_mode, solver=section.solver, sigma=section.color_sigma,
                    sign_rule=section.sign_rule)
 
-    def vectors(self, img_B3HW: torch.Tensor, code_BND: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    def vectors(self, img_B3HW: torch.Tensor, code_BND: torch.Tensor, grid: tuple[int, int],
+                color_term_BNN: torch.Tensor | None = None) -> torch.Tensor:
         """:func:`eigen_vectors` with this module's settings: ``V [B, N, k]``."""
         return eigen_vectors(img_B3HW, code_BND, grid, self.k, self.color_mode, self.solver, self.sigma,
-                             sign_rule=self.sign_rule)
+                             sign_rule=self.sign_rule, color_term_BNN=color_term_BNN)
+
+    @torch.no_grad()
+    def color_term(self, img_B3HW: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """:func:`color_term` with this module's settings (to share between views of one image)."""
+        return color_term(img_B3HW.float(), grid, self.color_mode, self.sigma)
 
     @contextlib.contextmanager
     def using_solver(self, solver: str):

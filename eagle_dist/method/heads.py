@@ -66,8 +66,11 @@ class SegHead(nn.Module):
         self.drop = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, feats_BCHW: torch.Tensor) -> torch.Tensor:
+        # The function is the fp32 training path; under autocast the modules run (autograd then
+        # keeps the low-precision copies autocast made, which a recomputing backward would not see).
         if not (self.training and torch.is_grad_enabled() and not feats_BCHW.requires_grad
-                and isinstance(self.drop, nn.Dropout2d) and 0.0 < self.drop.p < 1.0 and feats_BCHW.ndim == 4):
+                and isinstance(self.drop, nn.Dropout2d) and 0.0 < self.drop.p < 1.0 and feats_BCHW.ndim == 4
+                and not torch.is_autocast_enabled(feats_BCHW.device.type)):
             return self.cluster1(self.drop(feats_BCHW)) + self.cluster2(self.drop(feats_BCHW))
         # The masks Dropout2d would draw, in its order (first cluster1's, then cluster2's).
         mask1, mask2 = self.dropout_mask(feats_BCHW), self.dropout_mask(feats_BCHW)

@@ -306,6 +306,22 @@ def test_laplacian_uses_no_inverse_is_symmetric_and_matches_the_dense_formula(mo
     assert V.shape == (2, 36, 4)
 
 
+def test_a_shared_colour_term_gives_the_same_graph_and_vectors_bit_for_bit():
+    """Both views of the step take their colours from img (quirk 8): EagleHeads computes the
+    colour half once (color_term) and passes it to both; nothing may change."""
+    g = torch.Generator().manual_seed(16)
+    code = torch.randn(2, 36, 8, generator=g)
+    img = torch.randn(2, 3, 24, 24, generator=g)
+    color_W = eicue.color_affinity(eicue.resize_for_color(img, 6))
+    term = eicue.color_term(img, 6)
+    adj = eicue.semantic_affinity(code)
+    assert torch.equal(eicue.normalized_laplacian(adj, color_W), eicue.normalized_laplacian(adj, color_term_BNN=term))
+    assert torch.equal(eicue.eigen_vectors(img, code, 6, 4, solver="krylov"),
+                       eicue.eigen_vectors(img, code, 6, 4, solver="krylov", color_term_BNN=term))
+    with pytest.raises(ValueError, match="exactly one"):
+        eicue.normalized_laplacian(adj, color_W, color_term_BNN=term)
+
+
 def test_laplacian_isolated_node_gets_degree_one():
     adj = torch.ones(1, 3, 3)
     color_W = torch.ones(1, 3, 3)

@@ -54,7 +54,7 @@ def _step_dtypes(precision: Precision, solver: str, monkeypatch, batch: dict | N
             seen.setdefault(name, out.dtype)  # returns None: the output is left as it is
         return hook
 
-    heads.seg_head.cluster1.register_forward_hook(dtype_of("seg_head"))
+    heads.seg_head.register_forward_hook(dtype_of("seg_head"))
     backbone.register_forward_hook(dtype_of("backbone"))
     original = eicue.smallest_eigenpairs
 
