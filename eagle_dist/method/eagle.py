@@ -127,8 +127,9 @@ class EagleHeads(nn.Module):
                 z_p = self.projection(code_p)
                 z_a = self.projection(code_a)
             with profiling.section("nce"):
-                kappa_p = losses.key_similarity_weights(khat_p)
-                kappa_a = losses.key_similarity_weights(khat_a)
+                with profiling.section("nce.kappa"):
+                    kappa_p = losses.key_similarity_weights(khat_p)
+                    kappa_a = losses.key_similarity_weights(khat_a)
                 nce_p = self._nce(z_p, z_a, map_p, kappa_p)
                 nce_a = self._nce(z_a, z_p, map_a, kappa_a)
                 loss_nce = lc.local_pos_weight * nce_p + lc.local_pos_aug_weight * nce_a

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from eagle_dist import profiling
 from eagle_dist.config import LossConfig
 
 __all__ = [
@@ -298,7 +299,8 @@ def object_centric_nce(
             counts_U = torch.bincount(target_P, minlength=n_ids).to(S1f.dtype)
             centroids_UD = sums_UD / counts_U.unsqueeze(1)
         else:
-            rows_U = medoid_rows(S1f, target_P, n_ids, medoid_chunk_elems)
+            with profiling.section("nce.medoid"):
+                rows_U = medoid_rows(S1f, target_P, n_ids, medoid_chunk_elems)
             centroids_UD = S1f[rows_U]
 
         local_PU = torch.mm(S1f, centroids_UD.t()) / tau
