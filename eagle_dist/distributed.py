@@ -771,7 +771,7 @@ def setup(
     micro_batch_size: int = 1,
     find_unused_parameters: bool = False,
     timeout_s: float = 1800.0,
-    cpu_allocator: str = "reuse",
+    cpu_allocator: str = "system",
 ) -> Dist:
     """Detect the launcher, start the process group through accelerate, check the world size.
 
@@ -788,7 +788,10 @@ def setup(
     cpu_threads: torch threads per rank; None = usable cores // ranks on this node.
     micro_batch_size: per-rank batch size, which DeepSpeed insists on knowing.
     cpu_allocator: on a CPU run, "reuse" keeps freed host memory in the process
-        (`keep_freed_host_memory`), "system" leaves the C library's defaults.
+        (`keep_freed_host_memory`; training passes ``dist.cpu_allocator``, "reuse" by default:
+        every step allocates the same large tensors again), "system" leaves the C library's
+        defaults (evaluate and predict: per-image sizes vary, and a heap that never shrinks
+        would keep the largest photo's memory and its fragments).
     """
     from accelerate.utils import set_seed
 
