@@ -59,7 +59,7 @@ from typing import Any
 import torch
 import torch.distributed as tdist
 
-from eagle_dist.config import MixedPrecision, Strategy
+from eagle_dist.config import CpuAllocator, MixedPrecision, Strategy
 from eagle_dist.errors import EagleError
 
 STRATEGIES = typing.get_args(Strategy)
@@ -453,7 +453,7 @@ def cpu_threads_for(local_world_size: int, override: int | None = None) -> int:
 
 # glibc mallopt parameters (malloc.h): M_TRIM_THRESHOLD, M_MMAP_MAX.
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-CPU_ALLOCATORS = ("reuse", "system")
+CPU_ALLOCATORS = typing.get_args(CpuAllocator)
 
 
 def keep_freed_host_memory() -> bool:
