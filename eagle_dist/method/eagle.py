@@ -151,12 +151,15 @@ class EagleHeads(nn.Module):
         img_aug: torch.Tensor,
         label: torch.Tensor,
         u: float,
+        aug_same: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
+        """All losses of one batch.  ``aug_same`` (bool ``[B]``, optional): the rows of
+        ``kk_aug`` that are ``kk_img``'s keys (unblurred images), which lets the seg head share
+        their products across views; the losses are the same either way."""
         # profiling.section: named parts for `python -m eagle_dist.bench step`; no-ops otherwise.
         with profiling.section("heads"):
-            code_x = self.seg_head(kk_img)  # view x ("img")
-            code_p = self.seg_head(kk_img)  # view P ("img_pos"): same keys, new dropout masks
-            code_a = self.seg_head(kk_aug)  # view A ("img_pos_aug")
+            # x ("img") and P ("img_pos"): the same keys under new dropout masks; A ("img_pos_aug").
+            code_x, code_p, code_a = self.seg_head(kk_img, kk_aug, aug_same)
             khat_x = self.seg_head.dropped(kk_img)
             khat_p = self.seg_head.dropped(kk_img)
             khat_a = self.seg_head.dropped(kk_aug)
@@ -339,6 +342,8 @@ def training_step_losses(backbone, heads, batch: dict, u: float, *,
     with precision.context():
         with profiling.section("backbone"):
             kk_img, kk_aug = backbone_keys(backbone, img, img_aug, changed)
-        out = heads(kk_img.float(), kk_aug.float(), img, img_aug, batch["label"], u)
+        same = torch.ones(img.shape[0], dtype=torch.bool, device=img.device)
+        same[changed] = False
+        out = heads(kk_img.float(), kk_aug.float(), img, img_aug, batch["label"], u, aug_same=same)
     out["backbone_passes"] = torch.tensor(1.0 + changed.shape[0] / img.shape[0])
     return out

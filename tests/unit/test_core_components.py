@@ -440,6 +440,56 @@ def test_seg_head_training_function_matches_the_module_path_bit_for_bit(memory_f
     assert torch.equal(head(keys), expected)
 
 
+@pytest.mark.parametrize("same", [[True, False, True, False], [True] * 4, [False] * 4, None])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_seg_head_three_views_match_the_module_path(same, memory_format):
+    """The step's three views in one function (`_SegHeadViewsFunction`: the input layers' products
+    shared across views, matrix products instead of convolutions) draw the same masks in the same
+    order, leave the random stream where three module calls would, and give the module path's
+    codes and gradients up to float rounding: no further from float64 than the module path is."""
+    import copy
+
+    torch.manual_seed(0)
+    head = SegHead(40, 8, dropout=0.25)
+    plain, exact = copy.deepcopy(head), copy.deepcopy(head).double()
+    keys = torch.randn(4, 40, 5, 6).contiguous(memory_format=memory_format)
+    same_B = None if same is None else torch.tensor(same)
+    aug = keys.clone()
+    changed = torch.ones(4, dtype=torch.bool) if same_B is None else ~same_B
+    aug[changed] = torch.randn(int(changed.sum()), 40, 5, 6)
+    aug = aug.contiguous(memory_format=memory_format)
+    weights = [torch.randn(4, 8, 5, 6) for _ in range(3)]
+
+    def run(module, views, dtype):
+        module.zero_grad()
+        torch.manual_seed(5)
+        codes = views(module, keys.to(dtype), aug.to(dtype))
+        next_draw = torch.rand(3)
+        sum((c * w.to(dtype)).sum() for c, w in zip(codes, weights)).backward()
+        return [c.detach().double() for c in codes], [p.grad.double() for p in module.parameters()], next_draw
+
+    def modules(m, k, a):
+        return [m.cluster1(m.drop(t)) + m.cluster2(m.drop(t)) for t in (k, k, a)]
+
+    shared = run(head, lambda m, k, a: m(k, a, same_B), torch.float32)
+    module_path = run(plain, modules, torch.float32)
+    reference = run(exact, modules, torch.float64)
+    assert torch.equal(shared[2], module_path[2]) and torch.equal(shared[2], reference[2])
+
+    def worst(got, want):
+        return max(float((g - w).abs().max() / w.abs().max()) for g, w in zip(got, want))
+
+    for part in (0, 1):  # codes, then gradients
+        assert worst(shared[part], reference[part]) < 1e-5
+        assert worst(shared[part], reference[part]) <= 4 * worst(module_path[part], reference[part]) + 1e-7
+    assert not torch.equal(shared[0][0], shared[0][1])  # x and P: same keys, their own masks
+    # Without training (or under no_grad) it is three plain calls: no dropout, the same code thrice.
+    head.eval()
+    with torch.no_grad():
+        codes = head(keys, aug, same_B)
+        assert all(torch.equal(c, head.cluster1(k) + head.cluster2(k)) for c, k in zip(codes, (keys, keys, aug)))
+
+
 # --------------------------------------------------------------------------- metrics
 
 

@@ -127,9 +127,11 @@ def test_backbone_runs_only_on_changed_images_and_the_losses_are_unchanged(reuse
     reused, seen = _step(cfg, heads, with_mask)
     assert (seen_full, seen) == (8, 6)
     assert float(full["backbone_passes"]) == 2.0 and float(reused["backbone_passes"]) == 1.5
+    # The seg head shares its products across the views that read the same keys (the reused
+    # images), which sums the same terms in another order: equal up to float rounding.
     for key, value in full.items():
         if key != "backbone_passes":
-            assert torch.equal(value, reused[key]), key
+            torch.testing.assert_close(reused[key], value, rtol=1e-5, atol=1e-6, msg=key)
 
 
 def test_unaugmented_batch_runs_the_backbone_once(reuse_setup):

@@ -51,6 +51,7 @@ def _step_dtypes(precision: Precision, solver: str, monkeypatch, batch: dict | N
     seen: dict = {"solver_calls": []}
     def dtype_of(name):
         def hook(module, inputs, out):
+            out = out[0] if isinstance(out, tuple) else out  # the seg head's three training views
             seen.setdefault(name, out.dtype)  # returns None: the output is left as it is
         return hook
 
