@@ -117,16 +117,17 @@ class _SharedInput:
         """The layer's output for x, P and A, each [B, N, O]; x's is the common product itself."""
         b, n, _ = keys_BNC.shape
         o = weight_OC.shape[0]
-        common = torch.addmm(bias_O, self._masked(keys_BNC, self.mask_img), weight_OC.t()).view(b, n, o)
+        weight_CO = weight_OC.t().contiguous()  # the extra channels' weights are rows of it
+        common = torch.addmm(bias_O, self._masked(keys_BNC, self.mask_img), weight_CO).view(b, n, o)
         out_a = common.new_empty((b, n, o))
         out_a.index_copy_(0, self.same_rows, common.index_select(0, self.same_rows))
         if self.changed.numel():
-            blurred = torch.addmm(bias_O, self._masked(changed_RNC, self.mask_aug), weight_OC.t())
+            blurred = torch.addmm(bias_O, self._masked(changed_RNC, self.mask_aug), weight_CO)
             out_a.index_copy_(0, self.changed, blurred.view(-1, n, o))
         outs = [common, common.clone(), out_a]  # x last in place: P and A copy first
         for out, groups in zip(outs[::-1], self.extras[::-1]):
             for extra in groups:
-                out.index_add_(0, extra[0], torch.bmm(self._gathered(keys_BNC, extra), weight_OC.t()[extra[1]]))
+                out.index_add_(0, extra[0], torch.bmm(self._gathered(keys_BNC, extra), weight_CO[extra[1]]))
         return outs
 
     def _extra_grads(self, grad_CO: torch.Tensor, g_BNO: torch.Tensor, groups, keys_BNC: torch.Tensor) -> None:
@@ -211,9 +212,9 @@ class _SegHeadViewsFunction(torch.autograd.Function):
 
         def pre_grads():  # one view's at a time
             for g, hid in zip(flat, flat_hidden):
-                # ReLU's backward in place (threshold_backward's values: the gradient where the
-                # output is positive, else 0).
-                pre = (g @ w2b_OC).masked_fill_(hid <= 0, 0.0)
+                # ReLU's backward (autograd's threshold_backward), written over its input.
+                pre = g @ w2b_OC
+                torch.ops.aten.threshold_backward.grad_input(pre, hid, 0, grad_input=pre)
                 gb2a.add_(pre.sum(0))
                 yield pre.view(b, n, -1)
 
