@@ -2,7 +2,10 @@
 
 SegHead:        S = cluster1(Drop(K)) + cluster2(Drop(K)), two independent Dropout2d masks.
                 In training it runs as one autograd function (`_SegHeadFunction`) that keeps
-                the keys and the two masks for the backward instead of two dropped copies.
+                the keys and the two masks for the backward instead of two dropped copies;
+                the training step's three views (``seg_head(kk_img, kk_aug, aug_same)``) run
+                on CPU as one function that shares the input layers' products across the
+                views reading the same keys (`_SegHeadViewsFunction`, `_SharedInput`).
 ProjectionHead: Z = L2-normalise(Linear(S)) per pixel, flattened to [(B*N), D] in (b, row, col)
                 order, as the object-centric loss expects.
 
