@@ -5,6 +5,7 @@
 
 import json
 import math
+import statistics
 import sys
 
 import pytest
@@ -37,6 +38,9 @@ def test_step_reports_times_breakdown_and_config(tmp_path, capsys, solver):
     assert r["config"]["data"]["batch_size"] == 1 and r["batch_size_per_process"] == 1
     assert len(r["step_times_s"]) == 2 and r["step_median_s"] > 0 and r["backbone_only_s"] > 0
     assert r["ratio"] == pytest.approx(r["step_median_s"] / r["backbone_only_s"])
+    # the denominator is timed between the timed steps, one backbone-only pass per step
+    assert len(r["backbone_only_times_s"]) == 2 and r["backbone_only_s"] == pytest.approx(
+        statistics.median(r["backbone_only_times_s"]))
     assert r["images_per_s"] == pytest.approx(1 / r["step_median_s"])
     assert r["peak_memory_bytes"] > 0 and r["peak_memory_kind"] == "cpu_rss_high_water"
     assert r["backbone_passes_per_step"] == 2.0  # the one image of the batch is blurred

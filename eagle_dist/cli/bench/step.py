@@ -10,7 +10,8 @@ It builds the model from the config (defaults: the official COCO-Stuff-27 config
 224, batch 4 per process, random ViT weights unless ``model.weights`` is set), keeps one
 synthetic batch in memory and times the whole training step (forward, backward, optimizer; the
 all-reduces under ``torchrun``). It prints the median step time, images/s, peak memory, the
-time of the backbone alone on the same two views and the ratio, and a breakdown from the
+time of the backbone alone on the same two views (timed before each step, interleaved with
+the steps) and the ratio, and a breakdown from the
 ``profiling.section`` marks of the model code (synchronised on CUDA through events). The ``u``
 switch is on (``--train-step`` past ``loss.step_schedulers``), so the step includes the
 object-centric loss. The synthetic ``img_aug`` blurs the expected share (``data.blur_p``) of the
@@ -124,18 +125,15 @@ def _breakdown(step_parts: list[dict], step_median: float, local_parts: list[dic
     return breakdown
 
 
-def _backbone_only(d, backbone, batch: dict, warmup: int, steps: int) -> float:
-    """Median time of the backbone alone on the step's two views (the ratio's denominator)."""
-    times = []
-    for _ in range(warmup + steps):
-        sync(d.device)
-        t0 = time.perf_counter()
-        with d.precision.context():
-            backbone(batch["img"])
-            backbone(batch["img_aug"])
-        sync(d.device)
-        times.append(time.perf_counter() - t0)
-    return median(times[warmup:])
+def _backbone_only(d, backbone, batch: dict) -> float:
+    """Seconds of the backbone alone on the step's two views (the ratio's denominator)."""
+    sync(d.device)
+    t0 = time.perf_counter()
+    with d.precision.context():
+        backbone(batch["img"])
+        backbone(batch["img_aug"])
+    sync(d.device)
+    return time.perf_counter() - t0
 
 
 def run_step_bench(args: argparse.Namespace) -> dict | None:
@@ -148,9 +146,15 @@ def run_step_bench(args: argparse.Namespace) -> dict | None:
     device, passes = d.device, []
     forward = step_forward(cfg, d, backbone, heads, args.train_step)  # the step index stays at --train-step
 
-    def timed_steps(count: int, sync_grads: bool = True) -> tuple[list[float], list[dict]]:
+    backbone_times: list[float] = []
+
+    def timed_steps(count: int, sync_grads: bool = True, backbone_too: bool = False) -> tuple[list[float], list[dict]]:
         times, parts = [], []
         for _ in range(count):
+            if backbone_too:
+                # The ratio's denominator, timed between the steps: a drift of the machine's speed
+                # (it moves by several per cent within minutes) then touches both sides alike.
+                backbone_times.append(_backbone_only(d, backbone, batch))
             with profiling.recording(device) as rec:
                 sync(device)
                 t0 = time.perf_counter()
@@ -165,18 +169,19 @@ def run_step_bench(args: argparse.Namespace) -> dict | None:
 
     try:
         load_before = list(os.getloadavg())
-        timed_steps(args.warmup)
+        timed_steps(args.warmup, backbone_too=True)
+        backbone_times.clear()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         passes.clear()
-        step_times, step_parts = timed_steps(args.steps)
+        step_times, step_parts = timed_steps(args.steps, backbone_too=True)
         passes_per_step = statistics.fmean(passes)
         peak_bytes, peak_kind = peak_memory(device)
         step_median = median(step_times)
         local_parts = timed_steps(max(2, args.steps // 2), sync_grads=False)[1] if d.distributed else None
         breakdown = _breakdown(step_parts, step_median, local_parts)
 
-        backbone_only = _backbone_only(d, backbone, batch, args.warmup, args.steps)
+        backbone_only = median(backbone_times)
         # Every rank measured its own step; the slowest rank's median sets the pace.
         slowest = float(d.all_reduce_max(torch.tensor(step_median, dtype=torch.float64, device=device)))
     finally:
@@ -187,6 +192,7 @@ def run_step_bench(args: argparse.Namespace) -> dict | None:
         "step_median_s": step_median,
         "step_times_s": step_times,
         "backbone_only_s": backbone_only,
+        "backbone_only_times_s": backbone_times,
         "ratio": step_median / backbone_only,
         "backbone_passes_per_step": passes_per_step,
         "images_per_s": cfg.data.batch_size * d.world_size / step_median,
