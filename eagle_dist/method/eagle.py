@@ -155,7 +155,7 @@ class EagleHeads(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """All losses of one batch.  ``aug_same`` (bool ``[B]``, optional): the rows of
         ``kk_aug`` that are ``kk_img``'s keys (unblurred images), which lets the seg head share
-        their products across views; the losses are the same either way."""
+        their products across views; the losses agree either way, to float rounding."""
         # profiling.section: named parts for `python -m eagle_dist.bench step`; no-ops otherwise.
         with profiling.section("heads"):
             # x ("img") and P ("img_pos"): the same keys under new dropout masks; A ("img_pos_aug").
