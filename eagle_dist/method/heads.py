@@ -103,6 +103,7 @@ class _SharedInput:
 
     @staticmethod
     def _masked(keys_RNC: torch.Tensor, mask_RC: torch.Tensor) -> torch.Tensor:
+        # Called again in the backward rather than kept: a masked copy is as large as the keys.
         out = keys_RNC.new_empty(keys_RNC.shape)
         return torch.mul(keys_RNC, mask_RC[:, None], out=out).view(-1, keys_RNC.shape[2])
 
@@ -263,8 +264,10 @@ class SegHead(nn.Module):
     def _three_views(self, keys: torch.Tensor, aug_keys: torch.Tensor, same: torch.Tensor | None):
         if same is None:
             same = torch.zeros(keys.shape[0], dtype=torch.bool, device=keys.device)
-        if not (self._trains_with_masks(keys) and keys.device.type == "cpu" and keys.dtype == torch.float32
-                and keys.shape == aug_keys.shape and aug_keys.dtype == keys.dtype and not aug_keys.requires_grad and same.shape == keys.shape[:1] and same.dtype == torch.bool):
+        shared = (self._trains_with_masks(keys) and keys.device.type == "cpu" and keys.dtype == torch.float32
+                  and aug_keys.shape == keys.shape and aug_keys.dtype == keys.dtype and not aug_keys.requires_grad
+                  and same.shape == keys.shape[:1] and same.dtype == torch.bool)
+        if not shared:
             # Modules or the per-view function: the same masks in the same order.
             return self(keys), self(keys), self(aug_keys)
         # The masks the three calls would draw, in their order (x, P, A; cluster1's first).
