@@ -397,10 +397,11 @@ def sample_points(
     The last axis of ``coords`` is (x along the width, y along the height) in [-1, 1].
     ``source_G`` picks the image of each coordinate set (default: image g for set g).
 
-    With a source (the negatives), ``t[source]`` would copy a whole feature map per draw. Instead,
-    every coordinate set is placed side by side in the grid of its source image (an image used
-    m times gets m slots; unused slots sample the centre and are discarded), so one
-    ``grid_sample`` on ``t`` itself computes each point with the same arithmetic as the reference.
+    With a source (the negatives), ``t[source]`` would copy a whole feature map per draw.  On CPU
+    each point's four pixels are gathered from ``t`` itself (`_gathered_points`, grid_sample's
+    values bit for bit); elsewhere every coordinate set is placed side by side in the grid of its
+    source image (an image used m times gets m slots; unused slots sample the centre and are
+    discarded), so one ``grid_sample`` on ``t`` computes each point with the reference's arithmetic.
     """
     if coords_GSS2.ndim != 4 or coords_GSS2.shape[-1] != 2:
         raise ValueError(f"coordinates must be [G, S, S, 2], got {tuple(coords_GSS2.shape)}")
@@ -422,6 +423,8 @@ def sample_points(
 
 def _grid_sample_points(t_BCHW: torch.Tensor, grid: torch.Tensor, source_G: torch.Tensor | None) -> torch.Tensor:
     """`sample_points` after its checks, on the transposed ``grid`` ``[G, S, S, 2]``."""
+    if t_BCHW.device.type == "cpu":
+        return _gathered_points(t_BCHW, grid, source_G)
     if source_G is None:
         return F.grid_sample(t_BCHW, grid, mode="bilinear", padding_mode="border", align_corners=True)
     batch, n_sets = t_BCHW.shape[0], grid.shape[0]
@@ -440,13 +443,46 @@ def _grid_sample_points(t_BCHW: torch.Tensor, grid: torch.Tensor, source_G: torc
     return sampled.view(batch, -1, side_a, n_slots, side_b)[source_G, :, :, slot]
 
 
+def _bilinear_taps(grid: torch.Tensor, source_G: torch.Tensor | None, h: int, w: int):
+    """grid_sample's four bilinear taps (``align_corners=True``, border padding) of every point of
+    ``grid [G, S, S, 2]``, in its order (north-west, north-east, south-west, south-east), with its
+    arithmetic: ``(pixel row of the batch's [B*h*w] pixels [G*S*S], weight [G*S*S, 1])`` each.
+    A corner clamped at the border has weight 0."""
+    ix = ((grid[..., 0] + 1) * ((w - 1) / 2)).clamp(0, w - 1)
+    iy = ((grid[..., 1] + 1) * ((h - 1) / 2)).clamp(0, h - 1)
+    x0, y0 = ix.floor(), iy.floor()
+    east, south = ix - x0, iy - y0
+    west, north = 1 - east, 1 - south
+    x0, y0 = x0.long(), y0.long()
+    x1, y1 = (x0 + 1).clamp_max(w - 1), (y0 + 1).clamp_max(h - 1)
+    image = torch.arange(grid.shape[0], device=grid.device) if source_G is None else source_G
+    base = (image * (h * w)).view(-1, 1, 1)
+    return [((base + rows).reshape(-1), weight.reshape(-1, 1))
+            for rows, weight in ((y0 * w + x0, north * west), (y0 * w + x1, north * east),
+                                 (y1 * w + x0, south * west), (y1 * w + x1, south * east))]
+
+
+def _gathered_points(t_BCHW: torch.Tensor, grid: torch.Tensor, source_G: torch.Tensor | None) -> torch.Tensor:
+    """grid_sample's bilinear points as row gathers on the channels-last pixels: the same
+    values bit for bit (its weights, and its sum as fused multiply-adds in its order, which
+    ``addcmul_`` runs), without its per-channel loop over a CPU feature map (1.2-6 ms per call for
+    the batch-4 keys, channels-last or not, against 0.9).  ``[G, C, S, S]``, channels-last."""
+    b, c, h, w = t_BCHW.shape
+    pixels_NC = t_BCHW.permute(0, 2, 3, 1).reshape(b * h * w, c)  # a view of channels-last maps
+    (rows, weight), *taps = _bilinear_taps(grid, source_G, h, w)
+    out = pixels_NC.index_select(0, rows).mul_(weight)
+    for rows, weight in taps:
+        out.addcmul_(pixels_NC.index_select(0, rows), weight)
+    n_sets, side_a, side_b = grid.shape[:3]
+    return out.view(n_sets, side_a, side_b, c).permute(0, 3, 1, 2)
+
+
 class _SampledPoints(torch.autograd.Function):
-    """`sample_points` with grid_sample's forward (the reference's values, bit for bit) and a
-    backward that adds each point's four weighted gradient rows into a channels-last gradient
-    (``index_add_``): on CPU, grid_sample's own backward scatters channel by channel and took
-    17 ms for the batch-4 negatives' codes, this about 2 ms.  The terms are grid_sample's
-    bilinear weights (``align_corners=True``, border clipping); their sum runs in another order,
-    so the gradient agrees to float rounding (tests/unit/test_core_components.py)."""
+    """`sample_points` with a backward that adds each point's four weighted gradient rows into a
+    channels-last gradient (``index_add_``): on CPU, grid_sample's own backward scatters channel
+    by channel and took 17 ms for the batch-4 negatives' codes, this about 2 ms.  The terms are
+    grid_sample's bilinear weights (`_bilinear_taps`); their sum runs in another order, so the
+    gradient agrees to float rounding (tests/unit/test_core_components.py)."""
 
     @staticmethod
     def forward(ctx, t_BCHW, grid, source_G):
@@ -458,22 +494,10 @@ class _SampledPoints(torch.autograd.Function):
     def backward(ctx, grad_GCSS):
         grid, source_G = ctx.saved_tensors
         b, c, h, w = ctx.shape
-        n_sets = grid.shape[0]
-        # Pixel coordinates as grid_sample unnormalises them (align_corners=True), clipped to the
-        # border; the four neighbours and their bilinear weights.
-        ix = ((grid[..., 0] + 1) / 2 * (w - 1)).clamp(0, w - 1)
-        iy = ((grid[..., 1] + 1) / 2 * (h - 1)).clamp(0, h - 1)
-        x0, y0 = ix.floor(), iy.floor()
-        dx, dy = ix - x0, iy - y0
-        x0, y0 = x0.long(), y0.long()
-        x1, y1 = (x0 + 1).clamp_max(w - 1), (y0 + 1).clamp_max(h - 1)  # a clamped corner has weight 0
-        image = torch.arange(n_sets, device=grid.device) if source_G is None else source_G
-        base = (image * (h * w)).view(-1, 1, 1)
         grad_PC = grad_GCSS.permute(0, 2, 3, 1).reshape(-1, c)
         grad_NC = grad_PC.new_zeros((b * h * w, c))
-        for rows, weight in ((y0 * w + x0, (1 - dx) * (1 - dy)), (y0 * w + x1, dx * (1 - dy)),
-                             (y1 * w + x0, (1 - dx) * dy), (y1 * w + x1, dx * dy)):
-            grad_NC.index_add_(0, (base + rows).reshape(-1), grad_PC * weight.reshape(-1, 1))
+        for rows, weight in _bilinear_taps(grid, source_G, h, w):
+            grad_NC.index_add_(0, rows, grad_PC * weight)
         return grad_NC.view(b, h, w, c).permute(0, 3, 1, 2), None, None
 
 

@@ -201,13 +201,30 @@ def test_sample_points_equals_grid_sample_with_the_transpose_and_border():
     ours = losses.sample_points(t, coords, source)
     ref = F.grid_sample(t[source], coords.permute(0, 2, 1, 3), mode="bilinear", padding_mode="border",
                         align_corners=True)
-    assert torch.equal(ours, ref)  # each point is computed by grid_sample with the same inputs
+    assert torch.equal(ours, ref)  # grid_sample's arithmetic, bit for bit (CPU: row gathers + its FMAs)
     assert torch.equal(losses.sample_points(t, coords[:4]), F.grid_sample(
         t, coords[:4].permute(0, 2, 1, 3), mode="bilinear", padding_mode="border", align_corners=True))
     weights = torch.randn_like(ref)
     (g_ours,) = torch.autograd.grad((ours * weights).sum(), t)
     (g_ref,) = torch.autograd.grad((ref * weights).sum(), t)
     torch.testing.assert_close(g_ours, g_ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("channels", [1, 16, 37])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_sample_points_match_grid_sample_bit_for_bit_in_every_layout(channels, channels_last):
+    # The CPU path gathers rows of the channels-last pixels: vectorised channel loops (16), their
+    # scalar tails (1, 37) and both layouts must give grid_sample's values exactly.
+    g = torch.Generator().manual_seed(14)
+    t = torch.randn(3, channels, 6, 11, generator=g)
+    if channels_last:
+        t = t.contiguous(memory_format=torch.channels_last)
+    coords = torch.rand(4, 5, 5, 2, generator=g) * 2.4 - 1.2
+    coords[1, 2, 3] = torch.tensor([1.0, 1.0])  # the last pixel: both far taps clamped, weight 0
+    source = torch.tensor([1, 1, 0, 2])
+    ref = F.grid_sample(t[source], coords.permute(0, 2, 1, 3), mode="bilinear", padding_mode="border",
+                        align_corners=True)
+    assert torch.equal(losses.sample_points(t, coords, source), ref)
 
 
 def test_grouped_negatives_equal_one_helper_call_per_negative():
