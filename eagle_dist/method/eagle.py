@@ -105,11 +105,12 @@ class EagleHeads(nn.Module):
             centroid_mode=lc.centroid_mode, variant=lc.nce_variant,
         )
 
-    def _correspondence(self, khat_x, khat_p, khat_a, code_x, code_p, code_a):
-        """The correspondence loss terms and L_corr (weighted positive + negative)."""
+    def _correspondence(self, kk_img, kk_aug, drops, code_x, code_p, code_a):
+        """The correspondence loss terms and L_corr (weighted positive + negative).  K-hat of the
+        views x, P, A is ``kk_img``, ``kk_img``, ``kk_aug`` times ``drops`` (their masks)."""
         lc = self.loss_cfg
         corr = losses.correspondence_loss(
-            khat_x, khat_p, khat_a, code_x, code_p, code_a,
+            kk_img, kk_img, kk_aug, code_x, code_p, code_a, feature_masks=drops,
             feature_samples=lc.feature_samples, neg_samples=lc.neg_samples,
             pointwise=lc.pointwise, zero_clamp=lc.zero_clamp, stabalize=lc.stabalize,
             shift_value=lc.shift_value, shift_bias=lc.shift_bias, detach_shift=lc.detach_shift,
@@ -119,7 +120,13 @@ class EagleHeads(nn.Module):
         )
         return corr, loss_corr
 
-    def _nce_both_ways(self, code_p, code_a, khat_p, khat_a, map_p, map_a, u: float):
+    def _kappas(self, kk_img, kk_aug, drop_p, drop_a, aug_same):
+        """kappa of K-hat for P and A (`losses.key_similarity_weights`)."""
+        if drop_p is not None and drop_a is not None:
+            return losses.key_similarity_weights_pair(kk_img, drop_p, kk_aug, drop_a, aug_same)
+        return losses.key_similarity_weights(kk_img, drop_p), losses.key_similarity_weights(kk_aug, drop_a)
+
+    def _nce_both_ways(self, code_p, code_a, kk_img, kk_aug, drops, aug_same, map_p, map_a, u: float):
         """L_nce (P against A and A against P, weighted) and the two unweighted directions."""
         lc = self.loss_cfg
         if u > 0:
@@ -128,8 +135,7 @@ class EagleHeads(nn.Module):
                 z_a = self.projection(code_a)
             with profiling.section("nce"):
                 with profiling.section("nce.kappa"):
-                    kappa_p = losses.key_similarity_weights(khat_p)
-                    kappa_a = losses.key_similarity_weights(khat_a)
+                    kappa_p, kappa_a = self._kappas(kk_img, kk_aug, drops[1], drops[2], aug_same)
                 nce_p = self._nce(z_p, z_a, map_p, kappa_p)
                 nce_a = self._nce(z_a, z_p, map_a, kappa_a)
                 loss_nce = lc.local_pos_weight * nce_p + lc.local_pos_aug_weight * nce_a
@@ -160,9 +166,10 @@ class EagleHeads(nn.Module):
         with profiling.section("heads"):
             # x ("img") and P ("img_pos"): the same keys under new dropout masks; A ("img_pos_aug").
             code_x, code_p, code_a = self.seg_head(kk_img, kk_aug, aug_same)
-            khat_x = self.seg_head.dropped(kk_img)
-            khat_p = self.seg_head.dropped(kk_img)
-            khat_a = self.seg_head.dropped(kk_aug)
+            # K-hat, the keys the losses read, under a third mask per view (x, P, A, drawn in
+            # that order): kept as masks, which the losses apply where they read the keys
+            # (sampled points, kept channels) instead of to whole maps.
+            drops = tuple(self.seg_head.dropped_mask(kk) for kk in (kk_img, kk_img, kk_aug))
 
         color_aug = img_aug if self.color_from_aug_view else img  # quirk 8
         with profiling.section("eicue"):
@@ -174,8 +181,8 @@ class EagleHeads(nn.Module):
             _, map_a, loss_eig_a = self.eicue(code_a, color_aug, self.eigen_probe_aug, color_a)
 
         with profiling.section("corr"):
-            corr, loss_corr = self._correspondence(khat_x, khat_p, khat_a, code_x, code_p, code_a)
-        loss_nce, nce_terms = self._nce_both_ways(code_p, code_a, khat_p, khat_a, map_p, map_a, u)
+            corr, loss_corr = self._correspondence(kk_img, kk_aug, drops, code_x, code_p, code_a)
+        loss_nce, nce_terms = self._nce_both_ways(code_p, code_a, kk_img, kk_aug, drops, aug_same, map_p, map_a, u)
 
         with profiling.section("probes"):
             feats_x = code_x.detach()

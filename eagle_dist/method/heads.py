@@ -288,6 +288,18 @@ class SegHead(nn.Module):
         with torch.no_grad():
             return self.drop(feats_BCHW)
 
+    def dropped_mask(self, feats_BCHW: torch.Tensor) -> torch.Tensor | None:
+        """The factor `dropped` would multiply the features by, ``[B, C, 1, 1]``, drawn with its
+        random calls (None where it multiplies by nothing: eval mode, no dropout), so that the
+        losses can apply it where they read the features instead of to the whole maps."""
+        drop = self.drop
+        if not (self.training and isinstance(drop, nn.Dropout2d) and drop.p > 0 and feats_BCHW.ndim == 4):
+            return None
+        if drop.p >= 1:  # Dropout2d zeroes everything without a draw
+            return feats_BCHW.new_zeros((*feats_BCHW.shape[:2], 1, 1))
+        with torch.no_grad():
+            return self.dropout_mask(feats_BCHW)
+
 
 class ProjectionHead(nn.Module):
     def __init__(self, dim: int = 512):

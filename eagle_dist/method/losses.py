@@ -65,43 +65,141 @@ _LOSS = LossConfig()
 KAPPA_TILES = 4
 
 
+def _kappa_tiled(n: int, tile_grams) -> list[torch.Tensor]:
+    """``kappa [R, n]`` of one or more ``[R, n, n]`` Gram matrices given tile by tile.
+
+    ``tile_grams(rows, cols)`` returns each matrix's ``[R, |rows|, |cols|]`` tile for the
+    KAPPA_TILES column tiles ``rows <= cols``: G is symmetric, so each off-diagonal tile serves as
+    its own transpose, and the row averages are matrix-vector products instead of a materialised
+    normalised matrix."""
+    tiles = max(1, min(KAPPA_TILES, n))
+    edges = [n * t // tiles for t in range(tiles + 1)]
+    cols = [slice(edges[t], edges[t + 1]) for t in range(tiles)]
+    blocks, sq_cols = [], None
+    for i in range(tiles):
+        for j in range(i, tiles):
+            grams = tile_grams(cols[i], cols[j])
+            if sq_cols is None:
+                sq_cols = [g.new_zeros(g.shape[0], n) for g in grams]
+            for gram_Rij, sq_RN in zip(grams, sq_cols):
+                squares = gram_Rij.square()
+                sq_RN[:, cols[j]] += squares.sum(dim=1)
+                if j > i:  # the same tile transposed: rows of tile j, columns of tile i
+                    sq_RN[:, cols[i]] += squares.sum(dim=2)
+            blocks.append((i, j, grams))
+    assert sq_cols is not None  # n >= 1: at least one tile
+    kappas = []
+    for k, sq_RN in enumerate(sq_cols):
+        inv_col_norm_RN1 = (1.0 / sq_RN.sqrt().clamp_min(1e-12)).unsqueeze(2)
+        kappa_RN = sq_RN.new_zeros(sq_RN.shape)
+        for i, j, grams in blocks:
+            kappa_RN[:, cols[i]] += torch.bmm(grams[k], inv_col_norm_RN1[:, cols[j]]).squeeze(2)
+            if j > i:
+                kappa_RN[:, cols[j]] += torch.bmm(grams[k].transpose(1, 2), inv_col_norm_RN1[:, cols[i]]).squeeze(2)
+        kappas.append(kappa_RN / n)
+    return kappas
+
+
+def _kept_channels(mask_RC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The channels a whole-channel mask keeps, per row: ``(index [R, L], scale [R, L])``, padded
+    to the longest row with scale 0; None when no row keeps any."""
+    keep_RC = mask_RC != 0
+    counts_R = keep_RC.sum(1)
+    length = int(counts_R.max()) if counts_R.numel() else 0
+    if length == 0:
+        return None
+    # A stable descending sort of 0/1 flags: the kept channels first, in channel order.
+    index = torch.sort(keep_RC.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :length]
+    valid = torch.arange(length, device=mask_RC.device) < counts_R[:, None]
+    return index, mask_RC.gather(1, index) * valid
+
+
+def _masked_keys(keys_RNC: torch.Tensor, kept) -> torch.Tensor:
+    """``[R, N, L]``: the kept channels of the keys times their mask (0 on the padding)."""
+    index, scale = kept
+    r, n, _ = keys_RNC.shape
+    return torch.gather(keys_RNC, 2, index[:, None, :].expand(r, n, index.shape[1])).mul_(scale[:, None, :])
+
+
+def _tile_gram(keys_RNL: torch.Tensor | None):
+    """``tile_grams`` of `_kappa_tiled` for ``G = K K^T`` (zeros where there is no K)."""
+    def gram(rows: slice, cols: slice) -> torch.Tensor:
+        assert keys_RNL is not None
+        return torch.bmm(keys_RNL[:, rows], keys_RNL[:, cols].transpose(1, 2))
+    return gram
+
+
+def _as_BNC(keys: torch.Tensor) -> torch.Tensor:
+    """``[B, C, H, W]`` or ``[B, C, N]`` keys as ``[B, N, C]`` fp32 (a view of channels-last maps)."""
+    if keys.ndim not in (3, 4):
+        raise ValueError(f"key_similarity_weights expects keys [B, C, H, W] or [B, C, N], got {tuple(keys.shape)}")
+    return keys.detach().flatten(2).float().transpose(1, 2)
+
+
 @torch.no_grad()
-def key_similarity_weights(keys: torch.Tensor) -> torch.Tensor:
+def key_similarity_weights(keys: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Per-pixel weights kappa of the object-centric loss: ``[B, C, H, W]`` (or ``[B, C, N]``) -> ``[B*N]``.
 
     ``G = K^T K`` per image (raw dot products of the dropout keys), every column of G scaled to
-    unit L2 norm, then each row averaged: ``kappa_i = (1/N) sum_j G_ij / |G_:j|``. G is symmetric,
-    so it is built from the tile pairs ``i <= j`` of KAPPA_TILES column tiles (each off-diagonal
-    tile serves as its own transpose), and the row averages are matrix-vector products instead
-    of a materialised normalised matrix. No gradient. The weights can be negative.
+    unit L2 norm, then each row averaged: ``kappa_i = (1/N) sum_j G_ij / |G_:j|`` (computed
+    tile by tile, `_kappa_tiled`).  ``mask`` (``[B, C]`` or ``[B, C, 1, 1]``, a whole-channel
+    dropout factor): the keys are ``keys * mask``, and only the kept channels are multiplied
+    (the same dot products without their zero terms).  No gradient.  The weights can be negative.
     """
-    if keys.ndim not in (3, 4):
-        raise ValueError(f"key_similarity_weights expects keys [B, C, H, W] or [B, C, N], got {tuple(keys.shape)}")
     with no_autocast(keys):
-        keys_BCN = keys.detach().flatten(2).float()
-        b, _, n = keys_BCN.shape
-        tiles = max(1, min(KAPPA_TILES, n))
-        edges = [n * t // tiles for t in range(tiles + 1)]
-        cols = [slice(edges[t], edges[t + 1]) for t in range(tiles)]
-        keys_BNC = keys_BCN.transpose(1, 2)
-        sq_col_BN = keys_BCN.new_zeros(b, n)
-        blocks = []
-        for i in range(tiles):
-            for j in range(i, tiles):
-                gram_Bij = torch.bmm(keys_BNC[:, cols[i]], keys_BCN[:, :, cols[j]])
-                squares = gram_Bij.square()
-                sq_col_BN[:, cols[j]] += squares.sum(dim=1)
-                if j > i:  # the same tile transposed: rows of tile j, columns of tile i
-                    sq_col_BN[:, cols[i]] += squares.sum(dim=2)
-                blocks.append((i, j, gram_Bij))
-        inv_col_norm_BN1 = (1.0 / sq_col_BN.sqrt().clamp_min(1e-12)).unsqueeze(2)
-        kappa_BN = keys_BCN.new_zeros(b, n)
-        for i, j, gram_Bij in blocks:
-            kappa_BN[:, cols[i]] += torch.bmm(gram_Bij, inv_col_norm_BN1[:, cols[j]]).squeeze(2)
-            if j > i:
-                kappa_BN[:, cols[j]] += torch.bmm(gram_Bij.transpose(1, 2), inv_col_norm_BN1[:, cols[i]]).squeeze(2)
-        kappa_BN /= n
+        keys_BNC = _as_BNC(keys)
+        b, n, c = keys_BNC.shape
+        if mask is None:
+            keys_BCN = keys_BNC.transpose(1, 2)
+            (kappa_BN,) = _kappa_tiled(n, lambda rows, cols: [torch.bmm(keys_BNC[:, rows], keys_BCN[:, :, cols])])
+            return kappa_BN.reshape(-1)
+        kept = _kept_channels(mask.detach().reshape(b, c).float())
+        if kept is None:  # every channel dropped: G = 0, and so is kappa
+            return keys_BNC.new_zeros(b * n)
+        gram = _tile_gram(_masked_keys(keys_BNC, kept))
+        (kappa_BN,) = _kappa_tiled(n, lambda rows, cols: [gram(rows, cols)])
     return kappa_BN.reshape(-1)
+
+
+@torch.no_grad()
+def key_similarity_weights_pair(keys: torch.Tensor, mask: torch.Tensor, aug_keys: torch.Tensor,
+                                aug_mask: torch.Tensor, same: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`key_similarity_weights` of ``keys * mask`` and of ``aug_keys * aug_mask`` (``[B*N]`` each).
+
+    ``same`` (bool ``[B]``): the rows where ``aug_keys`` are ``keys`` (unblurred images).  There the
+    channels both masks keep give both Gram matrices the same products: they are multiplied
+    once, and each matrix adds its own channels' (about 10 % each at p = 0.1).  Nothing is
+    subtracted: the same sums in another order.
+    """
+    with no_autocast(keys):
+        keys_BNC, aug_BNC = _as_BNC(keys), _as_BNC(aug_keys)
+        b, n, c = keys_BNC.shape
+        if aug_BNC.shape != keys_BNC.shape:
+            raise ValueError(f"keys {tuple(keys.shape)} and aug_keys {tuple(aug_keys.shape)} differ in shape")
+        mask_BC, aug_mask_BC = mask.detach().reshape(b, c).float(), aug_mask.detach().reshape(b, c).float()
+        if same is None or not bool(same.any()):
+            return key_similarity_weights(keys, mask_BC), key_similarity_weights(aug_keys, aug_mask_BC)
+        same_rows, changed = same.nonzero().squeeze(1), (~same).nonzero().squeeze(1)
+        kappa_BN, aug_kappa_BN = keys_BNC.new_empty(b, n), keys_BNC.new_empty(b, n)
+        if changed.numel():
+            kappa_BN[changed] = key_similarity_weights(keys_BNC.index_select(0, changed).transpose(1, 2),
+                                                       mask_BC.index_select(0, changed)).view(-1, n)
+            aug_kappa_BN[changed] = key_similarity_weights(aug_BNC.index_select(0, changed).transpose(1, 2),
+                                                           aug_mask_BC.index_select(0, changed)).view(-1, n)
+        keys_RNC = keys_BNC.index_select(0, same_rows)
+        m_RC, a_RC = mask_BC.index_select(0, same_rows), aug_mask_BC.index_select(0, same_rows)
+        both_RC = (m_RC != 0) & (m_RC == a_RC)  # kept by both, with the same factor
+        parts = [_kept_channels(part) for part in (m_RC * both_RC, m_RC * ~both_RC, a_RC * ~both_RC)]
+        common, own, aug_own = (None if kept is None else _tile_gram(_masked_keys(keys_RNC, kept)) for kept in parts)
+
+        def tile_grams(rows: slice, cols: slice) -> list[torch.Tensor]:
+            shared = common(rows, cols) if common is not None else keys_RNC.new_zeros(
+                keys_RNC.shape[0], rows.stop - rows.start, cols.stop - cols.start)
+            return [shared + own(rows, cols) if own is not None else shared,
+                    shared + aug_own(rows, cols) if aug_own is not None else shared]
+
+        kappa_BN[same_rows], aug_kappa_BN[same_rows] = _kappa_tiled(n, tile_grams)
+    return kappa_BN.reshape(-1), aug_kappa_BN.reshape(-1)
 
 
 def _medoid_blocks(counts_G: list[int], max_chunk_elems: int,
@@ -537,21 +635,32 @@ def _correspondence_draws(batch: int, feature_samples: int, neg_samples: int, de
     return coords, perms.to(device).long()
 
 
+def _sampled_feats(feats_BCHW: torch.Tensor, mask_BC11: torch.Tensor | None, coords_GSS2: torch.Tensor,
+                   source_G: torch.Tensor | None = None) -> torch.Tensor:
+    """``sample_points(feats * mask, ...)``, the mask applied to the sampled points instead of the
+    whole maps (interpolation is linear: the same values up to rounding)."""
+    sampled = sample_points(feats_BCHW, coords_GSS2, source_G)
+    if mask_BC11 is None:
+        return sampled
+    return sampled * (mask_BC11 if source_G is None else mask_BC11.index_select(0, source_G.to(mask_BC11.device)))
+
+
 def _negative_terms(feats_BCHW: torch.Tensor, code_BCHW: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor,
-                    perms_NB: torch.Tensor, flags: dict) -> tuple[torch.Tensor, torch.Tensor]:
+                    perms_NB: torch.Tensor, flags: dict,
+                    feats_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss and cd of every negative n (x at coords1 against ``x[perm_n]`` at coords2):
     ``[n_neg, B, S, S, S, S]`` each."""
     n_neg, batch = perms_NB.shape
     c2_all = c2.repeat(n_neg, 1, 1, 1)
     source = perms_NB.reshape(-1)
 
-    def negatives(t):  # x[perm_n] at coords2 for every n: [n_neg, B, C, S, S]
-        sampled = sample_points(t, c2_all, source)
+    def negatives(sampled):  # x[perm_n] at coords2 for every n: [n_neg, B, C, S, S]
         return sampled.view(n_neg, batch, *sampled.shape[1:])
 
     return _correspondence_terms(
-        sample_points(feats_BCHW, c1).unsqueeze(0), negatives(feats_BCHW),
-        sample_points(code_BCHW, c1).unsqueeze(0), negatives(code_BCHW),
+        _sampled_feats(feats_BCHW, feats_mask, c1).unsqueeze(0),
+        negatives(_sampled_feats(feats_BCHW, feats_mask, c2_all, source)),
+        sample_points(code_BCHW, c1).unsqueeze(0), negatives(sample_points(code_BCHW, c2_all, source)),
         False, **flags,
     )
 
@@ -575,6 +684,7 @@ def correspondence_loss(
     coords: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     perms: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    feature_masks: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None] | None = None,
 ) -> dict:
     """The reference's ``CorrespondenceLoss.forward`` on the three views x (``feats``/``code``),
     P (``*_pos``) and A (``*_pos_aug``); features ``[B, Cf, H, W]`` (no gradient), codes ``[B, Cc, H, W]``.
@@ -585,7 +695,10 @@ def correspondence_loss(
     ``coords = (c1, c2, c3)`` and ``perms [neg_samples, B]`` replay recorded draws; otherwise they
     are drawn with ``generator`` in the reference's order (:func:`draw_correspondence_randomness`).
     Views that share pixels (our P is x) may be passed as different tensors: each carries its own
-    dropout mask. Defaults are the COCO config; see :func:`correspondence_helper` for the flags.
+    dropout mask. ``feature_masks``: per view (x, P, A) a ``[B, Cf, 1, 1]`` factor (or None) that
+    the features are taken times (K-hat = keys * mask), applied to the sampled points only, so
+    that views sharing keys can pass the same tensor.  Defaults are the COCO config; see
+    :func:`correspondence_helper` for the flags.
 
     Returns a dict: ``pos_inter_loss``, ``neg_inter_loss`` (scalar means, what training weights),
     ``pos_inter_loss_map [B,S,S,S,S]``, ``neg_inter_loss_map [neg_samples*B,S,S,S,S]`` (negatives
@@ -602,18 +715,21 @@ def correspondence_loss(
     flags = dict(pointwise=pointwise, zero_clamp=zero_clamp, stabalize=stabalize, shift_value=shift_value,
                  shift_bias=shift_bias, detach_shift=detach_shift)
 
+    mask_x, mask_p, mask_a = feature_masks if feature_masks is not None else (None, None, None)
     with no_autocast(code):
         feats, feats_pos, feats_pos_aug = (f.detach().float() for f in (feats, feats_pos, feats_pos_aug))
+        mask_x, mask_p, mask_a = (None if m is None else m.detach().float().reshape(batch, -1, 1, 1)
+                                  for m in (mask_x, mask_p, mask_a))
         code, code_pos, code_pos_aug = (c.float() for c in (code, code_pos, code_pos_aug))
         pos_loss, pos_cd = _correspondence_terms(
-            sample_points(feats_pos_aug, c3).unsqueeze(0), sample_points(feats_pos, c2).unsqueeze(0),
+            _sampled_feats(feats_pos_aug, mask_a, c3).unsqueeze(0), _sampled_feats(feats_pos, mask_p, c2).unsqueeze(0),
             sample_points(code_pos_aug, c3).unsqueeze(0), sample_points(code_pos, c2).unsqueeze(0),
             True, **flags,
         )
         side = pos_loss.shape[2:]
         n_neg = perms.shape[0]
         if n_neg > 0:
-            neg_loss, neg_cd = _negative_terms(feats, code, c1, c2, perms, flags)
+            neg_loss, neg_cd = _negative_terms(feats, code, c1, c2, perms, flags, mask_x)
             neg_loss, neg_cd = neg_loss.reshape(n_neg * batch, *side), neg_cd.reshape(n_neg * batch, *side)
             neg_mean = neg_loss.mean()
         else:

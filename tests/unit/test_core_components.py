@@ -189,6 +189,36 @@ def test_key_similarity_weights_equal_the_reference_formula(shape):
     torch.testing.assert_close(losses.key_similarity_weights(keys), expected, atol=1e-6, rtol=1e-5)
 
 
+def _drop_masks(rows: int, channels: int, p: float, generator) -> torch.Tensor:
+    return (torch.rand(rows, channels, 1, 1, generator=generator) >= p).float() / (1 - p)
+
+
+@pytest.mark.parametrize("shape", [(3, 40, 5, 6), (2, 16, 3)])
+def test_key_similarity_weights_of_masked_keys_multiply_only_the_kept_channels(shape):
+    g = torch.Generator().manual_seed(15)
+    keys = torch.randn(*shape, generator=g)
+    mask = _drop_masks(shape[0], shape[1], 0.3, g)
+    mask[1] = 0.0  # an image with every channel dropped: G = 0 (the dense path gives 0 too)
+    dense = losses.key_similarity_weights(keys * mask.view(shape[0], shape[1], *[1] * (len(shape) - 2)))
+    torch.testing.assert_close(losses.key_similarity_weights(keys, mask), dense, atol=1e-6, rtol=1e-5)  # fp32 sums in another order
+    assert losses.key_similarity_weights(keys, torch.zeros_like(mask)).abs().max() == 0
+
+
+@pytest.mark.parametrize("same", [[True, False, True, True], [True] * 4, [False] * 4, None])
+def test_key_similarity_weights_pair_share_the_common_channels(same):
+    g = torch.Generator().manual_seed(16)
+    keys = torch.randn(4, 48, 5, 7, generator=g)
+    aug = torch.randn(4, 48, 5, 7, generator=g)
+    same_B = None if same is None else torch.tensor(same)
+    if same_B is not None:
+        aug[same_B] = keys[same_B]
+    mask, aug_mask = _drop_masks(4, 48, 0.25, g), _drop_masks(4, 48, 0.25, g)
+    aug_mask[0, :5] = 2.0 * mask[0, :5]  # kept by both with different factors: not common
+    kappa, aug_kappa = losses.key_similarity_weights_pair(keys, mask, aug, aug_mask, same_B)
+    torch.testing.assert_close(kappa, losses.key_similarity_weights(keys * mask), atol=1e-6, rtol=1e-5)  # fp32 sums in another order
+    torch.testing.assert_close(aug_kappa, losses.key_similarity_weights(aug * aug_mask), atol=1e-6, rtol=1e-5)  # fp32 sums in another order
+
+
 # --------------------------------------------------------------------------- correspondence
 
 
@@ -225,6 +255,32 @@ def test_sample_points_match_grid_sample_bit_for_bit_in_every_layout(channels, c
     ref = F.grid_sample(t[source], coords.permute(0, 2, 1, 3), mode="bilinear", padding_mode="border",
                         align_corners=True)
     assert torch.equal(losses.sample_points(t, coords, source), ref)
+
+
+def test_correspondence_feature_masks_equal_masked_feature_maps():
+    g = torch.Generator().manual_seed(17)
+    B, S = 3, 4
+    feats = [torch.randn(B, 10, 6, 6, generator=g) for _ in range(3)]
+    codes = [torch.randn(B, 6, 6, 6, generator=g) for _ in range(3)]
+    masks = [_drop_masks(B, 10, 0.3, g) for _ in range(3)]
+    draws = losses.draw_correspondence_randomness(B, S, 3, generator=g)
+    kw = dict(feature_samples=S, neg_samples=3, coords=draws[0], perms=draws[1])
+    ours = losses.correspondence_loss(*feats, *codes, feature_masks=(masks[0], None, masks[2]), **kw)
+    dense = losses.correspondence_loss(feats[0] * masks[0], feats[1], feats[2] * masks[2], *codes, **kw)
+    for key in ("pos_inter_loss_map", "neg_inter_loss_map", "pos_inter_cd", "neg_inter_cd"):
+        torch.testing.assert_close(ours[key], dense[key], atol=1e-6, rtol=1e-5)
+
+
+def test_dropped_mask_is_the_factor_dropped_draws():
+    head = SegHead(12, dim=4, dropout=0.4).train()
+    keys = torch.randn(3, 12, 2, 2)
+    torch.manual_seed(3)
+    dropped = head.dropped(keys)
+    torch.manual_seed(3)
+    mask = head.dropped_mask(keys)
+    assert mask is not None and mask.shape == (3, 12, 1, 1)
+    assert torch.equal(keys * mask, dropped)
+    assert head.eval().dropped_mask(keys) is None and SegHead(12, dim=4, dropout=0.0).train().dropped_mask(keys) is None
 
 
 def test_grouped_negatives_equal_one_helper_call_per_negative():
