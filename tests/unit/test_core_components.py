@@ -283,6 +283,17 @@ def test_dropped_mask_is_the_factor_dropped_draws():
     assert head.eval().dropped_mask(keys) is None and SegHead(12, dim=4, dropout=0.0).train().dropped_mask(keys) is None
 
 
+@pytest.mark.parametrize("tokens", [1, 2, 49, 784])
+def test_semantic_affinity_is_the_code_gram_built_from_its_upper_half(tokens):
+    code = torch.randn(3, tokens, 16, generator=torch.Generator().manual_seed(18))
+    adj = eicue.semantic_affinity(code)
+    assert torch.equal(adj, adj.transpose(1, 2))  # the mirrored block is exact
+    torch.testing.assert_close(adj, torch.bmm(code, code.transpose(1, 2)), atol=1e-5, rtol=1e-6)
+    grad_code = code.clone().requires_grad_()
+    eicue.semantic_affinity(grad_code).sum().backward()  # with autograd: the plain product
+    assert grad_code.grad is not None
+
+
 def test_grouped_negatives_equal_one_helper_call_per_negative():
     g = torch.Generator().manual_seed(12)
     B, S = 3, 5
