@@ -72,7 +72,8 @@ class _SharedInput:
     another order.
 
     Tensors are token-major (``[images, tokens, channels]``), the keys' own layout.
-    mask_img: [B, C] the common product's mask per img row; mask_aug: [R, C] A's blurred rows'.
+    kept_img: (index [B, L], scale [B, L]) the common product's channels per img row and their
+              mask values (0 on the padding); kept_aug: the same for A's blurred rows.
     extras:   per view (x, P, A), groups of img rows with extra channels: (rows [R], index
               [R, L], scale [R, L]): the channel indices padded to the group's longest row and
               the mask values there (0 on the padding).  Rows where two views share keys and
@@ -83,7 +84,10 @@ class _SharedInput:
                  same: torch.Tensor, changed: torch.Tensor, same_rows: torch.Tensor):
         keep_x, keep_p, keep_a = mask_x > 0, mask_p > 0, mask_a > 0
         common = keep_x & keep_p & (keep_a | ~same[:, None])
-        self.mask_img, self.mask_aug = mask_x * common, mask_a.index_select(0, changed)
+        # The common products multiply only the channels they keep (72-90 % of them), each
+        # image its own, padded to the longest: (index [R, L], scale [R, L]) as for the extras.
+        self.kept_img = self._kept(common, mask_x)
+        self.kept_aug = self._kept(keep_a.index_select(0, changed), mask_a.index_select(0, changed))
         self.changed, self.same_rows = changed, same_rows
         self.extras = [[g for g in (self._extra(keep & ~common, mask, rows) for rows in (same_rows, changed))
                         if g is not None] for keep, mask in ((keep_x, mask_x), (keep_p, mask_p))]
@@ -102,10 +106,44 @@ class _SharedInput:
         return rows, index, mask_BC.index_select(0, rows).gather(1, index) * valid
 
     @staticmethod
-    def _masked(keys_RNC: torch.Tensor, mask_RC: torch.Tensor) -> torch.Tensor:
-        # Called again in the backward rather than kept: a masked copy is as large as the keys.
-        out = keys_RNC.new_empty(keys_RNC.shape)
-        return torch.mul(keys_RNC, mask_RC[:, None], out=out).view(-1, keys_RNC.shape[2])
+    def _kept(keep_RC: torch.Tensor, mask_RC: torch.Tensor):
+        rows = torch.arange(keep_RC.shape[0], device=keep_RC.device)
+        kept = _SharedInput._extra(keep_RC, mask_RC, rows) if keep_RC.shape[0] else None
+        return None if kept is None else kept[1:]
+
+    @staticmethod
+    def _kept_keys(keys_RNC: torch.Tensor, kept) -> torch.Tensor:
+        """``[R, N, L]``: each row's kept channels of the keys times their mask (0 on the padding).
+        Gathered again in the backward rather than kept: it is nearly as large as the keys."""
+        index, scale = kept
+        r, n, _ = keys_RNC.shape
+        return torch.gather(keys_RNC, 2, index[:, None, :].expand(r, n, index.shape[1])).mul_(scale[:, None, :])
+
+    @classmethod
+    def _common_product(cls, keys_RNC: torch.Tensor, kept, weight_CO: torch.Tensor,
+                        bias_O: torch.Tensor) -> torch.Tensor:
+        """``bias + (keys * mask) @ weight`` over the kept channels only: ``[R, N, O]``."""
+        r, n, _ = keys_RNC.shape
+        out = keys_RNC.new_empty((r, n, weight_CO.shape[1]))
+        if kept is None:  # every channel dropped
+            return out.copy_(bias_O.expand(r, n, -1))
+        # Image by image: each has its own rows of the weight (a [R, L, O] gather would be as
+        # large as the keys again).
+        for i, keys_NL in enumerate(cls._kept_keys(keys_RNC, kept)):
+            torch.addmm(bias_O, keys_NL, weight_CO.index_select(0, kept[0][i]), out=out[i])
+        return out
+
+    @staticmethod
+    def _common_grad(grad_CO: torch.Tensor, keys_RNC: torch.Tensor, kept, g_RNO: torch.Tensor) -> None:
+        """Adds ``(keys * mask)^T g`` to ``grad_CO``: one product over all rows' tokens (a
+        product per image over its kept channels measured slower: 784-token inner products)."""
+        if kept is None:
+            return
+        index, scale = kept
+        mask_RC = keys_RNC.new_zeros(keys_RNC.shape[0], keys_RNC.shape[2]).scatter_add_(1, index, scale)
+        masked = keys_RNC.new_empty(keys_RNC.shape)
+        torch.mul(keys_RNC, mask_RC[:, None], out=masked)
+        grad_CO.addmm_(masked.view(-1, keys_RNC.shape[2]).t(), g_RNO.reshape(-1, g_RNO.shape[2]))
 
     @staticmethod
     def _gathered(keys_BNC: torch.Tensor, extra) -> torch.Tensor:
@@ -122,12 +160,11 @@ class _SharedInput:
         b, n, _ = keys_BNC.shape
         o = weight_OC.shape[0]
         weight_CO = weight_OC.t().contiguous()  # the extra channels' weights are rows of it
-        common = torch.addmm(bias_O, self._masked(keys_BNC, self.mask_img), weight_CO).view(b, n, o)
+        common = self._common_product(keys_BNC, self.kept_img, weight_CO, bias_O)
         out_a = common.new_empty((b, n, o))
         out_a.index_copy_(0, self.same_rows, common.index_select(0, self.same_rows))
         if self.changed.numel():
-            blurred = torch.addmm(bias_O, self._masked(changed_RNC, self.mask_aug), weight_CO)
-            out_a.index_copy_(0, self.changed, blurred.view(-1, n, o))
+            out_a.index_copy_(0, self.changed, self._common_product(changed_RNC, self.kept_aug, weight_CO, bias_O))
         outs = [common, common.clone(), out_a]  # x last in place: P and A copy first
         for out, groups in zip(outs[::-1], self.extras[::-1]):
             for extra in groups:
@@ -158,9 +195,9 @@ class _SharedInput:
         self._extra_grads(grad_CO, g, self.extras[2], keys_BNC)
         g_img.index_add_(0, self.same_rows, g.index_select(0, self.same_rows))
         if self.changed.numel():
-            grad_CO.addmm_(self._masked(changed_RNC, self.mask_aug).t(), g.index_select(0, self.changed).view(-1, g.shape[2]))
+            self._common_grad(grad_CO, changed_RNC, self.kept_aug, g.index_select(0, self.changed))
         del g
-        grad_CO.addmm_(self._masked(keys_BNC, self.mask_img).t(), g_img.view(-1, g_img.shape[2]))
+        self._common_grad(grad_CO, keys_BNC, self.kept_img, g_img)
         return grad_CO.t()
 
 
