@@ -72,8 +72,9 @@ class _SharedInput:
     another order.
 
     Tensors are token-major (``[images, tokens, channels]``), the keys' own layout.
-    kept_img: (index [B, L], scale [B, L]) the common product's channels per img row and their
-              mask values (0 on the padding); kept_aug: the same for A's blurred rows.
+    mask_img: [B, C] the common product's mask per img row; mask_aug: [R, C] A's blurred rows'.
+    kept_img: (index [B, L], scale [B, L]) the channels mask_img keeps per row and their mask
+              values (0 on the padding); kept_aug: the same for mask_aug.
     extras:   per view (x, P, A), groups of img rows with extra channels: (rows [R], index
               [R, L], scale [R, L]): the channel indices padded to the group's longest row and
               the mask values there (0 on the padding).  Rows where two views share keys and
@@ -86,8 +87,9 @@ class _SharedInput:
         common = keep_x & keep_p & (keep_a | ~same[:, None])
         # The common products multiply only the channels they keep (72-90 % of them), each
         # image its own, padded to the longest: (index [R, L], scale [R, L]) as for the extras.
+        self.mask_img, self.mask_aug = mask_x * common, mask_a.index_select(0, changed)
         self.kept_img = self._kept(common, mask_x)
-        self.kept_aug = self._kept(keep_a.index_select(0, changed), mask_a.index_select(0, changed))
+        self.kept_aug = self._kept(keep_a.index_select(0, changed), self.mask_aug)
         self.changed, self.same_rows = changed, same_rows
         self.extras = [[g for g in (self._extra(keep & ~common, mask, rows) for rows in (same_rows, changed))
                         if g is not None] for keep, mask in ((keep_x, mask_x), (keep_p, mask_p))]
@@ -134,13 +136,11 @@ class _SharedInput:
         return out
 
     @staticmethod
-    def _common_grad(grad_CO: torch.Tensor, keys_RNC: torch.Tensor, kept, g_RNO: torch.Tensor) -> None:
-        """Adds ``(keys * mask)^T g`` to ``grad_CO``: one product over all rows' tokens (a
-        product per image over its kept channels measured slower: 784-token inner products)."""
-        if kept is None:
-            return
-        index, scale = kept
-        mask_RC = keys_RNC.new_zeros(keys_RNC.shape[0], keys_RNC.shape[2]).scatter_add_(1, index, scale)
+    def _common_grad(grad_CO: torch.Tensor, keys_RNC: torch.Tensor, mask_RC: torch.Tensor, g_RNO: torch.Tensor) -> None:
+        """Adds ``(keys * mask)^T g`` to ``grad_CO``: one product over all rows' tokens, dropped
+        channels included (a product per image over its kept channels measured slower: its
+        inner products run over 784 tokens).  The masked copy is made again here rather than
+        kept from the forward: it is as large as the keys."""
         masked = keys_RNC.new_empty(keys_RNC.shape)
         torch.mul(keys_RNC, mask_RC[:, None], out=masked)
         grad_CO.addmm_(masked.view(-1, keys_RNC.shape[2]).t(), g_RNO.reshape(-1, g_RNO.shape[2]))
@@ -195,9 +195,9 @@ class _SharedInput:
         self._extra_grads(grad_CO, g, self.extras[2], keys_BNC)
         g_img.index_add_(0, self.same_rows, g.index_select(0, self.same_rows))
         if self.changed.numel():
-            self._common_grad(grad_CO, changed_RNC, self.kept_aug, g.index_select(0, self.changed))
+            self._common_grad(grad_CO, changed_RNC, self.mask_aug, g.index_select(0, self.changed))
         del g
-        self._common_grad(grad_CO, keys_BNC, self.kept_img, g_img)
+        self._common_grad(grad_CO, keys_BNC, self.mask_img, g_img)
         return grad_CO.t()
 
 
