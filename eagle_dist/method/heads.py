@@ -30,6 +30,20 @@ def _conv1x1_backward(grad, inputs, weight, input_grad: bool):
                                                output_mask=[input_grad, True, True], **_CONV_BACKWARD_ARGS)
 
 
+def kept_channels(keep_RC: torch.Tensor, mask_RC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The channels flagged in ``keep_RC`` (bool ``[R, C]``), per row: ``(index [R, L], scale
+    [R, L])``, the indices padded to the longest row and the values of ``mask_RC`` there (0 on
+    the padding, which points at unflagged channels); None when no row flags any."""
+    counts_R = keep_RC.sum(1)
+    length = int(counts_R.max()) if counts_R.numel() else 0
+    if length == 0:
+        return None
+    # A stable descending sort of 0/1 flags: the flagged channels first, in channel order.
+    index = torch.sort(keep_RC.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :length]
+    valid = torch.arange(length, device=keep_RC.device) < counts_R[:, None]
+    return index, mask_RC.gather(1, index) * valid
+
+
 class _SegHeadFunction(torch.autograd.Function):
     """``conv1(K * m1) + conv2b(relu(conv2a(K * m2)))`` with the ops of the module path.
 
@@ -88,8 +102,8 @@ class _SharedInput:
         # The common products multiply only the channels they keep (72-90 % of them), each
         # image its own, padded to the longest: (index [R, L], scale [R, L]) as for the extras.
         self.mask_img, self.mask_aug = mask_x * common, mask_a.index_select(0, changed)
-        self.kept_img = self._kept(common, mask_x)
-        self.kept_aug = self._kept(keep_a.index_select(0, changed), self.mask_aug)
+        self.kept_img = kept_channels(common, mask_x)
+        self.kept_aug = kept_channels(keep_a.index_select(0, changed), self.mask_aug)
         self.changed, self.same_rows = changed, same_rows
         self.extras = [[g for g in (self._extra(keep & ~common, mask, rows) for rows in (same_rows, changed))
                         if g is not None] for keep, mask in ((keep_x, mask_x), (keep_p, mask_p))]
@@ -97,21 +111,8 @@ class _SharedInput:
 
     @staticmethod
     def _extra(extra_BC: torch.Tensor, mask_BC: torch.Tensor, rows: torch.Tensor):
-        extra_RC = extra_BC.index_select(0, rows)
-        counts = extra_RC.sum(1)
-        length = int(counts.max()) if counts.numel() else 0
-        if length == 0:
-            return None
-        # A stable descending sort of 0/1 flags: the extra channels first, in channel order.
-        index = torch.sort(extra_RC.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :length]
-        valid = torch.arange(length, device=rows.device) < counts[:, None]
-        return rows, index, mask_BC.index_select(0, rows).gather(1, index) * valid
-
-    @staticmethod
-    def _kept(keep_RC: torch.Tensor, mask_RC: torch.Tensor):
-        rows = torch.arange(keep_RC.shape[0], device=keep_RC.device)
-        kept = _SharedInput._extra(keep_RC, mask_RC, rows) if keep_RC.shape[0] else None
-        return None if kept is None else kept[1:]
+        kept = kept_channels(extra_BC.index_select(0, rows), mask_BC.index_select(0, rows))
+        return None if kept is None else (rows, *kept)
 
     @staticmethod
     def _kept_keys(keys_RNC: torch.Tensor, kept) -> torch.Tensor:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from eagle_dist import profiling
 from eagle_dist.config import LossConfig
+from eagle_dist.method.heads import kept_channels
 
 __all__ = [
     "CENTROID_MODES",
@@ -100,20 +101,6 @@ def _kappa_tiled(n: int, tile_grams) -> list[torch.Tensor]:
     return kappas
 
 
-def _kept_channels(mask_RC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The channels a whole-channel mask keeps, per row: ``(index [R, L], scale [R, L])``, padded
-    to the longest row with scale 0; None when no row keeps any."""
-    keep_RC = mask_RC != 0
-    counts_R = keep_RC.sum(1)
-    length = int(counts_R.max()) if counts_R.numel() else 0
-    if length == 0:
-        return None
-    # A stable descending sort of 0/1 flags: the kept channels first, in channel order.
-    index = torch.sort(keep_RC.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :length]
-    valid = torch.arange(length, device=mask_RC.device) < counts_R[:, None]
-    return index, mask_RC.gather(1, index) * valid
-
-
 def _masked_keys(keys_RNC: torch.Tensor, kept) -> torch.Tensor:
     """``[R, N, L]``: the kept channels of the keys times their mask (0 on the padding)."""
     index, scale = kept
@@ -153,7 +140,8 @@ def key_similarity_weights(keys: torch.Tensor, mask: torch.Tensor | None = None)
             keys_BCN = keys_BNC.transpose(1, 2)
             (kappa_BN,) = _kappa_tiled(n, lambda rows, cols: [torch.bmm(keys_BNC[:, rows], keys_BCN[:, :, cols])])
             return kappa_BN.reshape(-1)
-        kept = _kept_channels(mask.detach().reshape(b, c).float())
+        mask_BC = mask.detach().reshape(b, c).float()
+        kept = kept_channels(mask_BC != 0, mask_BC)
         if kept is None:  # every channel dropped: G = 0, and so is kappa
             return keys_BNC.new_zeros(b * n)
         gram = _tile_gram(_masked_keys(keys_BNC, kept))
@@ -189,7 +177,8 @@ def key_similarity_weights_pair(keys: torch.Tensor, mask: torch.Tensor, aug_keys
         keys_RNC = keys_BNC.index_select(0, same_rows)
         m_RC, a_RC = mask_BC.index_select(0, same_rows), aug_mask_BC.index_select(0, same_rows)
         both_RC = (m_RC != 0) & (m_RC == a_RC)  # kept by both, with the same factor
-        parts = [_kept_channels(part) for part in (m_RC * both_RC, m_RC * ~both_RC, a_RC * ~both_RC)]
+        parts = [kept_channels(keep & (mask != 0), mask)
+                 for keep, mask in ((both_RC, m_RC), (~both_RC, m_RC), (~both_RC, a_RC))]
         common, own, aug_own = (None if kept is None else _tile_gram(_masked_keys(keys_RNC, kept)) for kept in parts)
 
         def tile_grams(rows: slice, cols: slice) -> list[torch.Tensor]:
