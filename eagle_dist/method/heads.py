@@ -44,6 +44,14 @@ def kept_channels(keep_RC: torch.Tensor, mask_RC: torch.Tensor) -> tuple[torch.T
     return index, mask_RC.gather(1, index) * valid
 
 
+def kept_keys(keys_RNC: torch.Tensor, kept: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """``[R, N, L]``: each row's channels of `kept_channels` (``(index, scale)``) taken from the
+    keys ``[R, N, C]`` and times their mask values (0 on the padding)."""
+    index, scale = kept
+    r, n, _ = keys_RNC.shape
+    return torch.gather(keys_RNC, 2, index[:, None, :].expand(r, n, index.shape[1])).mul_(scale[:, None, :])
+
+
 class _SegHeadFunction(torch.autograd.Function):
     """``conv1(K * m1) + conv2b(relu(conv2a(K * m2)))`` with the ops of the module path.
 
@@ -115,15 +123,7 @@ class _SharedInput:
         return None if kept is None else (rows, *kept)
 
     @staticmethod
-    def _kept_keys(keys_RNC: torch.Tensor, kept) -> torch.Tensor:
-        """``[R, N, L]``: each row's kept channels of the keys times their mask (0 on the padding).
-        Gathered again in the backward rather than kept: it is nearly as large as the keys."""
-        index, scale = kept
-        r, n, _ = keys_RNC.shape
-        return torch.gather(keys_RNC, 2, index[:, None, :].expand(r, n, index.shape[1])).mul_(scale[:, None, :])
-
-    @classmethod
-    def _common_product(cls, keys_RNC: torch.Tensor, kept, weight_CO: torch.Tensor,
+    def _common_product(keys_RNC: torch.Tensor, kept, weight_CO: torch.Tensor,
                         bias_O: torch.Tensor) -> torch.Tensor:
         """``bias + (keys * mask) @ weight`` over the kept channels only: ``[R, N, O]``."""
         r, n, _ = keys_RNC.shape
@@ -132,7 +132,7 @@ class _SharedInput:
             return out.copy_(bias_O.expand(r, n, -1))
         # Image by image: each has its own rows of the weight (a [R, L, O] gather would be as
         # large as the keys again).
-        for i, keys_NL in enumerate(cls._kept_keys(keys_RNC, kept)):
+        for i, keys_NL in enumerate(kept_keys(keys_RNC, kept)):
             torch.addmm(bias_O, keys_NL, weight_CO.index_select(0, kept[0][i]), out=out[i])
         return out
 
@@ -321,15 +321,11 @@ class SegHead(nn.Module):
         b, c = feats_BCHW.shape[:2]
         return feats_BCHW.new_empty((b, c, 1, 1)).bernoulli_(keep).div_(keep)
 
-    def dropped(self, feats_BCHW: torch.Tensor) -> torch.Tensor:
-        """K-hat: the features the losses see, under a third independent mask (no gradient)."""
-        with torch.no_grad():
-            return self.drop(feats_BCHW)
-
     def dropped_mask(self, feats_BCHW: torch.Tensor) -> torch.Tensor | None:
-        """The factor `dropped` would multiply the features by, ``[B, C, 1, 1]``, drawn with its
-        random calls (None where it multiplies by nothing: eval mode, no dropout), so that the
-        losses can apply it where they read the features instead of to the whole maps."""
+        """K-hat's mask: the factor ``self.drop`` would multiply the features by (a third
+        independent mask the losses read them under), ``[B, C, 1, 1]``, drawn with its random
+        calls; None where it multiplies by nothing (eval mode, no dropout).  The losses apply it
+        where they read the features instead of to the whole maps."""
         drop = self.drop
         if not (self.training and isinstance(drop, nn.Dropout2d) and drop.p > 0 and feats_BCHW.ndim == 4):
             return None

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from eagle_dist import profiling
 from eagle_dist.config import LossConfig
-from eagle_dist.method.heads import kept_channels
+from eagle_dist.method.heads import kept_channels, kept_keys
 
 __all__ = [
     "CENTROID_MODES",
@@ -101,18 +101,10 @@ def _kappa_tiled(n: int, tile_grams) -> list[torch.Tensor]:
     return kappas
 
 
-def _masked_keys(keys_RNC: torch.Tensor, kept) -> torch.Tensor:
-    """``[R, N, L]``: the kept channels of the keys times their mask (0 on the padding)."""
-    index, scale = kept
-    r, n, _ = keys_RNC.shape
-    return torch.gather(keys_RNC, 2, index[:, None, :].expand(r, n, index.shape[1])).mul_(scale[:, None, :])
-
-
-def _tile_gram(keys_RNL: torch.Tensor | None):
-    """``tile_grams`` of `_kappa_tiled` for ``G = K K^T`` (zeros where there is no K)."""
+def _tile_gram(keys_RNC: torch.Tensor):
+    """One tile of ``G = K K^T`` per call, ``gram(rows, cols) -> [R, |rows|, |cols|]``."""
     def gram(rows: slice, cols: slice) -> torch.Tensor:
-        assert keys_RNL is not None
-        return torch.bmm(keys_RNL[:, rows], keys_RNL[:, cols].transpose(1, 2))
+        return torch.bmm(keys_RNC[:, rows], keys_RNC[:, cols].transpose(1, 2))
     return gram
 
 
@@ -136,15 +128,13 @@ def key_similarity_weights(keys: torch.Tensor, mask: torch.Tensor | None = None)
     with no_autocast(keys):
         keys_BNC = _as_BNC(keys)
         b, n, c = keys_BNC.shape
-        if mask is None:
-            keys_BCN = keys_BNC.transpose(1, 2)
-            (kappa_BN,) = _kappa_tiled(n, lambda rows, cols: [torch.bmm(keys_BNC[:, rows], keys_BCN[:, :, cols])])
-            return kappa_BN.reshape(-1)
-        mask_BC = mask.detach().reshape(b, c).float()
-        kept = kept_channels(mask_BC != 0, mask_BC)
-        if kept is None:  # every channel dropped: G = 0, and so is kappa
-            return keys_BNC.new_zeros(b * n)
-        gram = _tile_gram(_masked_keys(keys_BNC, kept))
+        if mask is not None:
+            mask_BC = mask.detach().reshape(b, c).float()
+            kept = kept_channels(mask_BC != 0, mask_BC)
+            if kept is None:  # every channel dropped: G = 0, and so is kappa
+                return keys_BNC.new_zeros(b * n)
+            keys_BNC = kept_keys(keys_BNC, kept)
+        gram = _tile_gram(keys_BNC)
         (kappa_BN,) = _kappa_tiled(n, lambda rows, cols: [gram(rows, cols)])
     return kappa_BN.reshape(-1)
 
@@ -179,7 +169,7 @@ def key_similarity_weights_pair(keys: torch.Tensor, mask: torch.Tensor, aug_keys
         both_RC = (m_RC != 0) & (m_RC == a_RC)  # kept by both, with the same factor
         parts = [kept_channels(keep & (mask != 0), mask)
                  for keep, mask in ((both_RC, m_RC), (~both_RC, m_RC), (~both_RC, a_RC))]
-        common, own, aug_own = (None if kept is None else _tile_gram(_masked_keys(keys_RNC, kept)) for kept in parts)
+        common, own, aug_own = (None if kept is None else _tile_gram(kept_keys(keys_RNC, kept)) for kept in parts)
 
         def tile_grams(rows: slice, cols: slice) -> list[torch.Tensor]:
             shared = common(rows, cols) if common is not None else keys_RNC.new_zeros(

@@ -271,11 +271,11 @@ def test_correspondence_feature_masks_equal_masked_feature_maps():
         torch.testing.assert_close(ours[key], dense[key], atol=1e-6, rtol=1e-5)
 
 
-def test_dropped_mask_is_the_factor_dropped_draws():
+def test_dropped_mask_is_the_factor_dropout2d_draws():
     head = SegHead(12, dim=4, dropout=0.4).train()
     keys = torch.randn(3, 12, 2, 2)
     torch.manual_seed(3)
-    dropped = head.dropped(keys)
+    dropped = head.drop(keys)  # what the losses' keys were before: Dropout2d on the whole maps
     torch.manual_seed(3)
     mask = head.dropped_mask(keys)
     assert mask is not None and mask.shape == (3, 12, 1, 1)
